@@ -1,0 +1,318 @@
+"""The business a voicebook server answers for: zone, resources, services, hours, closures and booking
+rules, loaded from a TOML file and validated completely before the server starts.
+
+An invalid file raises :class:`~booking.errors.ConfigurationError` listing every problem with its
+location (``resources[1].hours.mon[0]: ...``), so an operator fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import time, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from booking.errors import ConfigurationError
+
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+EXAMPLE_BUSINESS_FILE = Path(__file__).with_name("examples") / "riverside_clinic.toml"
+
+Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+_SPAN = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class OpeningSpan(_Frozen):
+    """One span of a working day in local wall-clock time; ``end`` may be ``24:00``."""
+
+    start: time
+    end_minutes: int = Field(description="minutes after local midnight at which the span ends")
+
+    @property
+    def start_minutes(self) -> int:
+        return self.start.hour * 60 + self.start.minute
+
+    @classmethod
+    def parse(cls, text: str) -> OpeningSpan:
+        match = _SPAN.match(text)
+        if match is None:
+            raise ValueError(f"{text!r} is not a span like '09:00-17:30'")
+        start_h, start_m, end_h, end_m = (int(group) for group in match.groups())
+        if start_h > 23 or start_m > 59:
+            raise ValueError(f"{text!r}: {start_h:02d}:{start_m:02d} is not a time of day")
+        if end_m > 59 or end_h > 24 or (end_h == 24 and end_m != 0):
+            raise ValueError(f"{text!r}: {end_h:02d}:{end_m:02d} is not a time of day (use 24:00 for midnight)")
+        span = cls(start=time(start_h, start_m), end_minutes=end_h * 60 + end_m)
+        if span.end_minutes <= span.start_minutes:
+            raise ValueError(f"{text!r} ends before it starts")
+        return span
+
+    def __str__(self) -> str:
+        hours, minutes = divmod(self.end_minutes, 60)
+        return f"{self.start:%H:%M}-{hours:02d}:{minutes:02d}"
+
+
+class WeeklyHours(_Frozen):
+    """Opening spans per weekday; a missing day is closed."""
+
+    mon: tuple[OpeningSpan, ...] = ()
+    tue: tuple[OpeningSpan, ...] = ()
+    wed: tuple[OpeningSpan, ...] = ()
+    thu: tuple[OpeningSpan, ...] = ()
+    fri: tuple[OpeningSpan, ...] = ()
+    sat: tuple[OpeningSpan, ...] = ()
+    sun: tuple[OpeningSpan, ...] = ()
+
+    @field_validator(*WEEKDAYS, mode="before")
+    @classmethod
+    def _parse_spans(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return tuple(OpeningSpan.parse(item) if isinstance(item, str) else item for item in value)
+        return value
+
+    @field_validator(*WEEKDAYS)
+    @classmethod
+    def _no_overlap(cls, spans: tuple[OpeningSpan, ...]) -> tuple[OpeningSpan, ...]:
+        ordered = sorted(spans, key=lambda span: span.start_minutes)
+        for earlier, later in itertools.pairwise(ordered):
+            if later.start_minutes < earlier.end_minutes:
+                raise ValueError(f"spans {earlier} and {later} overlap")
+        return tuple(ordered)
+
+    def for_weekday(self, weekday: int) -> tuple[OpeningSpan, ...]:
+        """Spans for ``date.weekday()`` (0 = Monday)."""
+        spans: tuple[OpeningSpan, ...] = getattr(self, WEEKDAYS[weekday])
+        return spans
+
+    @property
+    def is_empty(self) -> bool:
+        return not any(self.for_weekday(day) for day in range(7))
+
+
+class Resource(_Frozen):
+    """Someone or something an appointment needs: a practitioner, a room, a chair."""
+
+    id: Identifier
+    name: str = Field(min_length=1)
+    kind: Literal["staff", "room", "equipment"] = "staff"
+    calendar_id: str | None = None
+    hours: WeeklyHours
+
+
+class Service(_Frozen):
+    id: Identifier
+    name: str = Field(min_length=1)
+    duration_minutes: int = Field(gt=0, le=24 * 60)
+    buffer_before_minutes: int = Field(default=0, ge=0, le=24 * 60)
+    buffer_after_minutes: int = Field(default=0, ge=0, le=24 * 60)
+    resources: tuple[Identifier, ...] = Field(min_length=1)
+    aliases: tuple[str, ...] = ()
+    description: str | None = None
+
+    @property
+    def duration(self) -> timedelta:
+        return timedelta(minutes=self.duration_minutes)
+
+    @property
+    def buffer_before(self) -> timedelta:
+        return timedelta(minutes=self.buffer_before_minutes)
+
+    @property
+    def buffer_after(self) -> timedelta:
+        return timedelta(minutes=self.buffer_after_minutes)
+
+
+class Closure(_Frozen):
+    """A holiday (whole local days ``date`` or ``start_date``..``end_date``) or a partial closure
+    (local ``start``..``end``), for the whole business or for the listed resources only."""
+
+    reason: str = ""
+    date: dt.date | None = None
+    start_date: dt.date | None = None
+    end_date: dt.date | None = None
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    resources: tuple[Identifier, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Closure:
+        forms = [
+            self.date is not None,
+            self.start_date is not None or self.end_date is not None,
+            self.start is not None or self.end is not None,
+        ]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of: date; start_date and end_date; start and end")
+        if forms[1] and (self.start_date is None or self.end_date is None or self.end_date < self.start_date):
+            raise ValueError("start_date and end_date are both needed, and end_date must not precede start_date")
+        if forms[2]:
+            if self.start is None or self.end is None or self.end <= self.start:
+                raise ValueError("start and end are both needed, and end must come after start")
+            if self.start.tzinfo is not None or self.end.tzinfo is not None:
+                raise ValueError("closure times are local wall-clock times in the business's zone: drop the offset")
+        return self
+
+    def applies_to(self, resource_id: str) -> bool:
+        return not self.resources or resource_id in self.resources
+
+    def covers_day(self, day: dt.date) -> bool:
+        if self.date is not None:
+            return day == self.date
+        if self.start_date is not None and self.end_date is not None:
+            return self.start_date <= day <= self.end_date
+        return False
+
+
+class BookingRules(_Frozen):
+    min_notice_minutes: int = Field(default=120, ge=0)
+    horizon_days: int = Field(default=60, ge=1, le=730)
+    slot_step_minutes: int = Field(default=15, ge=5, le=240)
+    hold_ttl_seconds: int = Field(default=120, ge=5, le=3600)
+    max_occurrences: int = Field(default=52, ge=1, le=366)
+
+    @property
+    def min_notice(self) -> timedelta:
+        return timedelta(minutes=self.min_notice_minutes)
+
+    @property
+    def horizon(self) -> timedelta:
+        return timedelta(days=self.horizon_days)
+
+    @property
+    def slot_step(self) -> timedelta:
+        return timedelta(minutes=self.slot_step_minutes)
+
+
+class Business(_Frozen):
+    name: str = Field(min_length=1)
+    timezone: str
+    phone: str | None = None
+    booking: BookingRules = BookingRules()
+    resources: tuple[Resource, ...] = Field(min_length=1)
+    services: tuple[Service, ...] = Field(min_length=1)
+    closures: tuple[Closure, ...] = ()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True, ignored_types=(cached_property,))
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone such as 'America/New_York'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Business:
+        problems: list[str] = []
+        resource_ids = [resource.id for resource in self.resources]
+        service_ids = [service.id for service in self.services]
+        for label, ids in (("resource", resource_ids), ("service", service_ids)):
+            duplicates = sorted({item for item in ids if ids.count(item) > 1})
+            if duplicates:
+                problems.append(f"duplicate {label} id(s): {', '.join(duplicates)}")
+        known = set(resource_ids)
+        for index, service in enumerate(self.services):
+            unknown = [rid for rid in service.resources if rid not in known]
+            if unknown:
+                problems.append(f"services[{index}] ({service.id}) names unknown resource(s): {', '.join(unknown)}")
+        for index, closure in enumerate(self.closures):
+            unknown = [rid for rid in closure.resources if rid not in known]
+            if unknown:
+                problems.append(f"closures[{index}] names unknown resource(s): {', '.join(unknown)}")
+        for index, resource in enumerate(self.resources):
+            if resource.hours.is_empty:
+                problems.append(f"resources[{index}] ({resource.id}) has no opening hours on any day")
+        notice = self.booking.min_notice
+        if notice >= self.booking.horizon:
+            problems.append("booking.min_notice_minutes must be shorter than booking.horizon_days")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @cached_property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @cached_property
+    def _resources_by_id(self) -> Mapping[str, Resource]:
+        return {resource.id: resource for resource in self.resources}
+
+    @cached_property
+    def _services_by_id(self) -> Mapping[str, Service]:
+        return {service.id: service for service in self.services}
+
+    def resource(self, resource_id: str) -> Resource | None:
+        return self._resources_by_id.get(resource_id)
+
+    def service(self, service_id: str) -> Service | None:
+        return self._services_by_id.get(service_id)
+
+    def closures_for(self, resource_id: str) -> tuple[Closure, ...]:
+        return tuple(closure for closure in self.closures if closure.applies_to(resource_id))
+
+
+def parse_business(data: Mapping[str, Any], *, source: str = "<business>") -> Business:
+    """Validate a mapping (as read from TOML) into a :class:`Business`, or raise ConfigurationError
+    naming every problem with its location."""
+    payload = dict(data)
+    if "business" in payload:
+        # The file keeps name/timezone/phone under a [business] table for readability.
+        payload = {**payload.pop("business"), **payload}
+    try:
+        return Business.model_validate(payload)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            location = _format_location(error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"{location}: {message}" if location else message)
+        raise ConfigurationError(
+            f"invalid business configuration in {source}:\n  " + "\n  ".join(lines), source=source
+        ) from None
+
+
+def load_business(path: str | Path) -> Business:
+    """Read and validate a business TOML file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read business configuration {file}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"invalid TOML in {file}: {exc}") from exc
+    return parse_business(data, source=str(file))
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
