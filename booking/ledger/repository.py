@@ -1,0 +1,575 @@
+"""The ledger's queries: every write is one transaction, every expected outcome a return value.
+
+The database, not this code, is what refuses overlapping bookings (see the first migration); this module
+turns that refusal into :class:`Overlap` with the bookings that stood in the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Row, and_, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from booking.business import Business
+from booking.domain import (
+    ACTIVE_STATUSES,
+    Booking,
+    BookingEvent,
+    BookingStatus,
+    Customer,
+    Interval,
+    new_id,
+)
+from booking.errors import InvalidTransition, NotFound, VersionConflict
+from booking.ledger import schema as t
+from booking.ledger.database import Database
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerDetails:
+    phone: str  # E.164
+    name: str | None = None
+    email: str | None = None
+    time_zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewBooking:
+    resource_id: str
+    service_id: str
+    start: datetime
+    end: datetime
+    block: Interval
+    id: str = field(default_factory=new_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSpec:
+    rrule: str
+    time_zone: str
+    first_start_local: str
+    id: str = field(default_factory=new_id)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    key: str
+    request_hash: str
+    booking_ids: tuple[str, ...]
+    series_id: str | None
+
+
+def request_fingerprint(payload: dict[str, Any]) -> str:
+    """A stable hash of a request's meaningful parameters, to tell a retry from a reused key."""
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    bookings: tuple[Booking, ...]
+    series_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """The database refused the write: these active bookings overlap what was asked."""
+
+    conflicts: tuple[Booking, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTaken:
+    """The idempotency key was committed by another request in the meantime."""
+
+    record: IdempotencyRecord
+
+
+CreateResult = Created | Overlap | KeyTaken
+
+
+def _is_overlap(error: IntegrityError) -> bool:
+    return t.OVERLAP_CONSTRAINT in str(error.orig) or getattr(error.orig, "sqlstate", None) == "23P01"
+
+
+def _is_idempotency_clash(error: IntegrityError) -> bool:
+    message = str(error.orig)
+    return any(
+        name in message
+        for name in (
+            "uq_bookings_idempotency_key",
+            "bookings.idempotency_key",
+            "uq_booking_series_idempotency_key",
+            "booking_series.idempotency_key",
+        )
+    )
+
+
+_BOOKING_COLUMNS = (
+    t.bookings,
+    t.customers.c.phone,
+    t.customers.c.name.label("customer_name"),
+    t.customers.c.email,
+    t.customers.c.time_zone,
+)
+
+
+# Statements built once; each execution only binds parameters.
+_INSERT_SERIES = insert(t.booking_series)
+_INSERT_BOOKING = insert(t.bookings)
+
+
+def _booking_from_row(row: Row[Any]) -> Booking:
+    m = row._mapping
+    return Booking(
+        id=m["id"],
+        resource_id=m["resource_id"],
+        service_id=m["service_id"],
+        customer=Customer(
+            id=m["customer_id"],
+            phone=m["phone"],
+            name=m["customer_name"],
+            email=m["email"],
+            time_zone=m["time_zone"],
+        ),
+        start=m["start_at"],
+        end=m["end_at"],
+        block=Interval(m["block_start"], m["block_end"]),
+        status=BookingStatus(m["status"]),
+        version=m["version"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        series_id=m["series_id"],
+        source=m["source"],
+        notes=m["notes"],
+    )
+
+
+class Ledger:
+    """Reads and writes of the system of record."""
+
+    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+        self._db = database
+        self._clock = clock
+        dialect_insert = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
+        self._insert: Callable[..., Any] = dialect_insert
+        c = t.customers.c
+        upsert = dialect_insert(t.customers).values(
+            {
+                column: bindparam(column)
+                for column in ("id", "phone", "name", "email", "time_zone", "created_at", "updated_at")
+            }
+        )
+        # Built once: constructing an upsert per call cost more than running it.
+        self._upsert_customer_stmt = upsert.on_conflict_do_update(
+            index_elements=["phone"],
+            set_={
+                "name": func.coalesce(upsert.excluded.name, c.name),
+                "email": func.coalesce(upsert.excluded.email, c.email),
+                "time_zone": func.coalesce(upsert.excluded.time_zone, c.time_zone),
+                "updated_at": upsert.excluded.updated_at,
+            },
+        ).returning(c.id, c.phone, c.name, c.email, c.time_zone)
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    # -- catalog ---------------------------------------------------------------------------------
+    async def sync_catalog(self, business: Business) -> None:
+        """Mirror resources and services from the configuration; ones no longer configured are kept
+        (bookings refer to them) but marked inactive."""
+        now = self._clock()
+        upsert = self._insert
+
+        def work(conn: Connection) -> None:
+            conn.execute(update(t.resources).values(active=False))
+            conn.execute(update(t.services).values(active=False))
+            for resource in business.resources:
+                values: dict[str, Any] = {
+                    "name": resource.name,
+                    "kind": resource.kind,
+                    "calendar_id": resource.calendar_id,
+                    "active": True,
+                    "synced_at": now,
+                }
+                stmt = upsert(t.resources).values(id=resource.id, **values)
+                conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+            for service in business.services:
+                values = {
+                    "name": service.name,
+                    "duration_minutes": service.duration_minutes,
+                    "buffer_before_minutes": service.buffer_before_minutes,
+                    "buffer_after_minutes": service.buffer_after_minutes,
+                    "active": True,
+                    "synced_at": now,
+                }
+                stmt = upsert(t.services).values(id=service.id, **values)
+                conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+            conn.execute(t.service_resources.delete())
+            conn.execute(
+                insert(t.service_resources),
+                [{"service_id": s.id, "resource_id": r} for s in business.services for r in s.resources],
+            )
+
+        await self._db.write(work)
+
+    # -- idempotency -----------------------------------------------------------------------------
+    async def find_idempotency(self, key: str) -> IdempotencyRecord | None:
+        async with self._db.reader.connect() as conn:
+            return await self._idempotency(conn, key)
+
+    async def _idempotency(self, conn: AsyncConnection, key: str) -> IdempotencyRecord | None:
+        b = t.bookings.c
+        row = (await conn.execute(select(b.id, b.request_hash).where(b.idempotency_key == key))).first()
+        if row is not None:
+            return IdempotencyRecord(key, row.request_hash, (row.id,), None)
+        series_c = t.booking_series.c
+        series = (
+            await conn.execute(select(series_c.id, series_c.request_hash).where(series_c.idempotency_key == key))
+        ).first()
+        if series is None:
+            return None
+        ids = (await conn.execute(select(b.id).where(b.series_id == series.id).order_by(b.start_at))).scalars().all()
+        return IdempotencyRecord(key, series.request_hash, tuple(ids), series.id)
+
+    # -- writes ----------------------------------------------------------------------------------
+    async def create_bookings(
+        self,
+        customer: CustomerDetails,
+        new: Sequence[NewBooking],
+        *,
+        idempotency: tuple[str, str] | None = None,
+        series: SeriesSpec | None = None,
+        source: str = "api",
+        notes: str | None = None,
+        actor: str = "api",
+    ) -> CreateResult:
+        """Insert one booking, or every occurrence of a series, in one transaction: all or nothing."""
+        if not new:
+            raise ValueError("create_bookings needs at least one booking")
+        now = self._clock()
+        series_id = series.id if series else None
+
+        key, request_hash = idempotency if idempotency is not None else (None, None)
+
+        def work(conn: Connection) -> Customer:
+            stored = self._upsert_customer(conn, customer, now)
+            if series is not None:
+                conn.execute(
+                    _INSERT_SERIES,
+                    {
+                        "id": series.id,
+                        "rrule": series.rrule,
+                        "time_zone": series.time_zone,
+                        "first_start_local": series.first_start_local,
+                        "created_at": now,
+                        "idempotency_key": key,
+                        "request_hash": request_hash,
+                    },
+                )
+            # One statement for the bookings; the database writes each one's "created" history event.
+            conn.execute(
+                _INSERT_BOOKING,
+                [
+                    {
+                        "id": b.id,
+                        "resource_id": b.resource_id,
+                        "service_id": b.service_id,
+                        "customer_id": stored.id,
+                        "series_id": series_id,
+                        "status": BookingStatus.CONFIRMED.value,
+                        "start_at": b.start,
+                        "end_at": b.end,
+                        "block_start": b.block.start,
+                        "block_end": b.block.end,
+                        "source": source,
+                        "notes": notes,
+                        "version": 1,
+                        "created_at": now,
+                        "updated_at": now,
+                        "idempotency_key": None if series else key,
+                        "request_hash": None if series else request_hash,
+                        "changed_by": actor,
+                        "change_reason": None,
+                    }
+                    for b in new
+                ],
+            )
+            return stored
+
+        try:
+            stored_customer = await self._db.write(work)
+        except IntegrityError as error:
+            if _is_overlap(error):
+                conflicts: list[Booking] = []
+                for b in new:
+                    conflicts.extend(await self.overlapping(b.resource_id, b.block))
+                unique = {c.id: c for c in conflicts}
+                return Overlap(tuple(sorted(unique.values(), key=lambda c: c.start)))
+            if idempotency is not None and _is_idempotency_clash(error):
+                record = await self.find_idempotency(idempotency[0])
+                if record is not None:
+                    return KeyTaken(record)
+            raise
+        bookings = tuple(
+            Booking(
+                id=b.id,
+                resource_id=b.resource_id,
+                service_id=b.service_id,
+                customer=stored_customer,
+                start=b.start,
+                end=b.end,
+                block=b.block,
+                status=BookingStatus.CONFIRMED,
+                version=1,
+                created_at=now,
+                updated_at=now,
+                series_id=series_id,
+                source=source,
+                notes=notes,
+            )
+            for b in new
+        )
+        return Created(bookings, series_id)
+
+    def _upsert_customer(self, conn: Connection, customer: CustomerDetails, now: datetime) -> Customer:
+        """Insert the customer or update the details given (a detail left out keeps its stored value);
+        returns the stored customer."""
+        row = conn.execute(
+            self._upsert_customer_stmt,
+            {
+                "id": new_id(),
+                "phone": customer.phone,
+                "name": customer.name,
+                "email": customer.email,
+                "time_zone": customer.time_zone,
+                "created_at": now,
+                "updated_at": now,
+            },
+        ).one()
+        return Customer(id=row.id, phone=row.phone, name=row.name, email=row.email, time_zone=row.time_zone)
+
+    async def reschedule(
+        self,
+        booking_id: str,
+        *,
+        resource_id: str,
+        start: datetime,
+        end: datetime,
+        block: Interval,
+        expected_version: int | None = None,
+        actor: str = "api",
+    ) -> Booking | Overlap:
+        """Move a confirmed booking in one UPDATE: the new time is taken and the old one released in
+        the same statement, so there is no moment when the booking holds neither or both."""
+        now = self._clock()
+
+        def work(conn: Connection) -> None:
+            current = self._current(conn, booking_id)
+            if not current.status.is_active:
+                raise InvalidTransition(
+                    f"a {current.status.value} booking cannot be rescheduled", booking_id=booking_id
+                )
+            if expected_version is not None and current.version != expected_version:
+                raise VersionConflict(
+                    f"booking is at version {current.version}, not {expected_version}", booking_id=booking_id
+                )
+            conn.execute(
+                update(t.bookings)
+                .where(t.bookings.c.id == booking_id)
+                .values(
+                    resource_id=resource_id,
+                    start_at=start,
+                    end_at=end,
+                    block_start=block.start,
+                    block_end=block.end,
+                    version=t.bookings.c.version + 1,
+                    updated_at=now,
+                    changed_by=actor,
+                    change_reason=None,
+                )
+            )
+
+        try:
+            await self._db.write(work)
+        except IntegrityError as error:
+            if _is_overlap(error):
+                conflicts = [b for b in await self.overlapping(resource_id, block) if b.id != booking_id]
+                return Overlap(tuple(conflicts))
+            raise
+        return await self.require_booking(booking_id)
+
+    async def change_status(
+        self, booking_id: str, target: BookingStatus, *, actor: str = "api", reason: str | None = None
+    ) -> Booking:
+        now = self._clock()
+
+        def work(conn: Connection) -> None:
+            current = self._current(conn, booking_id)
+            current.status.check_transition(target, booking_id=booking_id)
+            conn.execute(
+                update(t.bookings)
+                .where(t.bookings.c.id == booking_id)
+                .values(
+                    status=target.value,
+                    version=t.bookings.c.version + 1,
+                    updated_at=now,
+                    changed_by=actor,
+                    change_reason=reason,
+                )
+            )
+
+        await self._db.write(work)
+        return await self.require_booking(booking_id)
+
+    def _current(self, conn: Connection, booking_id: str) -> Booking:
+        query = select(*_BOOKING_COLUMNS).join(t.customers).where(t.bookings.c.id == booking_id)
+        if self._db.dialect == "postgresql":
+            query = query.with_for_update(of=t.bookings)
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"no booking {booking_id}", booking_id=booking_id)
+        return _booking_from_row(row)
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def get_booking(self, booking_id: str) -> Booking | None:
+        found = await self.get_bookings([booking_id])
+        return found[0] if found else None
+
+    async def require_booking(self, booking_id: str) -> Booking:
+        booking = await self.get_booking(booking_id)
+        if booking is None:
+            raise NotFound(f"no booking {booking_id}", booking_id=booking_id)
+        return booking
+
+    async def get_bookings(self, booking_ids: Sequence[str]) -> list[Booking]:
+        query = (
+            select(*_BOOKING_COLUMNS)
+            .join(t.customers)
+            .where(t.bookings.c.id.in_(list(booking_ids)))
+            .order_by(t.bookings.c.start_at)
+        )
+        async with self._db.reader.connect() as conn:
+            return [_booking_from_row(row) for row in await conn.execute(query)]
+
+    async def bookings_for_phone(
+        self, phone: str, *, since: datetime | None = None, active_only: bool = False
+    ) -> list[Booking]:
+        query = select(*_BOOKING_COLUMNS).join(t.customers).where(t.customers.c.phone == phone)
+        if since is not None:
+            query = query.where(t.bookings.c.end_at > since)
+        if active_only:
+            query = query.where(t.bookings.c.status.in_(ACTIVE_STATUSES))
+        async with self._db.reader.connect() as conn:
+            return [_booking_from_row(row) for row in await conn.execute(query.order_by(t.bookings.c.start_at))]
+
+    async def overlapping(self, resource_id: str, block: Interval) -> list[Booking]:
+        """Active bookings of ``resource_id`` whose blocks overlap ``block``."""
+        query = (
+            select(*_BOOKING_COLUMNS)
+            .join(t.customers)
+            .where(
+                t.bookings.c.resource_id == resource_id,
+                t.bookings.c.status.in_(ACTIVE_STATUSES),
+                t.bookings.c.block_start < block.end,
+                t.bookings.c.block_end > block.start,
+            )
+            .order_by(t.bookings.c.start_at)
+        )
+        async with self._db.reader.connect() as conn:
+            return [_booking_from_row(row) for row in await conn.execute(query)]
+
+    async def active_blocks(self, resource_id: str, window: Interval) -> list[tuple[str, Interval]]:
+        """(booking id, block) of every active booking of a resource touching ``window``: what the Redis
+        index is rebuilt from."""
+        query = select(t.bookings.c.id, t.bookings.c.block_start, t.bookings.c.block_end).where(
+            t.bookings.c.resource_id == resource_id,
+            t.bookings.c.status.in_(ACTIVE_STATUSES),
+            t.bookings.c.block_start < window.end,
+            t.bookings.c.block_end > window.start,
+        )
+        async with self._db.reader.connect() as conn:
+            return [(row.id, Interval(row.block_start, row.block_end)) for row in await conn.execute(query)]
+
+    async def history(self, booking_id: str) -> list[BookingEvent]:
+        query = (
+            select(t.booking_events).where(t.booking_events.c.booking_id == booking_id).order_by(t.booking_events.c.id)
+        )
+        async with self._db.reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            BookingEvent(
+                booking_id=row.booking_id,
+                at=row.at,
+                kind=row.kind,
+                from_status=BookingStatus(row.from_status) if row.from_status else None,
+                to_status=BookingStatus(row.to_status),
+                actor=row.actor,
+                details=dict(row.details),
+            )
+            for row in rows
+        ]
+
+    async def count_overlaps(self) -> int:
+        """Pairs of active bookings of one resource whose blocks overlap. Always 0 unless the database
+        guarantee has been bypassed; benchmarks and race tests check it."""
+        a, b = t.bookings.alias("a"), t.bookings.alias("b")
+        query = (
+            select(func.count())
+            .select_from(
+                a.join(
+                    b,
+                    and_(
+                        a.c.resource_id == b.c.resource_id,
+                        a.c.id < b.c.id,
+                        a.c.block_start < b.c.block_end,
+                        b.c.block_start < a.c.block_end,
+                    ),
+                )
+            )
+            .where(a.c.status.in_(ACTIVE_STATUSES), b.c.status.in_(ACTIVE_STATUSES))
+        )
+        async with self._db.reader.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def count_bookings(self, *, resource_id: str | None = None, active_only: bool = True) -> int:
+        query = select(func.count()).select_from(t.bookings)
+        conditions = []
+        if resource_id is not None:
+            conditions.append(t.bookings.c.resource_id == resource_id)
+        if active_only:
+            conditions.append(t.bookings.c.status.in_(ACTIVE_STATUSES))
+        if conditions:
+            query = query.where(and_(*conditions))
+        async with self._db.reader.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+
+__all__ = [
+    "CreateResult",
+    "Created",
+    "CustomerDetails",
+    "IdempotencyRecord",
+    "KeyTaken",
+    "Ledger",
+    "NewBooking",
+    "Overlap",
+    "SeriesSpec",
+    "request_fingerprint",
+    "utc_now",
+]

@@ -1,0 +1,175 @@
+"""Table definitions of the ledger, the system of record (SQLAlchemy Core).
+
+The same tables run on SQLite (embedded default) and PostgreSQL (production). Migrations in
+``booking/ledger/migrations`` create them; these objects are what queries are built from. The database
+itself refuses two active bookings of one resource whose blocks overlap: an exclusion constraint on
+PostgreSQL, triggers on SQLite (see the first migration).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+# Names for constraints, so migrations and error handling can refer to them on both databases.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+OVERLAP_CONSTRAINT = "bookings_no_overlap"
+"""Name of the PostgreSQL exclusion constraint, and the message of the SQLite trigger's RAISE."""
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC instant. ``timestamptz`` on PostgreSQL; on SQLite a fixed-width naive UTC text, which
+    sorts and compares correctly as text (the overlap triggers rely on that)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+
+
+def _id(name: str = "id", *constraints: ForeignKey, **kwargs: Any) -> Column[str]:
+    return Column(name, String(64), *constraints, **kwargs)
+
+
+resources = Table(
+    "resources",
+    metadata,
+    _id(primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("calendar_id", Text),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("synced_at", UTCDateTime, nullable=False),
+)
+
+services = Table(
+    "services",
+    metadata,
+    _id(primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("duration_minutes", Integer, nullable=False),
+    Column("buffer_before_minutes", Integer, nullable=False),
+    Column("buffer_after_minutes", Integer, nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("synced_at", UTCDateTime, nullable=False),
+)
+
+service_resources = Table(
+    "service_resources",
+    metadata,
+    _id("service_id", ForeignKey("services.id"), primary_key=True),
+    _id("resource_id", ForeignKey("resources.id"), primary_key=True),
+)
+
+customers = Table(
+    "customers",
+    metadata,
+    _id(primary_key=True),
+    Column("phone", String(32), nullable=False, unique=True),
+    Column("name", Text),
+    Column("email", Text),
+    Column("time_zone", String(64)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+booking_series = Table(
+    "booking_series",
+    metadata,
+    _id(primary_key=True),
+    Column("rrule", Text, nullable=False),
+    Column("time_zone", String(64), nullable=False),
+    Column("first_start_local", String(32), nullable=False),
+    Column("idempotency_key", String(255), unique=True),
+    Column("request_hash", String(64)),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+bookings = Table(
+    "bookings",
+    metadata,
+    _id(primary_key=True),
+    _id("resource_id", ForeignKey("resources.id"), nullable=False),
+    _id("service_id", ForeignKey("services.id"), nullable=False),
+    _id("customer_id", ForeignKey("customers.id"), nullable=False),
+    _id("series_id", ForeignKey("booking_series.id")),
+    Column("status", String(16), nullable=False),
+    Column("start_at", UTCDateTime, nullable=False),
+    Column("end_at", UTCDateTime, nullable=False),
+    Column("block_start", UTCDateTime, nullable=False),
+    Column("block_end", UTCDateTime, nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("notes", Text),
+    Column("version", Integer, nullable=False),
+    # The request that created a single booking (a series keeps its key on booking_series).
+    Column("idempotency_key", String(255), unique=True),
+    Column("request_hash", String(64)),
+    # Who made the latest change and why: the history triggers copy them into booking_events.
+    Column("changed_by", Text, nullable=False),
+    Column("change_reason", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    CheckConstraint("block_start <= start_at AND start_at < end_at AND end_at <= block_end", name="times_ordered"),
+    CheckConstraint("status IN ('confirmed', 'cancelled', 'completed', 'no_show')", name="status_known"),
+    Index("ix_bookings_resource_block", "resource_id", "block_start"),
+    Index("ix_bookings_customer", "customer_id", "start_at"),
+    Index("ix_bookings_series", "series_id"),
+)
+
+# Written only by database triggers (see the first migration), on every insert and every change of
+# status, time or resource, so no code path can change a booking without leaving its history.
+booking_events = Table(
+    "booking_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    _id("booking_id", ForeignKey("bookings.id"), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("from_status", String(16)),
+    Column("to_status", String(16), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("details", JSONDocument, nullable=False),
+    Index("ix_booking_events_booking", "booking_id", "id"),
+)
