@@ -1,0 +1,70 @@
+"""Settings from the environment: defaults, parsing, and one message naming every bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from booking.business import EXAMPLE_BUSINESS_FILE
+from voice_server.settings import Settings, SettingsError
+
+
+def test_defaults_are_the_embedded_stack() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url is None and settings.database_url is None
+    assert settings.effective_database_url.startswith("sqlite+aiosqlite:///")
+    assert settings.effective_database_url.endswith("var/voicebook.db")
+    assert settings.business_file == EXAMPLE_BUSINESS_FILE
+    assert (settings.host, settings.port, settings.environment) == ("127.0.0.1", 8080, "development")
+
+
+def test_values_are_parsed(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "VOICEBOOK_PORT": "9000",
+            "REDIS_URL": "redis://cache:6379/2",
+            "DATABASE_URL": "postgresql://db/vb",
+            "VOICEBOOK_AUTO_MIGRATE": "off",
+            "VOICEBOOK_LOG_LEVEL": "debug",
+            "VOICEBOOK_DATA_DIR": str(tmp_path),
+        }
+    )
+    assert settings.port == 9000 and settings.redis_url == "redis://cache:6379/2"
+    assert settings.effective_database_url == "postgresql://db/vb"
+    assert settings.auto_migrate is False and settings.log_level == "DEBUG"
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(
+            {
+                "VOICEBOOK_PORT": "70000",
+                "VOICEBOOK_AUTO_MIGRATE": "maybe",
+                "VOICEBOOK_LOG_FORMAT": "xml",
+                "VOICEBOOK_ENV": "production",
+            }
+        )
+    message = str(caught.value)
+    for expected in (
+        "VOICEBOOK_PORT: 70000 is outside 1..65535",
+        "VOICEBOOK_AUTO_MIGRATE: 'maybe' is not a boolean",
+        "VOICEBOOK_LOG_FORMAT: 'xml' is not one of json, console",
+        "VOICEBOOK_ADMIN_TOKEN: required when VOICEBOOK_ENV=production",
+    ):
+        assert expected in message
+
+
+def test_admin_token_from_a_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token-from-a-file\n")
+    assert Settings.from_env({"VOICEBOOK_ADMIN_TOKEN_FILE": str(secret)}).admin_token == "s3cret-token-from-a-file"
+    with pytest.raises(SettingsError, match="set either VOICEBOOK_ADMIN_TOKEN or VOICEBOOK_ADMIN_TOKEN_FILE"):
+        Settings.from_env({"VOICEBOOK_ADMIN_TOKEN_FILE": str(secret), "VOICEBOOK_ADMIN_TOKEN": "x" * 20})
+    with pytest.raises(SettingsError, match="at least 16 characters"):
+        Settings.from_env({"VOICEBOOK_ADMIN_TOKEN": "short"})
+
+
+def test_the_token_is_not_in_the_repr() -> None:
+    settings = Settings.from_env({"VOICEBOOK_ADMIN_TOKEN": "do-not-print-this-token"})
+    assert "do-not-print-this-token" not in repr(settings)

@@ -1,0 +1,1 @@
+"""HTTP endpoints: health checks and the booking API."""

@@ -1,0 +1,89 @@
+"""The application factory: the one place that reads settings and wires concrete adapters together.
+
+Every client (Redis, the SQL engines, the embedded redis-server) is opened in the lifespan and closed
+there, in reverse order, even when start-up fails half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from booking.business import load_business
+from booking.freebusy import FreeBusyIndex
+from booking.ledger.database import Database, head_revision, migrate
+from booking.ledger.repository import Clock, Ledger, utc_now
+from booking.service import BookingService
+from voice_server.api import bookings, health
+from voice_server.api.responses import problem
+from voice_server.components import Components
+from voice_server.embedded_redis import EmbeddedRedis
+from voice_server.settings import Settings
+
+log = structlog.get_logger("voicebook.app")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            business = load_business(settings.business_file)
+            redis_url = settings.redis_url
+            if redis_url is None:
+                embedded = EmbeddedRedis(settings.data_dir / "redis")
+                await embedded.start()
+                stack.push_async_callback(embedded.stop)
+                redis_url = embedded.url
+                log.info("embedded_redis_started", socket=str(embedded.socket_path))
+            redis = aioredis.Redis.from_url(redis_url, max_connections=512)
+            stack.push_async_callback(redis.aclose)
+            database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
+            stack.push_async_callback(database.dispose)
+            if settings.auto_migrate:
+                await migrate(database)
+            elif await database.schema_revision() != head_revision():
+                raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
+            service = BookingService(
+                business, Ledger(database, clock=clock), FreeBusyIndex(redis, prefix=settings.redis_prefix), clock=clock
+            )
+            await service.start()
+            app.state.components = Components(settings, business, redis, database, service)
+            log.info(
+                "voicebook_ready",
+                business=business.name,
+                database=database.dialect,
+                redis="embedded" if settings.redis_url is None else "external",
+                admin_api="enabled" if settings.admin_token else "disabled",
+            )
+            yield
+            log.info("voicebook_stopping")
+            await service.drain()
+        log.info("voicebook_stopped")
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return problem(404, "not_found", "Not found", f"no route for {request.method} {request.url.path}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return problem(
+            405, "method_not_allowed", "Method not allowed", f"{request.method} is not allowed on {request.url.path}"
+        )
+
+    app = Starlette(
+        routes=[*health.routes, *bookings.routes],
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: method_not_allowed},
+    )
+    app.state.settings = settings
+    return app

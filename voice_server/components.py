@@ -1,0 +1,21 @@
+"""The long-lived clients of one running server, built once in the lifespan and closed there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from booking.business import Business
+from booking.ledger.database import Database
+from booking.service import BookingService
+from voice_server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Components:
+    settings: Settings
+    business: Business
+    redis: aioredis.Redis
+    database: Database
+    bookings: BookingService

