@@ -22,6 +22,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from functools import lru_cache
 from operator import itemgetter
 from zoneinfo import ZoneInfo
 
@@ -248,6 +249,7 @@ def _local_days(window: Interval, tz: ZoneInfo) -> list[date]:
     return [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
 
 
+@lru_cache(maxsize=16384)  # pure, and on every booking's path: one span on one day converts once
 def _span_interval(day: date, span: OpeningSpan, tz: ZoneInfo) -> Interval | None:
     start = local_boundary_to_utc(day, span.start, tz)
     if span.end_minutes == _MINUTES_PER_DAY:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import phonenumbers
 
 from booking.errors import InvalidRequest
 
 
+@lru_cache(maxsize=8192)  # pure; a caller's number is normalised at every step of a call
 def normalise_phone(raw: str, *, default_region: str = "US") -> str:
     """``(212) 555-0100`` -> ``+12125550100``. A number without a country code is read in
     ``default_region`` (the business's country). Invalid numbers are refused with the reason."""

@@ -176,7 +176,8 @@ async def open_loop(
 
 
 async def closed_loop(
-    service: BookingService, slots: Iterator[tuple[str, datetime]], concurrency: int, seconds: float
+    service: BookingService, slots: Iterator[tuple[str, datetime]], concurrency: int, seconds: float,
+    label: str = "closed",
 ) -> tuple[int, float, list[float]]:
     done = 0
     latencies: list[float] = []
@@ -188,7 +189,7 @@ async def closed_loop(
         while time.perf_counter() < deadline:
             resource, start = next(slots)
             began = time.perf_counter()
-            outcome = await service.book(request(resource, start, worker_id * 1_000_000 + number, "closed"))
+            outcome = await service.book(request(resource, start, worker_id * 1_000_000 + number, label))
             latencies.append(time.perf_counter() - began)
             if isinstance(outcome, Booked):
                 done += 1

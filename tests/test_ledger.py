@@ -168,3 +168,10 @@ async def test_catalog_mirror_keeps_removed_entries_inactive(
     async with database.reader.connect() as connection:
         rows = dict((await connection.execute(select(t.services.c.id, t.services.c.active))).all())
     assert rows["checkup"] is True and rows["vaccination"] is False
+
+
+async def test_a_block_longer_than_three_days_is_refused(synced: Ledger) -> None:
+    """The bound that keeps overlap checks to a few days of index is itself enforced."""
+    with pytest.raises(IntegrityError, match="block_length"):
+        await synced.create_bookings(ALICE, [new(T0, minutes=3 * 24 * 60)])
+    assert isinstance(await synced.create_bookings(ALICE, [new(T0, minutes=2 * 24 * 60)]), Created)

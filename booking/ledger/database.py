@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +26,8 @@ import alembic.config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from booking.ledger.group_commit import GroupCommit
 
 T = TypeVar("T")
 
@@ -77,15 +78,25 @@ def _begin_deferred(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN")
 
 
-@dataclass(frozen=True)
 class Database:
     """The ledger's engines: ``reader`` for reads, :meth:`write` for transactions that write."""
 
-    url: URL
-    reader: AsyncEngine
-    _async_writer: AsyncEngine | None = None
-    _sync_writer: Engine | None = None
-    _writer_thread: ThreadPoolExecutor | None = field(default=None, repr=False)
+    def __init__(
+        self,
+        url: URL,
+        reader: AsyncEngine,
+        *,
+        async_writer: AsyncEngine | None = None,
+        sync_writer: Engine | None = None,
+        writer_thread: ThreadPoolExecutor | None = None,
+        lanes: int = 1,
+    ) -> None:
+        self.url = url
+        self.reader = reader
+        self._async_writer = async_writer
+        self._sync_writer = sync_writer
+        self._writer_thread = writer_thread
+        self.group_commit = GroupCommit(self._transaction, lanes=lanes)
 
     @property
     def dialect(self) -> str:
@@ -103,30 +114,37 @@ class Database:
             event.listen(writer, "connect", _sqlite_pragmas)
             event.listen(writer, "begin", _begin_immediate)
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
-            return cls(parsed, reader, None, writer, thread)
+            return cls(parsed, reader, sync_writer=writer, writer_thread=thread, lanes=1)
         # No pool_pre_ping: it costs a round trip on every checkout (measured: a quarter of a booking's
         # ledger time). A connection that died with a server restart fails its one transaction, SQLAlchemy
         # then invalidates the pool, and the caller's retry with the same idempotency key is safe.
         engine = create_async_engine(
             parsed, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=30
         )
-        return cls(parsed, engine, engine)
+        # Several transactions in flight at once keep PostgreSQL's backends busy while Python prepares
+        # the next batch; the rest of the pool serves reads.
+        return cls(parsed, engine, async_writer=engine, lanes=1)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one transaction: committed when it returns, rolled back when it raises."""
+        """Run ``work`` in a transaction, possibly shared with concurrent writes (group commit): its
+        result comes back once that transaction has committed; if it raises, none of its writes stay."""
+        return await self.group_commit.submit(work)
+
+    async def _transaction(self, works: list[Callable[[Connection], Any]]) -> list[Any]:
         if self._async_writer is not None:
             async with self._async_writer.begin() as connection:
-                return await connection.run_sync(work)
+                return await connection.run_sync(lambda sync: [work(sync) for work in works])
         assert self._sync_writer is not None and self._writer_thread is not None
         engine = self._sync_writer
 
-        def transaction() -> T:
+        def transaction() -> list[Any]:
             with engine.begin() as connection:
-                return work(connection)
+                return [work(connection) for work in works]
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_thread, transaction)
 
     async def dispose(self) -> None:
+        await self.group_commit.drain()
         await self.reader.dispose()
         if self._async_writer is not None and self._async_writer is not self.reader:
             await self._async_writer.dispose()

@@ -488,6 +488,7 @@ class Ledger:
                 t.bookings.c.status.in_(ACTIVE_STATUSES),
                 t.bookings.c.block_start < block.end,
                 t.bookings.c.block_end > block.start,
+                t.bookings.c.block_start > block.start - t.MAX_BLOCK,
             )
             .order_by(t.bookings.c.start_at)
         )
@@ -502,6 +503,7 @@ class Ledger:
             t.bookings.c.status.in_(ACTIVE_STATUSES),
             t.bookings.c.block_start < window.end,
             t.bookings.c.block_end > window.start,
+            t.bookings.c.block_start > window.start - t.MAX_BLOCK,
         )
         async with self._db.reader.connect() as conn:
             return [(row.id, Interval(row.block_start, row.block_end)) for row in await conn.execute(query)]

@@ -8,7 +8,7 @@ PostgreSQL, triggers on SQLite (see the first migration).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -40,6 +40,10 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+MAX_BLOCK = timedelta(days=3)
+"""The longest a booking's block may last (the database checks it): a day of service plus a day of buffer
+on each side. Overlap searches use it as a lower bound on ``block_start`` so they scan days, not history."""
 
 OVERLAP_CONSTRAINT = "bookings_no_overlap"
 """Name of the PostgreSQL exclusion constraint, and the message of the SQLite trigger's RAISE."""

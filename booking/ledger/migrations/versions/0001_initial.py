@@ -183,6 +183,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_booking_events_booking", "booking_events", ["booking_id", "id"])
     if dialect == "postgresql":
+        op.execute(
+            "ALTER TABLE bookings ADD CONSTRAINT ck_bookings_block_length "
+            "CHECK (block_end - block_start <= interval '3 days')"
+        )
         op.execute("CREATE EXTENSION IF NOT EXISTS btree_gist")
         op.execute(
             "ALTER TABLE bookings ADD CONSTRAINT bookings_no_overlap EXCLUDE USING gist "
@@ -199,7 +203,20 @@ def upgrade() -> None:
             "SELECT RAISE(ABORT, 'bookings_no_overlap') WHERE EXISTS ("
             " SELECT 1 FROM bookings AS other WHERE other.id != NEW.id"
             " AND other.resource_id = NEW.resource_id AND other.status = 'confirmed'"
-            " AND other.block_start < NEW.block_end AND other.block_end > NEW.block_start);"
+            " AND other.block_start < NEW.block_end AND other.block_end > NEW.block_start"
+            # Bounded below by the longest possible block (ck_bookings_block_length), so the index on
+            # (resource_id, block_start) scans days, not the resource's whole past.
+            " AND other.block_start > datetime(NEW.block_start, '-3 days'));"
+        )
+        op.execute(
+            "CREATE TRIGGER bookings_block_length BEFORE INSERT ON bookings "
+            "WHEN julianday(NEW.block_end) - julianday(NEW.block_start) > 3 "
+            "BEGIN SELECT RAISE(ABORT, 'ck_bookings_block_length: a block may last at most 3 days'); END"
+        )
+        op.execute(
+            "CREATE TRIGGER bookings_block_length_update BEFORE UPDATE OF block_start, block_end ON bookings "
+            "WHEN julianday(NEW.block_end) - julianday(NEW.block_start) > 3 "
+            "BEGIN SELECT RAISE(ABORT, 'ck_bookings_block_length: a block may last at most 3 days'); END"
         )
         op.execute(
             "CREATE TRIGGER bookings_no_overlap_insert BEFORE INSERT ON bookings "
