@@ -61,3 +61,16 @@ def test_bad_environment_stops_with_the_variable_named(monkeypatch: pytest.Monke
     message = str(stopped.value)
     assert "VOICEBOOK_PORT: 'eighty' is not a whole number" in message
     assert "DATABASE_URL: URL scheme must be one of" in message
+
+
+def test_serve_refuses_an_invalid_business_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "business.toml"
+    broken.write_text('[business]\nname = "Nameless"\ntimezone = "UTC"\n')
+    monkeypatch.setenv("VOICEBOOK_BUSINESS_FILE", str(broken))
+    monkeypatch.setenv("VOICEBOOK_DATA_DIR", str(tmp_path / "data"))
+    assert main(["serve", "--port", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "resources: Field required" in err and "services: Field required" in err
+    assert not (tmp_path / "data" / "admin-token").exists(), "nothing is started or written"

@@ -53,6 +53,8 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
+    # Fail before the server starts, with the exact problem, rather than as a lifespan traceback.
+    load_business(settings.business_file)
     settings = _development_admin_token(settings)
     host = args.host or settings.host
     port = args.port or settings.port
