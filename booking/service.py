@@ -16,12 +16,12 @@ import secrets
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from booking.availability import SlotProblem, check_slot, free_slots, rank_slots
 from booking.business import Business, Service
 from booking.domain import Booking, BookingStatus, Interval, Slot, ensure_utc
-from booking.errors import IdempotencyKeyReused, InvalidRequest, NotFound, RequestInProgress
+from booking.errors import IdempotencyKeyReused, InvalidRequest, RequestInProgress
 from booking.freebusy import FreeBusyIndex, HoldGranted, HoldInProgress, HoldUnavailable, IndexNotReady
 from booking.ledger.repository import (
     Clock,
@@ -195,7 +195,7 @@ class BookingService:
         problem = check_slot(self.business, service, resource_id, start, (), self._clock())
         return problem if problem is not None and problem.is_permanent else None
 
-    def _raise_for(self, problem: SlotProblem, service: Service, start: datetime) -> None:
+    def _raise_for(self, problem: SlotProblem, service: Service, start: datetime) -> NoReturn:
         local = start.astimezone(self.business.tz).isoformat(timespec="minutes")
         messages = {
             SlotProblem.IN_THE_PAST: f"{local} is in the past",
@@ -593,7 +593,6 @@ __all__ = [
     "BookingService",
     "Held",
     "HoldOutcome",
-    "NotFound",
     "OccurrenceConflict",
     "SlotSearch",
     "SlotUnavailable",
