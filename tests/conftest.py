@@ -9,6 +9,7 @@ default ``postgresql://postgres@127.0.0.1:5432/test``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import text
+from starlette.applications import Starlette
 
 from booking.business import EXAMPLE_BUSINESS_FILE, Business, load_business
 from booking.freebusy import FreeBusyIndex
@@ -30,7 +33,9 @@ from booking.ledger.database import Database, migrate
 from booking.ledger.repository import Ledger
 from booking.ledger.schema import metadata
 from booking.service import BookingService
+from voice_server.app import create_app
 from voice_server.embedded_redis import redis_server_binary
+from voice_server.settings import Settings
 
 BACKEND = os.environ.get("VOICEBOOK_TEST_BACKEND", "embedded")
 if BACKEND not in ("embedded", "services"):
@@ -210,3 +215,29 @@ async def service(business: Business, ledger: Ledger, index: FreeBusyIndex, cloc
     booking_service = BookingService(business, ledger, index, clock=clock)
     await booking_service.start()
     return booking_service
+
+
+# -- the whole app ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    """Settings for an app on this test's Redis and ledger; tests replace fields with dataclasses.replace."""
+    return Settings(
+        data_dir=tmp_path,
+        business_file=EXAMPLE_BUSINESS_FILE,
+        redis_url=redis_url,
+        database_url=database_url,
+        admin_token="test-admin-token-0123456789",
+        redis_prefix=f"t{uuid.uuid4().hex[:8]}",
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings, clock: FrozenClock) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The real app factory and lifespan, and an HTTP client speaking to it in-process."""
+    application = create_app(settings, clock=clock)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://voicebook.test") as client:
+            yield application, client

@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
-from booking.business import EXAMPLE_BUSINESS_FILE
-from tests.conftest import FrozenClock
-from voice_server.app import create_app
+from booking.ledger.database import head_revision
+from tests.conftest import FrozenClock, running_app
 from voice_server.settings import Settings
 
-TOKEN = "test-admin-token-0123456789"
+TOKEN = "test-admin-token-0123456789"  # as in the app_settings fixture
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-async def app(database_url: str, redis_url: str, clock: FrozenClock, tmp_path: Path) -> AsyncIterator[Starlette]:
-    settings = Settings(
-        data_dir=tmp_path,
-        business_file=EXAMPLE_BUSINESS_FILE,
-        redis_url=redis_url,
-        database_url=database_url,
-        admin_token=TOKEN,
-        redis_prefix=f"t{uuid.uuid4().hex[:8]}",
-    )
-    application = create_app(settings, clock=clock)
-    async with application.router.lifespan_context(application):
+async def app(app_settings: Settings, clock: FrozenClock) -> AsyncIterator[Starlette]:
+    async with running_app(app_settings, clock) as (application, _):
         yield application
 
 
@@ -66,7 +54,7 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert ready.status_code == 200
     checks = ready.json()["checks"]
     assert checks["redis"]["ok"] and checks["database"]["ok"]
-    assert checks["database"]["revision"] == "0001"
+    assert checks["database"]["revision"] == head_revision()
 
 
 async def test_readiness_fails_when_redis_stops_answering(app: Starlette, client: httpx.AsyncClient) -> None:

@@ -17,9 +17,11 @@ from starlette.responses import Response
 
 from booking.business import load_business
 from booking.freebusy import FreeBusyIndex
+from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
 from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.service import BookingService
+from voice_server import twilio_webhooks
 from voice_server.api import bookings, health
 from voice_server.api.responses import problem
 from voice_server.components import Components
@@ -59,7 +61,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> S
                 business, Ledger(database, clock=clock), FreeBusyIndex(redis, prefix=settings.redis_prefix), clock=clock
             )
             await service.start()
-            app.state.components = Components(settings, business, redis, database, service)
+            calls = CallLedger(database, clock=clock)
+            app.state.components = Components(settings, business, redis, database, service, calls)
+            if settings.skip_twilio_signature:
+                log.warning(
+                    "twilio_signatures_disabled", hint="VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: local use only"
+                )
             log.info(
                 "voicebook_ready",
                 business=business.name,
@@ -81,7 +88,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> S
         )
 
     app = Starlette(
-        routes=[*health.routes, *bookings.routes],
+        routes=[*health.routes, *bookings.routes, *twilio_webhooks.routes],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from booking.business import Business
+from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
 from booking.service import BookingService
 from voice_server.settings import Settings
@@ -19,3 +20,4 @@ class Components:
     redis: aioredis.Redis
     database: Database
     bookings: BookingService
+    calls: CallLedger

@@ -41,6 +41,18 @@ class Settings:
     db_pool_size: int = 10
     log_level: str = "INFO"
     log_format: LogFormat = "json"
+    public_url: str | None = None
+    """The base URL Twilio reaches us at (``https://voice.example.com``). Signatures are checked against it,
+    never against what a proxy reports. None means ``http://host:port``, for direct local use."""
+    twilio_auth_token: str | None = field(default=None, repr=False)
+    twilio_account_sid: str | None = None
+    skip_twilio_signature: bool = False
+    consent_notice: str | None = None
+    blocked_numbers: tuple[str, ...] = ()
+
+    @property
+    def effective_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def effective_database_url(self) -> str:
@@ -70,7 +82,22 @@ class Settings:
             db_pool_size=reader.integer("VOICEBOOK_DB_POOL_SIZE", 10, low=1, high=200),
             log_level=reader.choice("VOICEBOOK_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
             log_format=reader.choice("VOICEBOOK_LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
+            public_url=reader.url("VOICEBOOK_PUBLIC_URL", ("http", "https")),
+            twilio_auth_token=reader.secret("TWILIO_AUTH_TOKEN"),
+            twilio_account_sid=reader.text(
+                "TWILIO_ACCOUNT_SID", "", pattern_ok=lambda v: v.startswith("AC") and len(v) == 34
+            )
+            or None,
+            skip_twilio_signature=reader.boolean("VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE", False),
+            consent_notice=reader.text("VOICEBOOK_CONSENT_NOTICE", "") or None,
+            blocked_numbers=tuple(
+                number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
+            ),
         )
+        if environment == "production" and settings.skip_twilio_signature:
+            reader.problems.append(
+                "VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: never allowed when VOICEBOOK_ENV=production"
+            )
         if environment == "production" and admin_token is None:
             reader.problems.append("VOICEBOOK_ADMIN_TOKEN: required when VOICEBOOK_ENV=production")
         if reader.problems:

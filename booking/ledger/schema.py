@@ -177,3 +177,32 @@ booking_events = Table(
     Column("details", JSONDocument, nullable=False),
     Index("ix_booking_events_booking", "booking_id", "id"),
 )
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("call_sid", String(64), primary_key=True),
+    Column("account_sid", String(64), nullable=False),
+    Column("from_number", String(32), nullable=False),
+    Column("to_number", String(32), nullable=False),
+    Column("direction", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("refused_reason", Text),
+    Column("ended_at", UTCDateTime),
+    Column("duration_seconds", Integer),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_calls_from_number", "from_number", "created_at"),
+)
+
+# One row per distinct status callback: (call, SequenceNumber or status) recognises a replay.
+call_status_events = Table(
+    "call_status_events",
+    metadata,
+    Column("call_sid", String(64), ForeignKey("calls.call_sid"), primary_key=True),
+    Column("dedupe_key", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("sequence", Integer),
+    Column("duration_seconds", Integer),
+    Column("at", UTCDateTime, nullable=False),
+)

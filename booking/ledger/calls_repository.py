@@ -1,0 +1,155 @@
+"""The ledger's record of phone calls: written when Twilio rings us and as its status callbacks arrive."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from booking.calls import CallRecord, CallStatus, StatusUpdate
+from booking.errors import NotFound
+from booking.ledger import schema as t
+from booking.ledger.database import Database
+from booking.ledger.repository import Clock, utc_now
+
+
+def _record(row: Row[Any]) -> CallRecord:
+    m = row._mapping
+    return CallRecord(
+        call_sid=m["call_sid"],
+        account_sid=m["account_sid"],
+        from_number=m["from_number"],
+        to_number=m["to_number"],
+        direction=m["direction"],
+        status=CallStatus(m["status"]),
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        ended_at=m["ended_at"],
+        duration_seconds=m["duration_seconds"],
+        refused_reason=m["refused_reason"],
+    )
+
+
+class CallLedger:
+    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+        self._db = database
+        self._clock = clock
+        self._insert: Callable[..., Any] = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
+
+    async def record_call(
+        self,
+        *,
+        call_sid: str,
+        account_sid: str,
+        from_number: str,
+        to_number: str,
+        direction: str,
+        status: CallStatus,
+        refused_reason: str | None = None,
+    ) -> CallRecord:
+        """Record a call Twilio offered us. Twilio retries a webhook it got no answer to: the same call
+        recorded twice is one row."""
+        now = self._clock()
+        stmt = (
+            self._insert(t.calls)
+            .values(
+                call_sid=call_sid,
+                account_sid=account_sid,
+                from_number=from_number,
+                to_number=to_number,
+                direction=direction,
+                status=status.value,
+                refused_reason=refused_reason,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["call_sid"])
+        )
+
+        def work(conn: Connection) -> None:
+            conn.execute(stmt)
+
+        await self._db.write(work)
+        return await self.require_call(call_sid)
+
+    async def apply_status(
+        self, update_: StatusUpdate, *, account_sid: str, from_number: str, to_number: str, direction: str
+    ) -> tuple[CallRecord, bool]:
+        """Apply one status callback. Returns the call and whether the callback was new: a replayed
+        callback, or one older than what the call already shows, changes nothing."""
+        dedupe_key = str(update_.sequence) if update_.sequence is not None else f"status:{update_.status.value}"
+        now = self._clock()
+        insert_call = (
+            self._insert(t.calls)
+            .values(
+                call_sid=update_.call_sid,
+                account_sid=account_sid,
+                from_number=from_number,
+                to_number=to_number,
+                direction=direction,
+                status=update_.status.value,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["call_sid"])
+        )
+        insert_event = (
+            self._insert(t.call_status_events)
+            .values(
+                call_sid=update_.call_sid,
+                dedupe_key=dedupe_key,
+                status=update_.status.value,
+                sequence=update_.sequence,
+                duration_seconds=update_.duration_seconds,
+                at=update_.at,
+            )
+            .on_conflict_do_nothing(index_elements=["call_sid", "dedupe_key"])
+        )
+
+        def work(conn: Connection) -> bool:
+            # A callback may come before (or instead of) the voice webhook: the call row is made if missing.
+            conn.execute(insert_call)
+            if conn.execute(insert_event).rowcount == 0:
+                return False
+            query = select(t.calls.c.status, t.calls.c.ended_at).where(t.calls.c.call_sid == update_.call_sid)
+            if self._db.dialect == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).one()
+            current = CallStatus(row.status)
+            values: dict[str, Any] = {"updated_at": now}
+            if update_.status.rank > current.rank:
+                values["status"] = update_.status.value
+                current = update_.status
+            if current.is_final and row.ended_at is None and update_.status.is_final:
+                values["ended_at"] = update_.at
+            if update_.duration_seconds is not None:
+                values["duration_seconds"] = update_.duration_seconds
+            conn.execute(update(t.calls).where(t.calls.c.call_sid == update_.call_sid).values(**values))
+            return True
+
+        applied = await self._db.write(work)
+        return await self.require_call(update_.call_sid), applied
+
+    async def get_call(self, call_sid: str) -> CallRecord | None:
+        async with self._db.reader.connect() as conn:
+            row = (await conn.execute(select(t.calls).where(t.calls.c.call_sid == call_sid))).first()
+        return _record(row) if row is not None else None
+
+    async def require_call(self, call_sid: str) -> CallRecord:
+        record = await self.get_call(call_sid)
+        if record is None:
+            raise NotFound(f"no call {call_sid}", call_sid=call_sid)
+        return record
+
+    async def status_events(self, call_sid: str) -> list[tuple[str, int | None, datetime]]:
+        query = (
+            select(t.call_status_events.c.status, t.call_status_events.c.sequence, t.call_status_events.c.at)
+            .where(t.call_status_events.c.call_sid == call_sid)
+            .order_by(t.call_status_events.c.at)
+        )
+        async with self._db.reader.connect() as conn:
+            return [(row.status, row.sequence, row.at) for row in await conn.execute(query)]

@@ -1,0 +1,181 @@
+"""Twilio's HTTP webhooks: the incoming-call webhook and call status callbacks.
+
+Every request is checked against ``X-Twilio-Signature`` with twilio's own ``RequestValidator``, over the
+URL Twilio was configured with: the public base URL from configuration plus the path and query, never
+the URL a proxy in front of us reports. Requests that fail are refused with 403 before anything is
+recorded.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
+import structlog
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from twilio.request_validator import RequestValidator
+
+from booking.calls import CallStatus, StatusUpdate
+from booking.errors import InvalidRequest
+from booking.ledger.repository import utc_now
+from booking.phone import normalise_phone, region_of
+from voice_server import twiml
+from voice_server.components import Components
+
+log = structlog.get_logger("voicebook.twilio")
+
+MAX_WEBHOOK_BYTES = 16 * 1024
+REFUSAL_BLOCKED = "Sorry, we are unable to take your call. Goodbye."
+REFUSAL_UNKNOWN_NUMBER = "Sorry, this number is not in service with us. Goodbye."
+
+
+class TwilioXMLResponse(Response):
+    media_type = "application/xml"
+
+
+def _components(request: Request) -> Components:
+    components: Components = request.app.state.components
+    return components
+
+
+def signed_url(request: Request, public_url: str) -> str:
+    """The URL Twilio signed: our configured public base, the path, and the query string if any."""
+    url = public_url.rstrip("/") + request.url.path
+    return f"{url}?{request.url.query}" if request.url.query else url
+
+
+async def _verified_form(request: Request, components: Components) -> FormData | Response:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
+        return PlainTextResponse("webhook too large", status_code=413)
+    form = await request.form()
+    settings = components.settings
+    if settings.skip_twilio_signature:
+        log.warning(
+            "twilio_signature_not_checked",
+            path=request.url.path,
+            reason="VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE is set (development only)",
+        )
+        return form
+    if settings.twilio_auth_token is None:
+        log.error("twilio_webhook_refused", path=request.url.path, reason="TWILIO_AUTH_TOKEN is not configured")
+        return PlainTextResponse("signature cannot be verified", status_code=403)
+    signature = request.headers.get("x-twilio-signature", "")
+    params = {key: str(value) for key, value in form.multi_items()}
+    url = signed_url(request, settings.effective_public_url)
+    if not signature or not RequestValidator(settings.twilio_auth_token).validate(url, params, signature):
+        log.warning(
+            "twilio_webhook_refused", path=request.url.path, reason="bad signature", call_sid=params.get("CallSid")
+        )
+        return PlainTextResponse("invalid signature", status_code=403)
+    return form
+
+
+def _field(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _normalised(number: str, region: str) -> str:
+    """E.164 when it parses; otherwise as given (Twilio sends "anonymous" or "+266696687" for withheld)."""
+    try:
+        return normalise_phone(number, default_region=region)
+    except InvalidRequest:
+        return number
+
+
+async def incoming_call(request: Request) -> Response:
+    components = _components(request)
+    verified = await _verified_form(request, components)
+    if isinstance(verified, Response):
+        return verified
+    form = verified
+    call_sid = _field(form, "CallSid")
+    if not call_sid:
+        return PlainTextResponse("CallSid is required", status_code=400)
+    business = components.business
+    region = region_of(business.phone)
+    caller, called = _normalised(_field(form, "From"), region), _normalised(_field(form, "To"), region)
+    refusal: str | None = None
+    if caller in components.settings.blocked_numbers:
+        refusal = "blocked_caller"
+    elif business.phone and called and called != _normalised(business.phone, region):
+        refusal = "unknown_number"
+    status_text = _field(form, "CallStatus") or CallStatus.RINGING.value
+    try:
+        status = CallStatus(status_text)
+    except ValueError:
+        status = CallStatus.RINGING
+    await components.calls.record_call(
+        call_sid=call_sid,
+        account_sid=_field(form, "AccountSid"),
+        from_number=caller,
+        to_number=called,
+        direction=_field(form, "Direction") or "inbound",
+        status=status,
+        refused_reason=refusal,
+    )
+    structlog.contextvars.bind_contextvars(call_sid=call_sid)
+    if refusal is not None:
+        log.info("call_refused", reason=refusal)
+        message = REFUSAL_BLOCKED if refusal == "blocked_caller" else REFUSAL_UNKNOWN_NUMBER
+        return TwilioXMLResponse(twiml.refuse(message))
+    log.info("call_answered")
+    document = twiml.connect_stream(
+        twiml.media_stream_url(components.settings.effective_public_url),
+        {"call_sid": call_sid, "from": caller, "to": called},
+        notice=components.settings.consent_notice,
+    )
+    return TwilioXMLResponse(document)
+
+
+def _callback_time(form: FormData) -> datetime:
+    text = _field(form, "Timestamp")
+    if text:
+        try:
+            return parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            pass
+    return utc_now()
+
+
+async def call_status(request: Request) -> Response:
+    components = _components(request)
+    verified = await _verified_form(request, components)
+    if isinstance(verified, Response):
+        return verified
+    form = verified
+    call_sid = _field(form, "CallSid")
+    try:
+        status = CallStatus(_field(form, "CallStatus"))
+    except ValueError:
+        return PlainTextResponse(f"unknown CallStatus {_field(form, 'CallStatus')!r}", status_code=400)
+    if not call_sid:
+        return PlainTextResponse("CallSid is required", status_code=400)
+    sequence = _field(form, "SequenceNumber")
+    duration = _field(form, "CallDuration")
+    region = region_of(components.business.phone)
+    record, applied = await components.calls.apply_status(
+        StatusUpdate(
+            call_sid=call_sid,
+            status=status,
+            sequence=int(sequence) if sequence.isdigit() else None,
+            duration_seconds=int(duration) if duration.isdigit() else None,
+            at=_callback_time(form),
+        ),
+        account_sid=_field(form, "AccountSid"),
+        from_number=_normalised(_field(form, "From"), region),
+        to_number=_normalised(_field(form, "To"), region),
+        direction=_field(form, "Direction") or "inbound",
+    )
+    log.info("call_status", call_sid=call_sid, status=status.value, applied=applied, now=record.status.value)
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/twilio/voice", incoming_call, methods=["POST"]),
+    Route("/twilio/call-status", call_status, methods=["POST"]),
+]
