@@ -50,6 +50,8 @@ class CallRecord:
     ended_at: datetime | None = None
     duration_seconds: int | None = None
     refused_reason: str | None = None
+    stream_sid: str | None = None
+    end_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +63,14 @@ class StatusUpdate:
     sequence: int | None
     duration_seconds: int | None
     at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CallTurn:
+    """One turn of a call's transcript as stored: role is caller, agent, tool or dtmf."""
+
+    role: str
+    text: str
+    at: datetime
+    truncated: bool = False
+    tool: str | None = None

@@ -176,7 +176,10 @@ async def open_loop(
 
 
 async def closed_loop(
-    service: BookingService, slots: Iterator[tuple[str, datetime]], concurrency: int, seconds: float,
+    service: BookingService,
+    slots: Iterator[tuple[str, datetime]],
+    concurrency: int,
+    seconds: float,
     label: str = "closed",
 ) -> tuple[int, float, list[float]]:
     done = 0

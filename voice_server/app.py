@@ -6,6 +6,7 @@ there, in reverse order, even when start-up fails half-way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -21,11 +22,12 @@ from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
 from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.service import BookingService
-from voice_server import twilio_webhooks
+from voice_server import media_endpoint, twilio_webhooks
 from voice_server.api import bookings, health
 from voice_server.api.responses import problem
 from voice_server.components import Components
 from voice_server.embedded_redis import EmbeddedRedis
+from voice_server.ports import VoicePorts
 from voice_server.settings import Settings
 
 log = structlog.get_logger("voicebook.app")
@@ -35,7 +37,11 @@ class StartupError(RuntimeError):
     pass
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> Starlette:
+def create_app(
+    settings: Settings | None = None, *, clock: Clock = utc_now, voice: VoicePorts | None = None
+) -> Starlette:
+    """The server. ``voice`` supplies the speech and agent providers; without it the Media Streams
+    endpoint is not served (the providers and offline defaults arrive with the speech work)."""
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -62,7 +68,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> S
             )
             await service.start()
             calls = CallLedger(database, clock=clock)
-            app.state.components = Components(settings, business, redis, database, service, calls)
+            app.state.components = Components(settings, business, redis, database, service, calls, voice)
             if settings.skip_twilio_signature:
                 log.warning(
                     "twilio_signatures_disabled", hint="VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: local use only"
@@ -75,7 +81,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> S
                 admin_api="enabled" if settings.admin_token else "disabled",
             )
             yield
-            log.info("voicebook_stopping")
+            log.info("voicebook_stopping", active_calls=len(app.state.components.sessions))
+            # Calls still up are ended and filed (transcript persisted) before the ledger closes.
+            await asyncio.gather(
+                *(session.end("server_shutdown") for session in list(app.state.components.sessions)),
+                return_exceptions=True,
+            )
             await service.drain()
         log.info("voicebook_stopped")
 
@@ -88,7 +99,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> S
         )
 
     app = Starlette(
-        routes=[*health.routes, *bookings.routes, *twilio_webhooks.routes],
+        routes=[
+            *health.routes,
+            *bookings.routes,
+            *twilio_webhooks.routes,
+            *(media_endpoint.routes if voice is not None else []),
+        ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
@@ -10,7 +11,11 @@ from booking.business import Business
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
 from booking.service import BookingService
+from voice_server.ports import VoicePorts
 from voice_server.settings import Settings
+
+if TYPE_CHECKING:
+    from voice_server.session import CallSession
 
 
 @dataclass(frozen=True)
@@ -21,3 +26,5 @@ class Components:
     database: Database
     bookings: BookingService
     calls: CallLedger
+    voice: VoicePorts | None = None
+    sessions: set[CallSession] = field(default_factory=set)

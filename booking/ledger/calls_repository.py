@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from booking.calls import CallRecord, CallStatus, StatusUpdate
+from booking.calls import CallRecord, CallStatus, CallTurn, StatusUpdate
 from booking.errors import NotFound
 from booking.ledger import schema as t
 from booking.ledger.database import Database
@@ -31,6 +31,8 @@ def _record(row: Row[Any]) -> CallRecord:
         ended_at=m["ended_at"],
         duration_seconds=m["duration_seconds"],
         refused_reason=m["refused_reason"],
+        stream_sid=m["stream_sid"],
+        end_reason=m["end_reason"],
     )
 
 
@@ -153,3 +155,55 @@ class CallLedger:
         )
         async with self._db.reader.connect() as conn:
             return [(row.status, row.sequence, row.at) for row in await conn.execute(query)]
+
+    async def finish_call(self, call_sid: str, *, stream_sid: str, end_reason: str, turns: Sequence[CallTurn]) -> None:
+        """Persist a call's transcript and how it ended, in one transaction, the moment the stream ends.
+        Running it again (a retry) replaces the transcript rather than adding to it."""
+        now = self._clock()
+        rows = [
+            {
+                "call_sid": call_sid,
+                "position": position,
+                "role": turn.role,
+                "text": turn.text,
+                "truncated": turn.truncated,
+                "tool": turn.tool,
+                "at": turn.at,
+            }
+            for position, turn in enumerate(turns)
+        ]
+        insert_call = (
+            self._insert(t.calls)
+            .values(
+                call_sid=call_sid,
+                account_sid="",
+                from_number="",
+                to_number="",
+                direction="inbound",
+                status=CallStatus.IN_PROGRESS.value,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["call_sid"])
+        )
+
+        def work(conn: Connection) -> None:
+            conn.execute(insert_call)  # a stream whose webhook we never saw still gets its record
+            conn.execute(
+                update(t.calls)
+                .where(t.calls.c.call_sid == call_sid)
+                .values(stream_sid=stream_sid, end_reason=end_reason, updated_at=now)
+            )
+            conn.execute(delete(t.call_turns).where(t.call_turns.c.call_sid == call_sid))
+            if rows:
+                conn.execute(insert(t.call_turns), rows)
+
+        await self._db.write(work)
+
+    async def transcript(self, call_sid: str) -> list[CallTurn]:
+        query = select(t.call_turns).where(t.call_turns.c.call_sid == call_sid).order_by(t.call_turns.c.position)
+        async with self._db.reader.connect() as conn:
+            return [
+                CallTurn(role=row.role, text=row.text, truncated=row.truncated, tool=row.tool, at=row.at)
+                for row in await conn.execute(query)
+            ]

@@ -188,6 +188,8 @@ calls = Table(
     Column("direction", String(32), nullable=False),
     Column("status", String(16), nullable=False),
     Column("refused_reason", Text),
+    Column("stream_sid", String(64)),
+    Column("end_reason", String(64)),
     Column("ended_at", UTCDateTime),
     Column("duration_seconds", Integer),
     Column("created_at", UTCDateTime, nullable=False),
@@ -204,5 +206,18 @@ call_status_events = Table(
     Column("status", String(16), nullable=False),
     Column("sequence", Integer),
     Column("duration_seconds", Integer),
+    Column("at", UTCDateTime, nullable=False),
+)
+
+# What was said, turn by turn; an agent turn holds only what the caller heard.
+call_turns = Table(
+    "call_turns",
+    metadata,
+    Column("call_sid", String(64), ForeignKey("calls.call_sid"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("truncated", Boolean, nullable=False),
+    Column("tool", String(64)),
     Column("at", UTCDateTime, nullable=False),
 )

@@ -1,0 +1,222 @@
+"""The call engine end to end: a real uvicorn server, the real Media Streams endpoint and call session,
+and a real websockets client playing Twilio (tests/twilio_caller.py). Speech and agent providers are
+scripted (tests/voice_fakes.py) until the real ones arrive; everything else is real, ledger included."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from booking.ledger.calls_repository import CallLedger
+from tests.conftest import FrozenClock
+from tests.twilio_caller import TwilioCaller
+from tests.voice_fakes import SlowTools, scripted_ports
+from voice_server import media_endpoint
+from voice_server.app import create_app
+from voice_server.settings import Settings
+
+AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+CALL_SID = "CA" + "a" * 32
+
+
+@dataclass
+class Server:
+    app: Starlette
+    base: str  # http://127.0.0.1:PORT (also the public URL Twilio signs)
+    tools: SlowTools
+
+    @property
+    def media_url(self) -> str:
+        return self.base.replace("http://", "ws://") + "/twilio/media"
+
+    def signature(self, url: str | None = None, token: str = AUTH_TOKEN) -> dict[str, str]:
+        return {"X-Twilio-Signature": RequestValidator(token).compute_signature(url or self.media_url, {})}
+
+    @property
+    def calls(self) -> CallLedger:
+        ledger: CallLedger = self.app.state.components.calls
+        return ledger
+
+
+@pytest.fixture
+def script() -> list[str]:
+    """What the caller says, turn by turn (tests override it with parametrize)."""
+    return ["I would like a checkup", "tell me a story"]
+
+
+@pytest.fixture
+async def server(app_settings: Settings, clock: FrozenClock, script: list[str]) -> AsyncIterator[Server]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    tools = SlowTools()
+    voice = scripted_ports(script, tools)
+    settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN)
+    app = create_app(settings, clock=clock, voice=voice)
+    config = uvicorn.Config(app, lifespan="on", log_config=None, ws="websockets-sansio")
+    uv = uvicorn.Server(config)
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    while not uv.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield Server(app, base, tools)
+    finally:
+        uv.should_exit = True
+        await task
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def dial(server: Server) -> AsyncIterator[TwilioCaller]:
+    async with connect(server.media_url, additional_headers=server.signature()) as ws:
+        async with TwilioCaller(ws, call_sid=CALL_SID) as caller:
+            await caller.connect()
+            yield caller
+
+
+GREETING_MARKS = 2  # "Thank you for calling Riverside Family Clinic." "How can I help you today?"
+
+
+async def hear_greeting(caller: TwilioCaller) -> None:
+    await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS)
+
+
+async def transcript_of(server: Server) -> list[tuple[str, str, bool]]:
+    for _ in range(200):
+        turns = await server.calls.transcript(CALL_SID)
+        if turns:
+            return [(t.role, t.text, t.truncated) for t in turns]
+        await asyncio.sleep(0.02)
+    return []
+
+
+async def test_greeting_turn_and_stop_are_heard_and_filed(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 2)  # "You said ...", "Is there..."
+        await caller.stop()
+    turns = await transcript_of(server)
+    assert turns == [
+        ("agent", "Thank you for calling Riverside Family Clinic. How can I help you today?", False),
+        ("caller", "I would like a checkup", False),
+        ("agent", "You said I would like a checkup. Is there anything else?", False),
+    ]
+    call = await server.calls.require_call(CALL_SID)
+    assert call.stream_sid == caller.stream_sid and call.end_reason == "stop"
+
+
+async def test_barge_in_clears_playback_and_keeps_only_what_was_heard(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()  # "I would like a checkup"
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 2)
+        await caller.say()  # "tell me a story": eight long sentences
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 4)  # two of them heard
+        clears_before = caller.clears
+        await caller.say(loud_ms=100, then_silence_ms=0)  # the caller talks over the story
+        await caller.wait_for(lambda: caller.clears == clears_before + 1)
+        await caller.stop()
+    turns = await transcript_of(server)
+    story = [turn for turn in turns if turn[0] == "agent" and "story" in turn[1]]
+    assert len(story) == 1
+    _, text, truncated = story[0]
+    assert truncated, "an interrupted reply is flagged"
+    assert "sentence number 1 " in text + " " and "sentence number 8" not in text
+    assert caller.media_frames_received > 0
+
+
+@pytest.mark.parametrize("script", [["please book it", "wait"]])
+async def test_a_booking_under_way_survives_barge_in(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()  # "please book it": "One moment while I book that." then the 0.3 s tool
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 1)
+        await caller.say(loud_ms=60, then_silence_ms=0)  # the caller talks while the booking runs
+        await caller.wait_for(lambda: server.tools.finished == ["book_appointment"], within=5)
+        await caller.stop()
+    turns = await transcript_of(server)
+    tool_turns = [turn for turn in turns if turn[0] == "tool"]
+    assert len(tool_turns) == 1 and '"booked":true' in tool_turns[0][1]
+
+
+async def test_dtmf_reaches_the_agent(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.dtmf("1")
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 1)
+        await caller.stop()
+    turns = await transcript_of(server)
+    assert ("dtmf", "1", False) in turns and ("agent", "You pressed 1.", False) in turns
+
+
+async def test_a_dropped_socket_still_files_the_call(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_received) >= GREETING_MARKS + 1)
+        await caller.ws.close()  # no stop: the network went away
+    turns = await transcript_of(server)
+    assert turns[0][0] == "agent" and ("caller", "I would like a checkup", False) in turns
+    call = await server.calls.require_call(CALL_SID)
+    assert call.end_reason == "dropped"
+
+
+async def test_malformed_frames_do_not_kill_a_healthy_call(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.ws.send("{not json")
+        await caller.ws.send(b"\x00\x01binary")
+        await caller.ws.send('{"event": "telepathy", "sequenceNumber": "99", "streamSid": "MZ"}')
+        await caller.send("media", media={"track": "inbound", "chunk": "x", "timestamp": "1", "payload": "!!"})
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 2)
+        await caller.stop()
+    turns = await transcript_of(server)
+    assert ("caller", "I would like a checkup", False) in turns
+
+
+async def test_unsigned_and_missigned_upgrades_are_refused(server: Server) -> None:
+    for headers in ({}, server.signature(token="f" * 32), server.signature(url="wss://elsewhere.test/twilio/media")):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(server.media_url, additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == 403
+    assert await server.calls.get_call(CALL_SID) is None
+
+
+async def test_a_stream_that_never_starts_is_closed_as_a_policy_violation(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(media_endpoint, "START_TIMEOUT_SECONDS", 0.3)
+    async with connect(server.media_url, additional_headers=server.signature()) as ws:
+        await ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
+        with pytest.raises(Exception):  # noqa: B017 - the server closes; the exact exception is the library's
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1008
+
+
+@pytest.mark.parametrize("script", [["bye"]])
+async def test_the_agent_can_end_the_call(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()  # "bye"
+        await caller.wait_for(lambda: server.app.state.components.sessions == set(), within=8)
+    turns = await transcript_of(server)
+    assert ("agent", "Goodbye, Dr. Lee will see you soon.", False) in turns
+    call = await server.calls.require_call(CALL_SID)
+    assert call.end_reason == "caller said goodbye"

@@ -1,0 +1,172 @@
+"""The Twilio Media Streams WebSocket: one connection is one call.
+
+The upgrade is signature-checked over the ``wss://`` URL Twilio was given (the public URL from
+configuration) and refused with 403 before it is accepted. After that nothing a caller's network sends
+can end a healthy call: malformed or out-of-order frames are counted and logged with the call SID, and
+only a stream that never says ``start``, or that keeps sending garbage, is closed with a
+policy-violation code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from twilio.request_validator import RequestValidator
+
+from booking.calls import CallTurn
+from booking.ledger.repository import utc_now
+from voice_server import twiml
+from voice_server.components import Components
+from voice_server.media_streams import Dtmf, Mark, Media, MediaStreamCodec, Rejected, Start, Stop, StreamTracker
+from voice_server.playout import Playout
+from voice_server.ports import CallInfo
+from voice_server.session import CallSession
+
+log = structlog.get_logger("voicebook.media")
+
+PATH = "/twilio/media"
+START_TIMEOUT_SECONDS = 10.0
+MAX_REJECTED = 200  # a stream this broken is not a call any more
+POLICY_VIOLATION = 1008
+_STREAM_ENDINGS = frozenset({"stop", "dropped", "no_start", "protocol_errors", "server_shutdown"})
+
+
+def _signed(websocket: WebSocket, components: Components) -> bool:
+    settings = components.settings
+    if settings.skip_twilio_signature:
+        log.warning("twilio_signature_not_checked", path=PATH)
+        return True
+    if settings.twilio_auth_token is None:
+        log.error("media_stream_refused", reason="TWILIO_AUTH_TOKEN is not configured")
+        return False
+    url = twiml.media_stream_url(settings.effective_public_url, websocket.url.path)
+    if websocket.url.query:
+        url += f"?{websocket.url.query}"
+    signature = websocket.headers.get("x-twilio-signature", "")
+    return bool(signature) and bool(RequestValidator(settings.twilio_auth_token).validate(url, {}, signature))
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    components: Components = websocket.app.state.components
+    if not _signed(websocket, components):
+        log.warning("media_stream_refused", reason="bad signature")
+        await websocket.close(code=POLICY_VIOLATION)  # before accept: the client sees HTTP 403
+        return
+    await websocket.accept()
+    tracker = StreamTracker()
+    session: CallSession | None = None
+    reason = "dropped"
+    loop = asyncio.get_running_loop()
+    start_deadline = loop.time() + START_TIMEOUT_SECONDS
+    try:
+        while True:
+            try:
+                if session is None:
+                    async with asyncio.timeout_at(start_deadline):
+                        message = await websocket.receive()
+                else:
+                    message = await websocket.receive()
+            except TimeoutError:
+                log.warning("media_stream_without_start", rejected=sum(tracker.rejected.values()))
+                reason = "no_start"
+                await websocket.close(code=POLICY_VIOLATION, reason="no start message")
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            parsed = MediaStreamCodec.parse(raw if raw is not None else message.get("bytes", b""))
+            rejected = tracker.accept(parsed)
+            if rejected is not None:
+                _log_rejection(rejected, session)
+                if sum(tracker.rejected.values()) > MAX_REJECTED:
+                    reason = "protocol_errors"
+                    await websocket.close(code=POLICY_VIOLATION, reason="too many malformed messages")
+                    return
+                continue
+            if isinstance(parsed, Start):
+                session = await _start_session(websocket, components, parsed)
+            elif session is None:
+                continue  # `connected` before `start`
+            elif isinstance(parsed, Media):
+                if parsed.track == "inbound":
+                    await session.on_audio(parsed.payload)
+            elif isinstance(parsed, Mark):
+                session.on_mark(parsed.name)
+            elif isinstance(parsed, Dtmf):
+                await session.on_dtmf(parsed.digit)
+            elif isinstance(parsed, Stop):
+                reason = "stop"
+                return
+    except WebSocketDisconnect:
+        reason = "dropped"
+    finally:
+        if session is not None:
+            components.sessions.discard(session)
+            await session.end(reason)
+            log.info(
+                "media_stream_ended",
+                call_sid=session.info.call_sid,
+                reason=reason,
+                sequence_gaps=tracker.sequence_gaps,
+                rejected=dict(tracker.rejected),
+                inbound_audio_ms=tracker.inbound_audio_ms,
+                barge_ins=session.barge_ins,
+            )
+        if reason == "stop":
+            with contextlib.suppress(RuntimeError):
+                await websocket.close()
+
+
+def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
+    log.warning(
+        "media_frame_rejected",
+        error=rejected.error.value,
+        detail=rejected.detail,
+        call_sid=session.info.call_sid if session else None,
+    )
+
+
+async def _start_session(websocket: WebSocket, components: Components, start: Start) -> CallSession:
+    assert components.voice is not None
+    parameters = dict(start.custom_parameters)
+    info = CallInfo(
+        call_sid=start.call_sid,
+        stream_sid=start.stream_sid,
+        caller=parameters.get("from", ""),
+        called=parameters.get("to", ""),
+        parameters=parameters,
+    )
+    structlog.contextvars.bind_contextvars(call_sid=info.call_sid, stream_sid=info.stream_sid)
+
+    async def persist(session: CallSession) -> None:
+        turns = [
+            CallTurn(role=t.role, text=t.text, at=t.at, truncated=t.truncated, tool=t.tool) for t in session.transcript
+        ]
+        await components.calls.finish_call(
+            info.call_sid, stream_sid=info.stream_sid, end_reason=session.end_reason or "unknown", turns=turns
+        )
+        if session.end_reason not in _STREAM_ENDINGS:
+            # The agent hung up: closing the stream makes Twilio run the TwiML after <Connect>, and
+            # there is none, so the call ends.
+            with contextlib.suppress(RuntimeError):
+                await websocket.close()
+
+    session = CallSession(
+        info,
+        components.voice,
+        Playout(websocket.send_text, info.stream_sid),
+        greeting=f"Thank you for calling {components.business.name}. How can I help you today?",
+        clock=utc_now,
+        on_end=persist,
+    )
+    components.sessions.add(session)
+    await session.start()
+    log.info("media_stream_started", tracks=list(start.tracks))
+    return session
+
+
+routes = [WebSocketRoute(PATH, media_stream)]

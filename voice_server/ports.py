@@ -1,0 +1,120 @@
+"""The seams between the call engine and the speech and agent providers: small Protocols and the values
+that cross them. Deepgram, OpenAI and the offline defaults implement these; tests use scripted ones."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """Who is on the line, from the stream's ``start`` message and its custom parameters."""
+
+    call_sid: str
+    stream_sid: str
+    caller: str
+    called: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+# -- speech to text ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """The caller started speaking (voice activity), before any words are recognised."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """Recognised words. ``end_of_turn`` marks the end of what the caller wanted to say."""
+
+    text: str
+    is_final: bool
+    end_of_turn: bool = False
+
+
+SpeechEvent = SpeechStarted | Transcript
+
+
+class SpeechToTextStream(Protocol):
+    async def send(self, mulaw: bytes) -> None:
+        """Caller audio, mu-law 8 kHz, in arrival order."""
+
+    def events(self) -> AsyncIterator[SpeechEvent]:
+        """Recognition events until the stream is closed."""
+
+    async def close(self) -> None: ...
+
+
+class SpeechToText(Protocol):
+    async def open(self, call: CallInfo) -> SpeechToTextStream: ...
+
+
+# -- the agent -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One line of the conversation. An agent turn holds only what the caller heard; ``truncated`` says
+    the caller cut it short."""
+
+    role: Literal["caller", "agent", "tool", "dtmf"]
+    text: str
+    at: datetime
+    truncated: bool = False
+    tool: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    """The agent wants the call to end once its last words have been heard."""
+
+    reason: str
+
+
+AgentEvent = TextDelta | ToolCall | EndCall
+
+
+class Agent(Protocol):
+    def respond(self, conversation: Sequence[Turn], call: CallInfo) -> AsyncIterator[AgentEvent]:
+        """The agent's next reply, streamed. When it asks for tools, the session runs them, adds their
+        results to the conversation and asks again."""
+
+
+class ToolRunner(Protocol):
+    async def run(self, call: ToolCall, info: CallInfo) -> Mapping[str, Any]:
+        """Run one tool call; the result is small JSON the agent can read back to the caller."""
+
+
+# -- text to speech ------------------------------------------------------------------------------
+
+
+class TextToSpeech(Protocol):
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        """Speech for ``text`` as mu-law 8 kHz, streamed; cancelling the iteration stops synthesis."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoicePorts:
+    """The providers one call uses."""
+
+    stt: SpeechToText
+    agent: Agent
+    tts: TextToSpeech
+    tools: ToolRunner

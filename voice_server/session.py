@@ -1,0 +1,305 @@
+"""One phone call: listens, decides when the caller's turn ends, lets the agent answer, speaks the answer
+sentence by sentence, and yields the floor the moment the caller speaks over it (barge-in).
+
+Every task the session starts is kept in ``_tasks`` and cancelled and awaited when the call ends. A tool
+call that has started (a booking) is never cancelled by barge-in: it runs to completion in its own task
+and its result stays in the conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+import orjson
+import structlog
+
+from voice_server.playout import Playout
+from voice_server.ports import (
+    CallInfo,
+    EndCall,
+    SpeechStarted,
+    SpeechToTextStream,
+    TextDelta,
+    ToolCall,
+    Transcript,
+    Turn,
+    VoicePorts,
+)
+
+log = structlog.get_logger("voicebook.session")
+
+MAX_TOOL_ROUNDS = 5
+MARK_SLACK_SECONDS = 2.0
+
+
+class CallState(enum.StrEnum):
+    CONNECTING = "connecting"
+    GREETING = "greeting"
+    LISTENING = "listening"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+    TRANSFERRING = "transferring"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+_LEGAL: dict[CallState, frozenset[CallState]] = {
+    CallState.CONNECTING: frozenset({CallState.GREETING, CallState.ENDING}),
+    CallState.GREETING: frozenset({CallState.SPEAKING, CallState.LISTENING, CallState.THINKING, CallState.ENDING}),
+    CallState.LISTENING: frozenset({CallState.THINKING, CallState.ENDING}),
+    CallState.THINKING: frozenset({CallState.SPEAKING, CallState.LISTENING, CallState.TRANSFERRING, CallState.ENDING}),
+    CallState.SPEAKING: frozenset({CallState.THINKING, CallState.LISTENING, CallState.TRANSFERRING, CallState.ENDING}),
+    CallState.TRANSFERRING: frozenset({CallState.ENDING}),
+    CallState.ENDING: frozenset({CallState.ENDED}),
+    CallState.ENDED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "No.", "a.m.", "p.m.")
+
+
+def split_sentences(buffer: str) -> tuple[list[str], str]:
+    """Whole sentences in ``buffer`` and the unfinished rest. An abbreviation (``Dr. Lee``) does not end a
+    sentence, so TTS never says "Doctor" and "Lee" as two utterances."""
+    sentences: list[str] = []
+    start = 0
+    for match in _SENTENCE_END.finditer(buffer):
+        candidate = buffer[start : match.start()].strip()
+        if candidate.endswith(_ABBREVIATIONS):
+            continue
+        if candidate:
+            sentences.append(candidate)
+        start = match.end()
+    return sentences, buffer[start:]
+
+
+class CallSession:
+    def __init__(
+        self,
+        info: CallInfo,
+        ports: VoicePorts,
+        playout: Playout,
+        *,
+        greeting: str,
+        clock: Callable[[], datetime],
+        on_end: Callable[[CallSession], Awaitable[None]],
+    ) -> None:
+        self.info = info
+        self._ports = ports
+        self._playout = playout
+        self._greeting = greeting
+        self._clock = clock
+        self._on_end = on_end
+        self.state = CallState.CONNECTING
+        self.transcript: list[Turn] = []
+        self.end_reason: str | None = None
+        self.barge_ins = 0
+        self._stt: SpeechToTextStream | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tools: set[asyncio.Task[Any]] = set()
+        self._reply: asyncio.Task[None] | None = None
+        self._spoken: list[tuple[str, str]] = []  # (mark, sentence) of the reply being spoken
+        self._reply_complete = False  # the agent finished the reply being spoken (all of it was sent)
+        self._caller_words: list[str] = []
+        self._hangup_requested: str | None = None
+        self.ended = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _move(self, target: CallState) -> None:
+        if target is self.state:
+            return
+        if target not in _LEGAL[self.state]:
+            raise IllegalTransition(f"call {self.info.call_sid}: {self.state} -> {target} is not allowed")
+        self.state = target
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], into: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work)
+        owner = self._tasks if into is None else into
+        owner.add(task)
+        task.add_done_callback(owner.discard)
+        task.add_done_callback(self._report_failure)
+        return task
+
+    def _report_failure(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session_task_failed", call_sid=self.info.call_sid, state=self.state.value, error=repr(task.exception())
+            )
+
+    async def start(self) -> None:
+        self._stt = await self._ports.stt.open(self.info)
+        self._spawn(self._listen(self._stt))
+        self._move(CallState.GREETING)
+        self._reply = self._spawn(self._greet())
+
+    async def _greet(self) -> None:
+        await self._speak_reply(self._greeting_events())
+        if self.state in (CallState.GREETING, CallState.SPEAKING):
+            self._move(CallState.LISTENING)
+
+    async def _greeting_events(self) -> AsyncIterator[TextDelta]:
+        yield TextDelta(self._greeting)
+
+    async def end(self, reason: str) -> None:
+        """End the call (stream stopped, socket dropped, agent hung up): stop every task, keep what was
+        heard, persist. Safe to call more than once."""
+        if self.state in (CallState.ENDING, CallState.ENDED):
+            await self.ended.wait()
+            return
+        self._move(CallState.ENDING)
+        self.end_reason = reason
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        self._close_agent_turn()
+        if self._tools:  # bookings under way finish and are recorded before the call is filed
+            await asyncio.gather(*self._tools, return_exceptions=True)
+        if self._stt is not None:
+            await self._stt.close()
+        self._move(CallState.ENDED)
+        try:
+            await self._on_end(self)
+        finally:
+            self.ended.set()
+
+    # -- inbound -------------------------------------------------------------------------------------
+    async def on_audio(self, mulaw: bytes) -> None:
+        if self._stt is not None and self.state not in (CallState.ENDING, CallState.ENDED):
+            await self._stt.send(mulaw)
+
+    def on_mark(self, name: str) -> None:
+        self._playout.on_mark(name)
+
+    async def on_dtmf(self, digit: str) -> None:
+        if self.state in (CallState.ENDING, CallState.ENDED):
+            return
+        await self._barge_in_if_speaking()
+        self.transcript.append(Turn("dtmf", digit, self._clock()))
+        self._start_reply()
+
+    async def _listen(self, stt: SpeechToTextStream) -> None:
+        async for event in stt.events():
+            if isinstance(event, SpeechStarted):
+                await self._barge_in_if_speaking()
+            elif isinstance(event, Transcript):
+                if event.text and event.is_final:
+                    await self._barge_in_if_speaking()
+                    self._caller_words.append(event.text.strip())
+                if event.end_of_turn and self._caller_words:
+                    self.transcript.append(Turn("caller", " ".join(self._caller_words), self._clock()))
+                    self._caller_words.clear()
+                    self._start_reply()
+
+    async def _barge_in_if_speaking(self) -> None:
+        """The caller is talking: stop the reply in flight. Audio still unheard is cleared from Twilio's
+        buffer (a barge-in); a reply already fully heard just ends."""
+        reply = self._reply
+        if reply is None or reply.done():
+            return
+        fully_heard = self._reply_complete and all(self._playout.was_heard(mark) for mark, _ in self._spoken)
+        reply.cancel()
+        await asyncio.gather(reply, return_exceptions=True)
+        if not fully_heard:
+            self.barge_ins += 1
+            log.info("barge_in", call_sid=self.info.call_sid, state=self.state.value)
+            await self._playout.clear()
+        self._close_agent_turn()
+        if self.state in (CallState.THINKING, CallState.SPEAKING, CallState.GREETING):
+            self._move(CallState.LISTENING)
+
+    # -- the reply -----------------------------------------------------------------------------------
+    def _start_reply(self) -> None:
+        if self.state in (CallState.ENDING, CallState.ENDED, CallState.TRANSFERRING):
+            return
+        self._move(CallState.THINKING)
+        self._reply = self._spawn(self._agent_reply())
+
+    async def _agent_reply(self) -> None:
+        for _ in range(MAX_TOOL_ROUNDS):
+            calls: list[ToolCall] = []
+            await self._speak_reply(self._ports.agent.respond(list(self.transcript), self.info), calls)
+            if not calls:
+                break
+            # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
+            runs = [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
+            await asyncio.shield(asyncio.gather(*runs))
+        if self._hangup_requested is not None:
+            self._spawn(self.end(self._hangup_requested))
+        elif self.state in (CallState.THINKING, CallState.SPEAKING, CallState.GREETING):
+            self._move(CallState.LISTENING)
+
+    async def _run_tool(self, call: ToolCall) -> None:
+        try:
+            result: dict[str, Any] | Any = dict(await self._ports.tools.run(call, self.info))
+        except Exception as error:  # a failing tool is told to the agent, not to the caller as silence
+            log.exception("tool_failed", call_sid=self.info.call_sid, tool=call.name)
+            result = {"error": f"{type(error).__name__}: {error}"}
+        self.transcript.append(
+            Turn(
+                "tool",
+                orjson.dumps({"id": call.id, "arguments": dict(call.arguments), "result": result}).decode(),
+                self._clock(),
+                tool=call.name,
+            )
+        )
+
+    async def _speak_reply(self, events: AsyncIterator[Any], tool_calls: list[ToolCall] | None = None) -> None:
+        """Speak what the agent streams, sentence by sentence as they complete, a mark after each; then
+        wait for the marks and file the turn with only what was heard."""
+        self._spoken = []
+        self._reply_complete = False
+        pending = ""
+        async for event in events:
+            if isinstance(event, TextDelta):
+                sentences, pending = split_sentences(pending + event.text)
+                for sentence in sentences:
+                    await self._say(sentence)
+            elif isinstance(event, ToolCall) and tool_calls is not None:
+                tool_calls.append(event)
+            elif isinstance(event, EndCall):
+                self._hangup_requested = event.reason
+        if pending.strip():
+            await self._say(pending.strip())
+        self._reply_complete = True
+        await self._await_marks()
+        self._close_agent_turn()
+
+    async def _say(self, sentence: str) -> None:
+        if self.state in (CallState.THINKING, CallState.GREETING):
+            self._move(CallState.SPEAKING)
+        mark = f"{uuid.uuid4().hex[:12]}"
+        self._spoken.append((mark, sentence))
+        await self._playout.play(self._ports.tts.synthesize(sentence), mark)
+
+    async def _await_marks(self) -> None:
+        """Wait until the reply has played (its marks echoed), allowing for the audio still buffered."""
+        try:
+            async with asyncio.timeout(self._playout.buffered + MARK_SLACK_SECONDS):
+                for mark, _ in self._spoken:
+                    await self._playout.heard(mark)
+        except TimeoutError:
+            log.warning("marks_not_echoed", call_sid=self.info.call_sid, marks=len(self._spoken))
+
+    def _close_agent_turn(self) -> None:
+        """File the agent's words the caller heard (their marks came back before any clear). The turn is
+        truncated when a sentence went unheard or the agent had not finished the reply."""
+        if not self._spoken:
+            return
+        heard = [sentence for mark, sentence in self._spoken if self._playout.was_heard(mark)]
+        cut = not self._reply_complete or len(heard) < len(self._spoken)
+        self._spoken = []
+        if heard or cut:
+            self.transcript.append(Turn("agent", " ".join(heard), self._clock(), truncated=cut))
