@@ -56,14 +56,22 @@ def script() -> list[str]:
 
 
 @pytest.fixture
-async def server(app_settings: Settings, clock: FrozenClock, script: list[str]) -> AsyncIterator[Server]:
+def timers() -> dict[str, float]:
+    """Settings overrides for the call timers (tests override it with parametrize)."""
+    return {}
+
+
+@pytest.fixture
+async def server(
+    app_settings: Settings, clock: FrozenClock, script: list[str], timers: dict[str, float]
+) -> AsyncIterator[Server]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     tools = SlowTools()
     voice = scripted_ports(script, tools)
-    settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN)
+    settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN, **timers)
     app = create_app(settings, clock=clock, voice=voice)
     config = uvicorn.Config(app, lifespan="on", log_config=None, ws="websockets-sansio")
     uv = uvicorn.Server(config)
@@ -220,3 +228,41 @@ async def test_the_agent_can_end_the_call(server: Server) -> None:
     assert ("agent", "Goodbye, Dr. Lee will see you soon.", False) in turns
     call = await server.calls.require_call(CALL_SID)
     assert call.end_reason == "caller said goodbye"
+
+
+@pytest.mark.parametrize("timers", [{"silence_seconds": 0.4, "silence_reprompts": 1}])
+async def test_silence_is_reprompted_then_the_call_ends_politely(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)  # then say nothing at all
+        await caller.wait_for(lambda: server.app.state.components.sessions == set(), within=8)
+    turns = await transcript_of(server)
+    agent_lines = [text for role, text, _ in turns if role == "agent"]
+    assert agent_lines[1:] == ["Are you still there?", "I haven't heard anything, so I'll end the call now. Goodbye."]
+    assert (await server.calls.require_call(CALL_SID)).end_reason == "silence"
+
+
+@pytest.mark.parametrize("timers", [{"silence_seconds": 0.4, "silence_reprompts": 1}])
+async def test_speaking_resets_the_silence_count(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 1)  # the re-prompt
+        await caller.say()  # "I would like a checkup"
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 3)
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 4)  # re-prompted afresh
+        await caller.stop()
+    agent_lines = [text for role, text, _ in await transcript_of(server) if role == "agent"]
+    assert agent_lines.count("Are you still there?") == 2
+
+
+@pytest.mark.parametrize("timers", [{"max_call_seconds": 1.5, "silence_seconds": 30.0}])
+@pytest.mark.parametrize("script", [["tell me a story"]])
+async def test_the_call_ends_politely_at_its_time_limit(server: Server) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()  # a long story, cut by the time limit
+        await caller.wait_for(lambda: server.app.state.components.sessions == set(), within=10)
+    turns = await transcript_of(server)
+    assert turns[-1][:2] == ("agent", "We've reached the time limit for this call. Please call again anytime. Goodbye.")
+    story = [turn for turn in turns if turn[0] == "agent" and "story" in turn[1]]
+    assert story and story[0][2], "the story was cut short"
+    assert (await server.calls.require_call(CALL_SID)).end_reason == "max_duration"

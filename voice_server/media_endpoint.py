@@ -24,7 +24,7 @@ from voice_server.components import Components
 from voice_server.media_streams import Dtmf, Mark, Media, MediaStreamCodec, Rejected, Start, Stop, StreamTracker
 from voice_server.playout import Playout
 from voice_server.ports import CallInfo
-from voice_server.session import CallSession
+from voice_server.session import CallSession, SessionPolicy
 
 log = structlog.get_logger("voicebook.media")
 
@@ -159,7 +159,12 @@ async def _start_session(websocket: WebSocket, components: Components, start: St
         info,
         components.voice,
         Playout(websocket.send_text, info.stream_sid),
-        greeting=f"Thank you for calling {components.business.name}. How can I help you today?",
+        policy=SessionPolicy(
+            greeting=f"Thank you for calling {components.business.name}. How can I help you today?",
+            silence_seconds=components.settings.silence_seconds,
+            reprompts=components.settings.silence_reprompts,
+            max_call_seconds=components.settings.max_call_seconds,
+        ),
         clock=utc_now,
         on_end=persist,
     )

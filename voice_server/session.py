@@ -13,6 +13,7 @@ import enum
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -65,6 +66,20 @@ class IllegalTransition(RuntimeError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """Timers of a call: how long silence is tolerated, how often the caller is prompted again, and how
+    long a call may last at all."""
+
+    greeting: str
+    silence_seconds: float = 8.0
+    reprompts: int = 2
+    reprompt: str = "Are you still there?"
+    silence_goodbye: str = "I haven't heard anything, so I'll end the call now. Goodbye."
+    max_call_seconds: float = 900.0
+    max_call_goodbye: str = "We've reached the time limit for this call. Please call again anytime. Goodbye."
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "No.", "a.m.", "p.m.")
 
@@ -91,14 +106,16 @@ class CallSession:
         ports: VoicePorts,
         playout: Playout,
         *,
-        greeting: str,
+        policy: SessionPolicy,
         clock: Callable[[], datetime],
         on_end: Callable[[CallSession], Awaitable[None]],
     ) -> None:
         self.info = info
         self._ports = ports
         self._playout = playout
-        self._greeting = greeting
+        self._policy = policy
+        self._silence: asyncio.Task[None] | None = None
+        self._reprompts_used = 0
         self._clock = clock
         self._on_end = on_end
         self.state = CallState.CONNECTING
@@ -141,15 +158,55 @@ class CallSession:
         self._stt = await self._ports.stt.open(self.info)
         self._spawn(self._listen(self._stt))
         self._move(CallState.GREETING)
-        self._reply = self._spawn(self._greet())
+        self._reply = self._spawn(self._say_line(self._policy.greeting))
+        self._spawn(self._limit_duration())
 
-    async def _greet(self) -> None:
-        await self._speak_reply(self._greeting_events())
-        if self.state in (CallState.GREETING, CallState.SPEAKING):
+    async def _say_line(self, text: str, *, then_end: str | None = None) -> None:
+        """Speak a fixed line (greeting, re-prompt, goodbye), then listen again or end the call."""
+        await self._speak_reply(self._line(text))
+        if then_end is not None:
+            self._spawn(self.end(then_end))
+        else:
+            self._listen_again()
+
+    @staticmethod
+    async def _line(text: str) -> AsyncIterator[TextDelta]:
+        yield TextDelta(text)
+
+    def _listen_again(self) -> None:
+        """The agent has finished speaking: wait for the caller, and re-prompt if they stay silent."""
+        if self.state in (CallState.GREETING, CallState.THINKING, CallState.SPEAKING):
             self._move(CallState.LISTENING)
+        if self.state is CallState.LISTENING:
+            self._cancel_silence()
+            self._silence = self._spawn(self._on_silence())
 
-    async def _greeting_events(self) -> AsyncIterator[TextDelta]:
-        yield TextDelta(self._greeting)
+    def _cancel_silence(self) -> None:
+        if self._silence is not None and self._silence is not asyncio.current_task():
+            self._silence.cancel()
+        self._silence = None
+
+    async def _on_silence(self) -> None:
+        await asyncio.sleep(self._policy.silence_seconds)
+        if self.state is not CallState.LISTENING:
+            return
+        self._silence = None
+        self._move(CallState.THINKING)
+        if self._reprompts_used < self._policy.reprompts:
+            self._reprompts_used += 1
+            self._reply = self._spawn(self._say_line(self._policy.reprompt))
+        else:
+            self._reply = self._spawn(self._say_line(self._policy.silence_goodbye, then_end="silence"))
+
+    async def _limit_duration(self) -> None:
+        await asyncio.sleep(self._policy.max_call_seconds)
+        if self.state in (CallState.ENDING, CallState.ENDED):
+            return
+        await self._barge_in_if_speaking()
+        self._cancel_silence()
+        if self.state is CallState.LISTENING:
+            self._move(CallState.THINKING)
+        self._reply = self._spawn(self._say_line(self._policy.max_call_goodbye, then_end="max_duration"))
 
     async def end(self, reason: str) -> None:
         """End the call (stream stopped, socket dropped, agent hung up): stop every task, keep what was
@@ -186,12 +243,15 @@ class CallSession:
     async def on_dtmf(self, digit: str) -> None:
         if self.state in (CallState.ENDING, CallState.ENDED):
             return
+        self._cancel_silence()
         await self._barge_in_if_speaking()
         self.transcript.append(Turn("dtmf", digit, self._clock()))
         self._start_reply()
 
     async def _listen(self, stt: SpeechToTextStream) -> None:
         async for event in stt.events():
+            self._cancel_silence()  # the caller is there
+            self._reprompts_used = 0
             if isinstance(event, SpeechStarted):
                 await self._barge_in_if_speaking()
             elif isinstance(event, Transcript):
@@ -238,8 +298,8 @@ class CallSession:
             await asyncio.shield(asyncio.gather(*runs))
         if self._hangup_requested is not None:
             self._spawn(self.end(self._hangup_requested))
-        elif self.state in (CallState.THINKING, CallState.SPEAKING, CallState.GREETING):
-            self._move(CallState.LISTENING)
+        else:
+            self._listen_again()
 
     async def _run_tool(self, call: ToolCall) -> None:
         try:
