@@ -60,6 +60,9 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port or settings.port
     uvicorn.run(
         create_app(settings),
+        # Twilio's media frames are small JSON; compressing them costs CPU on every frame for nothing.
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
         host=host,
         port=port,
         log_config=None,

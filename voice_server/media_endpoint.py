@@ -117,7 +117,7 @@ async def media_stream(websocket: WebSocket) -> None:
                 barge_ins=session.barge_ins,
             )
         if reason == "stop":
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # the caller may be gone already
                 await websocket.close()
 
 
@@ -152,7 +152,7 @@ async def _start_session(websocket: WebSocket, components: Components, start: St
         if session.end_reason not in _STREAM_ENDINGS:
             # The agent hung up: closing the stream makes Twilio run the TwiML after <Connect>, and
             # there is none, so the call ends.
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await websocket.close()
 
     session = CallSession(
