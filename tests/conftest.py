@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -20,12 +21,15 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import uvicorn
 from sqlalchemy import text
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from booking.business import EXAMPLE_BUSINESS_FILE, Business, load_business
 from booking.freebusy import FreeBusyIndex
@@ -241,3 +245,23 @@ async def running_app(settings: Settings, clock: FrozenClock) -> AsyncIterator[t
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://voicebook.test") as client:
             yield application, client
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp, sock: socket.socket | None = None, **config: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with a real uvicorn on ``sock`` (default: a free loopback port); yields its base URL."""
+    if sock is None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, **config))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # start-up failed: raise its error here
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

@@ -12,14 +12,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from booking.ledger.calls_repository import CallLedger
-from tests.conftest import FrozenClock
+from integrations.simulators.twilio import TwilioState, create_twilio_simulator
+from integrations.twilio_rest import TwilioCallControl
+from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import TwilioCaller
 from tests.voice_fakes import SlowTools, scripted_ports
 from voice_server import media_endpoint
@@ -27,6 +28,7 @@ from voice_server.app import create_app
 from voice_server.settings import Settings
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+TWILIO_ACCOUNT = "AC" + "0" * 32
 CALL_SID = "CA" + "a" * 32
 
 
@@ -62,30 +64,37 @@ def timers() -> dict[str, float]:
 
 
 @pytest.fixture
+async def twilio_api(request: pytest.FixtureRequest) -> AsyncIterator[tuple[TwilioState, str] | None]:
+    """Twilio's REST API simulated on loopback, when a test asks for it (``indirect`` parametrize)."""
+    if getattr(request, "param", None) != "simulated":
+        yield None
+        return
+    state = TwilioState(TWILIO_ACCOUNT, AUTH_TOKEN)
+    async with serving(create_twilio_simulator(state), lifespan="off") as url:
+        yield state, url
+
+
+@pytest.fixture
 async def server(
-    app_settings: Settings, clock: FrozenClock, script: list[str], timers: dict[str, float]
+    app_settings: Settings,
+    clock: FrozenClock,
+    script: list[str],
+    timers: dict[str, float],
+    twilio_api: tuple[TwilioState, str] | None,
 ) -> AsyncIterator[Server]:
+    # The public URL Twilio signs must be known before the app is built: bind the port first.
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     tools = SlowTools()
-    voice = scripted_ports(script, tools)
-    settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN, **timers)
+    control = TwilioCallControl(TWILIO_ACCOUNT, AUTH_TOKEN, api_base_url=twilio_api[1]) if twilio_api else None
+    voice = scripted_ports(script, tools, control)
+    settings = dataclasses.replace(
+        app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN, transfer_number="+12125550177", **timers
+    )
     app = create_app(settings, clock=clock, voice=voice)
-    config = uvicorn.Config(app, lifespan="on", log_config=None, ws="websockets-sansio")
-    uv = uvicorn.Server(config)
-    task = asyncio.create_task(uv.serve(sockets=[sock]))
-    while not uv.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(app, sock, lifespan="on", ws="websockets-sansio"):
         yield Server(app, base, tools)
-    finally:
-        uv.should_exit = True
-        await task
-        sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -266,3 +275,37 @@ async def test_the_call_ends_politely_at_its_time_limit(server: Server) -> None:
     story = [turn for turn in turns if turn[0] == "agent" and "story" in turn[1]]
     assert story and story[0][2], "the story was cut short"
     assert (await server.calls.require_call(CALL_SID)).end_reason == "max_duration"
+
+
+@pytest.mark.parametrize("script", [["I want a person"]])
+@pytest.mark.parametrize("twilio_api", ["simulated"], indirect=True)
+async def test_the_agent_transfers_to_a_person_through_twilio(
+    server: Server, twilio_api: tuple[TwilioState, str]
+) -> None:
+    state, _ = twilio_api
+    state.add_call(CALL_SID)
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()
+        await caller.wait_for(lambda: server.app.state.components.sessions == set(), within=8)
+    [twiml] = state.calls[CALL_SID].twiml
+    assert '<Dial callerId="+12125550100">+12125550177</Dial>' in twiml
+    turns = await transcript_of(server)
+    assert ("agent", "Let me put you through to a person.", False) in turns
+    assert (await server.calls.require_call(CALL_SID)).end_reason == "transferred"
+
+
+@pytest.mark.parametrize("script", [["I want a person", "I would like a checkup"]])
+@pytest.mark.parametrize("twilio_api", ["simulated"], indirect=True)
+async def test_a_failed_transfer_is_said_and_the_call_goes_on(server: Server) -> None:
+    # The simulator does not know this call: Twilio answers 404 and the transfer fails.
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 3)
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 5)
+        await caller.stop()
+    agent_lines = [text for role, text, _ in await transcript_of(server) if role == "agent"]
+    assert "I'm sorry, I can't put you through to a person right now. I can help you here." in agent_lines
+    assert agent_lines[-1] == "You said I would like a checkup. Is there anything else?"

@@ -12,6 +12,7 @@ from typing import Any
 from voice_server.audio import mulaw_to_pcm16, rms_dbfs
 from voice_server.ports import (
     AgentEvent,
+    CallControl,
     CallInfo,
     EndCall,
     SpeechEvent,
@@ -19,6 +20,7 @@ from voice_server.ports import (
     TextDelta,
     ToolCall,
     Transcript,
+    TransferCall,
     Turn,
     VoicePorts,
 )
@@ -89,6 +91,9 @@ class ScriptedAgent:
         elif "story" in text:
             for n in range(1, 9):
                 yield TextDelta(f"This is sentence number {n} of a long story. ")
+        elif "person" in text:
+            yield TextDelta("Let me put you through to a person.")
+            yield TransferCall("the caller asked for a person")
         elif "bye" in text:
             yield TextDelta("Goodbye, Dr. Lee will see you soon.")
             yield EndCall("caller said goodbye")
@@ -118,8 +123,10 @@ class SlowTools:
         return {"booked": True, "booking_id": "bk-test"}
 
 
-def scripted_ports(script: list[str], tools: SlowTools | None = None) -> VoicePorts:
-    return VoicePorts(stt=ScriptedSTT(script), agent=ScriptedAgent(), tts=ScriptedTTS(), tools=tools or SlowTools())
+def scripted_ports(script: list[str], tools: SlowTools | None = None, control: CallControl | None = None) -> VoicePorts:
+    return VoicePorts(
+        stt=ScriptedSTT(script), agent=ScriptedAgent(), tts=ScriptedTTS(), tools=tools or SlowTools(), control=control
+    )
 
 
 __all__ = ["EndCall", "ScriptedAgent", "ScriptedSTT", "ScriptedTTS", "SlowTools", "scripted_ports"]

@@ -164,6 +164,8 @@ async def _start_session(websocket: WebSocket, components: Components, start: St
             silence_seconds=components.settings.silence_seconds,
             reprompts=components.settings.silence_reprompts,
             max_call_seconds=components.settings.max_call_seconds,
+            transfer_number=components.settings.transfer_number,
+            caller_id=components.business.phone,  # staff see the business calling, callers never a private number
         ),
         clock=utc_now,
         on_end=persist,

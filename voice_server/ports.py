@@ -88,7 +88,14 @@ class EndCall:
     reason: str
 
 
-AgentEvent = TextDelta | ToolCall | EndCall
+@dataclass(frozen=True, slots=True)
+class TransferCall:
+    """The agent wants a person to take over, once its last words have been heard."""
+
+    reason: str
+
+
+AgentEvent = TextDelta | ToolCall | EndCall | TransferCall
 
 
 class Agent(Protocol):
@@ -110,11 +117,21 @@ class TextToSpeech(Protocol):
         """Speech for ``text`` as mu-law 8 kHz, streamed; cancelling the iteration stops synthesis."""
 
 
+class CallControl(Protocol):
+    """Changes to the live call through the telephony provider's API."""
+
+    async def transfer(self, call_sid: str, to_number: str, *, caller_id: str | None) -> None: ...
+
+    async def hangup(self, call_sid: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class VoicePorts:
-    """The providers one call uses."""
+    """The providers one call uses. Without ``control`` the agent can still end a call (by closing the
+    stream) but cannot transfer it."""
 
     stt: SpeechToText
     agent: Agent
     tts: TextToSpeech
     tools: ToolRunner
+    control: CallControl | None = None

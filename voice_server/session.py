@@ -29,6 +29,7 @@ from voice_server.ports import (
     TextDelta,
     ToolCall,
     Transcript,
+    TransferCall,
     Turn,
     VoicePorts,
 )
@@ -56,7 +57,8 @@ _LEGAL: dict[CallState, frozenset[CallState]] = {
     CallState.LISTENING: frozenset({CallState.THINKING, CallState.ENDING}),
     CallState.THINKING: frozenset({CallState.SPEAKING, CallState.LISTENING, CallState.TRANSFERRING, CallState.ENDING}),
     CallState.SPEAKING: frozenset({CallState.THINKING, CallState.LISTENING, CallState.TRANSFERRING, CallState.ENDING}),
-    CallState.TRANSFERRING: frozenset({CallState.ENDING}),
+    # A transfer that fails hands the call back to the agent.
+    CallState.TRANSFERRING: frozenset({CallState.THINKING, CallState.ENDING}),
     CallState.ENDING: frozenset({CallState.ENDED}),
     CallState.ENDED: frozenset(),
 }
@@ -78,6 +80,9 @@ class SessionPolicy:
     silence_goodbye: str = "I haven't heard anything, so I'll end the call now. Goodbye."
     max_call_seconds: float = 900.0
     max_call_goodbye: str = "We've reached the time limit for this call. Please call again anytime. Goodbye."
+    transfer_number: str | None = None
+    caller_id: str | None = None
+    transfer_unavailable: str = "I'm sorry, I can't put you through to a person right now. I can help you here."
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -130,6 +135,7 @@ class CallSession:
         self._reply_complete = False  # the agent finished the reply being spoken (all of it was sent)
         self._caller_words: list[str] = []
         self._hangup_requested: str | None = None
+        self._transfer_requested: str | None = None
         self.ended = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -296,10 +302,46 @@ class CallSession:
             # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
             runs = [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
             await asyncio.shield(asyncio.gather(*runs))
-        if self._hangup_requested is not None:
-            self._spawn(self.end(self._hangup_requested))
+        if self._transfer_requested is not None:
+            await self._transfer(self._transfer_requested)
+        elif self._hangup_requested is not None:
+            await self._hang_up(self._hangup_requested)
         else:
             self._listen_again()
+
+    async def _transfer(self, reason: str) -> None:
+        """Hand the caller to a person through the telephony API; if that cannot happen, say so and
+        carry on."""
+        self._transfer_requested = None
+        control, number = self._ports.control, self._policy.transfer_number
+        if control is None or number is None:
+            log.warning("transfer_unavailable", call_sid=self.info.call_sid, reason="not configured")
+        else:
+            self._move(CallState.TRANSFERRING)
+            try:
+                await control.transfer(self.info.call_sid, number, caller_id=self._policy.caller_id)
+            except Exception as error:  # the caller must hear something, whatever went wrong
+                log.error("transfer_failed", call_sid=self.info.call_sid, error=repr(error))
+                self.transcript.append(Turn("tool", f"transfer failed: {error}", self._clock(), tool="transfer"))
+                self._move(CallState.THINKING)
+                await self._speak_reply(self._line(self._policy.transfer_unavailable))
+                self._listen_again()
+                return
+            self.transcript.append(Turn("tool", f"transferred to a person: {reason}", self._clock(), tool="transfer"))
+            self._spawn(self.end("transferred"))
+            return
+        await self._speak_reply(self._line(self._policy.transfer_unavailable))
+        self._listen_again()
+
+    async def _hang_up(self, reason: str) -> None:
+        """The agent ended the call: hang up through the telephony API when there is one (the stream
+        closing ends it too, so a failure here loses nothing)."""
+        if self._ports.control is not None:
+            try:
+                await self._ports.control.hangup(self.info.call_sid)
+            except Exception as error:
+                log.warning("hangup_failed", call_sid=self.info.call_sid, error=repr(error))
+        self._spawn(self.end(reason))
 
     async def _run_tool(self, call: ToolCall) -> None:
         try:
@@ -331,6 +373,8 @@ class CallSession:
                 tool_calls.append(event)
             elif isinstance(event, EndCall):
                 self._hangup_requested = event.reason
+            elif isinstance(event, TransferCall):
+                self._transfer_requested = event.reason
         if pending.strip():
             await self._say(pending.strip())
         self._reply_complete = True

@@ -49,6 +49,9 @@ class Settings:
     skip_twilio_signature: bool = False
     consent_notice: str | None = None
     blocked_numbers: tuple[str, ...] = ()
+    twilio_api_base_url: str | None = None
+    """Where twilio's REST client sends requests; None is Twilio itself (a simulator in tests)."""
+    transfer_number: str | None = None
     silence_seconds: float = 8.0
     silence_reprompts: int = 2
     max_call_seconds: float = 900.0
@@ -93,6 +96,8 @@ class Settings:
             or None,
             skip_twilio_signature=reader.boolean("VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE", False),
             consent_notice=reader.text("VOICEBOOK_CONSENT_NOTICE", "") or None,
+            twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", ("http", "https")),
+            transfer_number=reader.text("VOICEBOOK_TRANSFER_NUMBER", "") or None,
             silence_seconds=float(reader.integer("VOICEBOOK_SILENCE_SECONDS", 8, low=1, high=120)),
             silence_reprompts=reader.integer("VOICEBOOK_SILENCE_REPROMPTS", 2, low=0, high=10),
             max_call_seconds=float(reader.integer("VOICEBOOK_MAX_CALL_SECONDS", 900, low=30, high=4 * 3600)),
