@@ -50,6 +50,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from voice_server.app import create_app
+    from voice_server.server import DrainingServer
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -58,18 +59,20 @@ def serve(args: argparse.Namespace) -> int:
     settings = _development_admin_token(settings)
     host = args.host or settings.host
     port = args.port or settings.port
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
         # Twilio's media frames are small JSON; compressing them costs CPU on every frame for nothing.
         ws="websockets-sansio",
         ws_per_message_deflate=False,
-        host=host,
-        port=port,
         log_config=None,
         lifespan="on",
         proxy_headers=True,
         forwarded_allow_ips=args.forwarded_allow_ips,
     )
+    DrainingServer(config, app, drain_seconds=settings.drain_seconds).run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,3 +29,5 @@ class Components:
     calls: CallLedger
     voice: VoicePorts | None = None
     sessions: set[CallSession] = field(default_factory=set)
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the server is shutting down: calls in progress finish, new ones are turned away."""

@@ -206,13 +206,18 @@ class CallSession:
 
     async def _limit_duration(self) -> None:
         await asyncio.sleep(self._policy.max_call_seconds)
-        if self.state in (CallState.ENDING, CallState.ENDED):
+        await self.close_politely(self._policy.max_call_goodbye, reason="max_duration")
+
+    async def close_politely(self, goodbye: str, *, reason: str) -> None:
+        """End the call on our side (time limit, server shutting down): stop whatever is being said, say
+        ``goodbye``, then hang up. Returns once the goodbye is under way; ``ended`` is set when done."""
+        if self.state in (CallState.ENDING, CallState.ENDED, CallState.TRANSFERRING):
             return
         await self._barge_in_if_speaking()
         self._cancel_silence()
         if self.state is CallState.LISTENING:
             self._move(CallState.THINKING)
-        self._reply = self._spawn(self._say_line(self._policy.max_call_goodbye, then_end="max_duration"))
+        self._reply = self._spawn(self._say_line(goodbye, then_end=reason))
 
     async def end(self, reason: str) -> None:
         """End the call (stream stopped, socket dropped, agent hung up): stop every task, keep what was

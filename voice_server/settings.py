@@ -55,6 +55,7 @@ class Settings:
     silence_seconds: float = 8.0
     silence_reprompts: int = 2
     max_call_seconds: float = 900.0
+    drain_seconds: float = 30.0
 
     @property
     def effective_public_url(self) -> str:
@@ -101,6 +102,7 @@ class Settings:
             silence_seconds=float(reader.integer("VOICEBOOK_SILENCE_SECONDS", 8, low=1, high=120)),
             silence_reprompts=reader.integer("VOICEBOOK_SILENCE_REPROMPTS", 2, low=0, high=10),
             max_call_seconds=float(reader.integer("VOICEBOOK_MAX_CALL_SECONDS", 900, low=30, high=4 * 3600)),
+            drain_seconds=float(reader.integer("VOICEBOOK_DRAIN_SECONDS", 30, low=0, high=3600)),
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),

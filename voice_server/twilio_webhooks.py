@@ -30,6 +30,7 @@ log = structlog.get_logger("voicebook.twilio")
 MAX_WEBHOOK_BYTES = 16 * 1024
 REFUSAL_BLOCKED = "Sorry, we are unable to take your call. Goodbye."
 REFUSAL_UNKNOWN_NUMBER = "Sorry, this number is not in service with us. Goodbye."
+REFUSAL_DRAINING = "Sorry, we can't take your call at this moment. Please call back in a few minutes. Goodbye."
 
 
 class TwilioXMLResponse(Response):
@@ -104,6 +105,8 @@ async def incoming_call(request: Request) -> Response:
         refusal = "blocked_caller"
     elif business.phone and called and called != _normalised(business.phone, region):
         refusal = "unknown_number"
+    elif components.draining.is_set():
+        refusal = "draining"
     status_text = _field(form, "CallStatus") or CallStatus.RINGING.value
     try:
         status = CallStatus(status_text)
@@ -121,7 +124,9 @@ async def incoming_call(request: Request) -> Response:
     structlog.contextvars.bind_contextvars(call_sid=call_sid)
     if refusal is not None:
         log.info("call_refused", reason=refusal)
-        message = REFUSAL_BLOCKED if refusal == "blocked_caller" else REFUSAL_UNKNOWN_NUMBER
+        message = {"blocked_caller": REFUSAL_BLOCKED, "unknown_number": REFUSAL_UNKNOWN_NUMBER}.get(
+            refusal, REFUSAL_DRAINING
+        )
         return TwilioXMLResponse(twiml.refuse(message))
     log.info("call_answered")
     document = twiml.connect_stream(
