@@ -309,3 +309,18 @@ async def test_a_failed_transfer_is_said_and_the_call_goes_on(server: Server) ->
     agent_lines = [text for role, text, _ in await transcript_of(server) if role == "agent"]
     assert "I'm sorry, I can't put you through to a person right now. I can help you here." in agent_lines
     assert agent_lines[-1] == "You said I would like a checkup. Is there anything else?"
+
+
+@pytest.mark.parametrize("script", [["I want a person"]])
+async def test_without_call_control_a_transfer_is_declined_politely(server: Server) -> None:
+    async with dial(server) as caller:  # no Twilio REST client configured for this server
+        await hear_greeting(caller)
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 3)
+        await caller.stop()
+    agent_lines = [text for role, text, _ in await transcript_of(server) if role == "agent"]
+    assert agent_lines[-2:] == [
+        "Let me put you through to a person.",
+        "I'm sorry, I can't put you through to a person right now. I can help you here.",
+    ]
+    assert (await server.calls.require_call(CALL_SID)).end_reason == "stop"
