@@ -88,15 +88,23 @@ def _normalised(number: str, region: str) -> str:
         return number
 
 
-async def incoming_call(request: Request) -> Response:
+async def _signed_call(request: Request) -> tuple[Components, FormData, str] | Response:
+    """The components, the verified form and its CallSid; or the response refusing the request."""
     components = _components(request)
     verified = await _verified_form(request, components)
     if isinstance(verified, Response):
         return verified
-    form = verified
-    call_sid = _field(form, "CallSid")
+    call_sid = _field(verified, "CallSid")
     if not call_sid:
         return PlainTextResponse("CallSid is required", status_code=400)
+    return components, verified, call_sid
+
+
+async def incoming_call(request: Request) -> Response:
+    signed = await _signed_call(request)
+    if isinstance(signed, Response):
+        return signed
+    components, form, call_sid = signed
     business = components.business
     region = region_of(business.phone)
     caller, called = _normalised(_field(form, "From"), region), _normalised(_field(form, "To"), region)
@@ -148,18 +156,14 @@ def _callback_time(form: FormData) -> datetime:
 
 
 async def call_status(request: Request) -> Response:
-    components = _components(request)
-    verified = await _verified_form(request, components)
-    if isinstance(verified, Response):
-        return verified
-    form = verified
-    call_sid = _field(form, "CallSid")
+    signed = await _signed_call(request)
+    if isinstance(signed, Response):
+        return signed
+    components, form, call_sid = signed
     try:
         status = CallStatus(_field(form, "CallStatus"))
     except ValueError:
         return PlainTextResponse(f"unknown CallStatus {_field(form, 'CallStatus')!r}", status_code=400)
-    if not call_sid:
-        return PlainTextResponse("CallSid is required", status_code=400)
     sequence = _field(form, "SequenceNumber")
     duration = _field(form, "CallDuration")
     region = region_of(components.business.phone)
