@@ -10,7 +10,9 @@ import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 import pytest
 from starlette.applications import Starlette
 from twilio.request_validator import RequestValidator
@@ -25,6 +27,7 @@ from tests.twilio_caller import TwilioCaller
 from tests.voice_fakes import SlowTools, scripted_ports
 from voice_server import media_endpoint
 from voice_server.app import create_app
+from voice_server.recording import load_recording
 from voice_server.settings import Settings
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
@@ -58,8 +61,8 @@ def script() -> list[str]:
 
 
 @pytest.fixture
-def timers() -> dict[str, float]:
-    """Settings overrides for the call timers (tests override it with parametrize)."""
+def timers() -> dict[str, Any]:
+    """Settings overrides for the call (timers, recording; tests override it with parametrize)."""
     return {}
 
 
@@ -79,7 +82,7 @@ async def server(
     app_settings: Settings,
     clock: FrozenClock,
     script: list[str],
-    timers: dict[str, float],
+    timers: dict[str, Any],
     twilio_api: tuple[TwilioState, str] | None,
 ) -> AsyncIterator[Server]:
     # The public URL Twilio signs must be known before the app is built: bind the port first.
@@ -324,3 +327,29 @@ async def test_without_call_control_a_transfer_is_declined_politely(server: Serv
         "I'm sorry, I can't put you through to a person right now. I can help you here.",
     ]
     assert (await server.calls.require_call(CALL_SID)).end_reason == "stop"
+
+
+@pytest.mark.parametrize("timers", [{"record_calls": True, "consent_notice": "This call is recorded."}])
+async def test_a_recorded_call_keeps_every_message_and_turn(server: Server, app_settings: Settings) -> None:
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 2)
+        await caller.stop()
+    path = app_settings.data_dir / "recordings" / f"{CALL_SID}.jsonl"
+    for _ in range(100):
+        if path.exists():
+            break
+        await asyncio.sleep(0.02)
+    entries = load_recording(path)
+    inbound = [orjson.loads(e["msg"])["event"] for e in entries if e.get("dir") == "in"]
+    outbound = [orjson.loads(e["msg"])["event"] for e in entries if e.get("dir") == "out"]
+    assert inbound[0] == "start" and inbound[-1] == "stop"
+    assert inbound.count("media") == caller.chunk and inbound.count("mark") == len(caller.marks_echoed)
+    assert outbound.count("media") == caller.media_frames_received
+    assert outbound.count("mark") == len(caller.marks_received)
+    turns = [(e["role"], e["text"]) for e in entries if e.get("event") == "turn"]
+    assert ("caller", "I would like a checkup") in turns
+    assert entries[-1] == {"event": "end", "reason": "stop", "t": entries[-1]["t"]}
+    times = [e["t"] for e in entries]
+    assert times == sorted(times)

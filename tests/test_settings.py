@@ -68,3 +68,12 @@ def test_admin_token_from_a_secret_file(tmp_path: Path) -> None:
 def test_the_token_is_not_in_the_repr() -> None:
     settings = Settings.from_env({"VOICEBOOK_ADMIN_TOKEN": "do-not-print-this-token"})
     assert "do-not-print-this-token" not in repr(settings)
+
+
+def test_recording_calls_needs_a_consent_notice() -> None:
+    with pytest.raises(SettingsError, match="VOICEBOOK_RECORD_CALLS: callers must be told"):
+        Settings.from_env({"VOICEBOOK_RECORD_CALLS": "true"})
+    settings = Settings.from_env(
+        {"VOICEBOOK_RECORD_CALLS": "true", "VOICEBOOK_CONSENT_NOTICE": "This call is recorded."}
+    )
+    assert settings.record_calls

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import structlog
 from starlette.routing import WebSocketRoute
@@ -24,6 +25,7 @@ from voice_server.components import Components
 from voice_server.media_streams import Dtmf, Mark, Media, MediaStreamCodec, Rejected, Start, Stop, StreamTracker
 from voice_server.playout import Playout
 from voice_server.ports import CallInfo
+from voice_server.recording import CallRecording
 from voice_server.session import CallSession, SessionPolicy
 
 log = structlog.get_logger("voicebook.media")
@@ -59,6 +61,7 @@ async def media_stream(websocket: WebSocket) -> None:
     await websocket.accept()
     tracker = StreamTracker()
     session: CallSession | None = None
+    recording: CallRecording | None = None
     reason = "dropped"
     loop = asyncio.get_running_loop()
     start_deadline = loop.time() + START_TIMEOUT_SECONDS
@@ -78,7 +81,10 @@ async def media_stream(websocket: WebSocket) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             raw = message.get("text")
-            parsed = MediaStreamCodec.parse(raw if raw is not None else message.get("bytes", b""))
+            frame = raw if raw is not None else message.get("bytes", b"")
+            if recording is not None:
+                recording.inbound(frame)
+            parsed = MediaStreamCodec.parse(frame)
             rejected = tracker.accept(parsed)
             if rejected is not None:
                 _log_rejection(rejected, session)
@@ -88,7 +94,10 @@ async def media_stream(websocket: WebSocket) -> None:
                     return
                 continue
             if isinstance(parsed, Start):
-                session = await _start_session(websocket, components, parsed)
+                if components.settings.record_calls and components.settings.consent_notice:
+                    recording = CallRecording(components.settings.data_dir / "recordings" / f"{parsed.call_sid}.jsonl")
+                    recording.inbound(frame)
+                session = await _start_session(websocket, components, parsed, recording)
             elif session is None:
                 continue  # `connected` before `start`
             elif isinstance(parsed, Media):
@@ -107,6 +116,11 @@ async def media_stream(websocket: WebSocket) -> None:
         if session is not None:
             components.sessions.discard(session)
             await session.end(reason)
+            if recording is not None:
+                for turn in session.transcript:
+                    recording.event("turn", role=turn.role, text=turn.text, truncated=turn.truncated, tool=turn.tool)
+                recording.event("end", reason=session.end_reason)
+                await recording.save()
             log.info(
                 "media_stream_ended",
                 call_sid=session.info.call_sid,
@@ -130,7 +144,9 @@ def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
     )
 
 
-async def _start_session(websocket: WebSocket, components: Components, start: Start) -> CallSession:
+async def _start_session(
+    websocket: WebSocket, components: Components, start: Start, recording: CallRecording | None
+) -> CallSession:
     assert components.voice is not None
     parameters = dict(start.custom_parameters)
     info = CallInfo(
@@ -158,7 +174,7 @@ async def _start_session(websocket: WebSocket, components: Components, start: St
     session = CallSession(
         info,
         components.voice,
-        Playout(websocket.send_text, info.stream_sid),
+        Playout(_sender(websocket, recording), info.stream_sid),
         policy=SessionPolicy(
             greeting=f"Thank you for calling {components.business.name}. How can I help you today?",
             silence_seconds=components.settings.silence_seconds,
@@ -174,6 +190,17 @@ async def _start_session(websocket: WebSocket, components: Components, start: St
     await session.start()
     log.info("media_stream_started", tracks=list(start.tracks))
     return session
+
+
+def _sender(websocket: WebSocket, recording: CallRecording | None) -> Callable[[str], Awaitable[None]]:
+    if recording is None:
+        return websocket.send_text
+
+    async def send(text: str) -> None:
+        recording.outbound(text)
+        await websocket.send_text(text)
+
+    return send
 
 
 routes = [WebSocketRoute(PATH, media_stream)]

@@ -56,6 +56,7 @@ class Settings:
     silence_reprompts: int = 2
     max_call_seconds: float = 900.0
     drain_seconds: float = 30.0
+    record_calls: bool = False
 
     @property
     def effective_public_url(self) -> str:
@@ -103,10 +104,15 @@ class Settings:
             silence_reprompts=reader.integer("VOICEBOOK_SILENCE_REPROMPTS", 2, low=0, high=10),
             max_call_seconds=float(reader.integer("VOICEBOOK_MAX_CALL_SECONDS", 900, low=30, high=4 * 3600)),
             drain_seconds=float(reader.integer("VOICEBOOK_DRAIN_SECONDS", 30, low=0, high=3600)),
+            record_calls=reader.boolean("VOICEBOOK_RECORD_CALLS", False),
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),
         )
+        if settings.record_calls and not settings.consent_notice:
+            reader.problems.append(
+                "VOICEBOOK_RECORD_CALLS: callers must be told a call is recorded; set VOICEBOOK_CONSENT_NOTICE"
+            )
         if environment == "production" and settings.skip_twilio_signature:
             reader.problems.append(
                 "VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: never allowed when VOICEBOOK_ENV=production"
