@@ -4,6 +4,7 @@ the ones still going when the drain ends hear a goodbye and are filed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import socket
@@ -97,7 +98,9 @@ async def new_call_twiml(base: str) -> str:
     return response.text
 
 
-async def test_calls_in_progress_finish_while_new_ones_are_turned_away(running: Running) -> None:
+@contextlib.asynccontextmanager
+async def on_the_line(running: Running) -> AsyncIterator[TwilioCaller]:
+    """A caller connected to the server who has heard the greeting."""
     media = running.base.replace("http://", "ws://") + "/twilio/media"
     async with (
         connect(media, additional_headers=signed_headers(media)) as ws,
@@ -105,6 +108,11 @@ async def test_calls_in_progress_finish_while_new_ones_are_turned_away(running: 
     ):
         await caller.connect()
         await caller.wait_for(lambda: len(caller.marks_echoed) >= 2)  # the greeting was heard
+        yield caller
+
+
+async def test_calls_in_progress_finish_while_new_ones_are_turned_away(running: Running) -> None:
+    async with on_the_line(running) as caller:
         running.server.handle_exit(signal.SIGTERM, None)
         await asyncio.sleep(0.1)
         assert "call back in a few minutes" in await new_call_twiml(running.base)
@@ -120,13 +128,7 @@ async def test_calls_in_progress_finish_while_new_ones_are_turned_away(running: 
 
 @pytest.mark.parametrize("drain_seconds", [0.5])
 async def test_calls_still_going_at_the_end_of_the_drain_hear_a_goodbye(running: Running) -> None:
-    media = running.base.replace("http://", "ws://") + "/twilio/media"
-    async with (
-        connect(media, additional_headers=signed_headers(media)) as ws,
-        TwilioCaller(ws, call_sid=CALL_SID) as caller,
-    ):
-        await caller.connect()
-        await caller.wait_for(lambda: len(caller.marks_echoed) >= 2)
+    async with on_the_line(running):  # the caller stays silent
         running.server.handle_exit(signal.SIGTERM, None)
         await asyncio.wait_for(running.task, 15)
     turns, call = await running.filed(CALL_SID)
