@@ -15,6 +15,7 @@ from voice_server.ports import (
     CallControl,
     CallInfo,
     EndCall,
+    Expectation,
     SpeechEvent,
     SpeechStarted,
     TextDelta,
@@ -39,6 +40,7 @@ class EnergyRecogniser:
         self._speaking = False
         self._silent = 0
         self.frames = 0
+        self.expectations: list[Expectation] = []
 
     async def send(self, mulaw: bytes) -> None:
         self.frames += 1
@@ -52,6 +54,9 @@ class EnergyRecogniser:
                 self._speaking = False
                 text = self._script.pop(0) if self._script else "(unclear)"
                 await self._events.put(Transcript(text, is_final=True, end_of_turn=True))
+
+    def expect(self, expectation: Expectation) -> None:
+        self.expectations.append(expectation)
 
     async def events(self) -> AsyncIterator[SpeechEvent]:
         while (event := await self._events.get()) is not None:

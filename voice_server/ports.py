@@ -40,9 +40,24 @@ class Transcript:
 SpeechEvent = SpeechStarted | Transcript
 
 
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the agent expects the caller to say next, so a constrained recogniser (a JSGF grammar) can
+    listen for just that. ``kinds`` names what may come: ``intent``, ``service``, ``day``, ``time``,
+    ``yes_no``, ``digits``, ``name``; ``choices`` lists the words a kind may take where the agent knows
+    them (service names, staff names, the caller's own name). A recogniser that cannot use a hint (a
+    cloud model) ignores it."""
+
+    kinds: tuple[str, ...]
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
 class SpeechToTextStream(Protocol):
     async def send(self, mulaw: bytes) -> None:
         """Caller audio, mu-law 8 kHz, in arrival order."""
+
+    def expect(self, expectation: Expectation) -> None:
+        """What the caller is likely to say next (applies from the caller's next utterance)."""
 
     def events(self) -> AsyncIterator[SpeechEvent]:
         """Recognition events until the stream is closed."""
@@ -95,7 +110,14 @@ class TransferCall:
     reason: str
 
 
-AgentEvent = TextDelta | ToolCall | EndCall | TransferCall
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """The agent tells the recogniser what it expects to hear next (see ``Expectation``)."""
+
+    expectation: Expectation
+
+
+AgentEvent = TextDelta | ToolCall | EndCall | TransferCall | Expect
 
 
 class Agent(Protocol):

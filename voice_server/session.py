@@ -24,6 +24,7 @@ from voice_server.playout import Playout
 from voice_server.ports import (
     CallInfo,
     EndCall,
+    Expect,
     SpeechStarted,
     SpeechToTextStream,
     TextDelta,
@@ -380,6 +381,8 @@ class CallSession:
                 self._hangup_requested = event.reason
             elif isinstance(event, TransferCall):
                 self._transfer_requested = event.reason
+            elif isinstance(event, Expect) and self._stt is not None:
+                self._stt.expect(event.expectation)
         if pending.strip():
             await self._say(pending.strip())
         self._reply_complete = True
