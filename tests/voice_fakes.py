@@ -20,6 +20,7 @@ from voice_server.ports import (
     SpeechStarted,
     TextDelta,
     ToolCall,
+    ToolSpec,
     Transcript,
     TransferCall,
     Turn,
@@ -121,6 +122,7 @@ class ScriptedTTS:
 class SlowTools:
     seconds: float = 0.3
     finished: list[str] = field(default_factory=list)
+    specs: Sequence[ToolSpec] = ()
 
     async def run(self, call: ToolCall, info: CallInfo) -> Mapping[str, Any]:
         await asyncio.sleep(self.seconds)

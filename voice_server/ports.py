@@ -126,7 +126,19 @@ class Agent(Protocol):
         results to the conversation and asks again."""
 
 
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool the agent may call: its name, what it is for, and its arguments as JSON Schema (the shape
+    OpenAI's ``tools`` parameter takes)."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
 class ToolRunner(Protocol):
+    specs: Sequence[ToolSpec]
+
     async def run(self, call: ToolCall, info: CallInfo) -> Mapping[str, Any]:
         """Run one tool call; the result is small JSON the agent can read back to the caller."""
 
