@@ -175,6 +175,7 @@ class Softphone:
         while True:
             try:
                 payload = self._outgoing.get_nowait()
+                self._outgoing.task_done()
                 if self._outgoing.empty():
                     self._speech_end = next_at + FRAME_SECONDS
             except asyncio.QueueEmpty:
@@ -235,8 +236,7 @@ class Softphone:
         for offset in range(0, len(mulaw), FRAME_BYTES):
             frame = mulaw[offset : offset + FRAME_BYTES]
             await self._outgoing.put(frame.ljust(FRAME_BYTES, b"\xff"))
-        while not self._outgoing.empty():
-            await asyncio.sleep(FRAME_SECONDS)
+        await self._outgoing.join()
 
     async def press(self, digit: str) -> None:
         await self._send("dtmf", dtmf={"track": "inbound_track", "digit": digit})
@@ -244,18 +244,17 @@ class Softphone:
     def playing(self) -> bool:
         return time.monotonic() < self._play_end
 
-    async def wait_for_reply(self, *, timeout: float = 15.0, quiet: float = 0.8) -> AgentReply:
+    async def wait_for_reply(self, *, within: float = 15.0, quiet: float = 0.8) -> AgentReply:
         """Wait for the agent to answer and finish: audio came and then ``quiet`` seconds passed after
         it had played. Raises TimeoutError when the agent says nothing."""
         replies_before = len(self.replies)
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
+            # Polled: "finished" is a span of time without audio, not an event anything could set.
             while len(self.replies) == replies_before:
                 if self.closed.is_set():
                     raise ConnectionError("the call ended")
                 await asyncio.sleep(0.02)
-            while self.playing() or time.monotonic() - self._last_audio < quiet:
-                if self.closed.is_set():
-                    break
+            while (self.playing() or time.monotonic() - self._last_audio < quiet) and not self.closed.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         return self.replies[-1]
 
