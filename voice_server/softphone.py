@@ -121,7 +121,7 @@ class Softphone:
                 signed_base + "/twilio/voice", form
             )
         async with contextlib.AsyncExitStack() as stack:
-            client = http or await stack.enter_async_context(httpx.AsyncClient(timeout=10.0))
+            client = http if http is not None else await stack.enter_async_context(httpx.AsyncClient(timeout=10.0))
             response = await client.post(base_url.rstrip("/") + "/twilio/voice", data=form, headers=headers)
             if response.status_code != 200:
                 raise CallRefused(f"voice webhook answered {response.status_code}: {response.text[:200]}")
