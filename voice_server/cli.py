@@ -1,4 +1,4 @@
-"""The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``."""
+"""The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
@@ -111,6 +112,57 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay_command(args: argparse.Namespace) -> int:
+    """Replay a recorded call against a running server: 0 when it behaved as recorded, 1 when it did not,
+    2 when the replay could not run. ``--wav`` renders the recording's two legs (no server needed)."""
+    from voice_server.recording import RecordingError, read_call
+    from voice_server.replay import ReplayError, ReplayOptions, replay
+    from voice_server.wav import write_wav
+
+    configure_logging(args.log_level, "console")
+    try:
+        call = read_call(Path(args.file))
+        call_sid = call.call_sid  # a recording without a start message cannot be replayed or rendered
+    except RecordingError as exc:
+        print(f"voicebook replay: {exc}", file=sys.stderr)
+        return 2
+    if args.wav:
+        frames = write_wav(call, Path(args.wav))
+        print(f"{args.wav}: {frames / 8000:.2f} s of {call_sid}, caller left, agent right")
+    if args.url is None:
+        if args.wav:
+            return 0
+        print("voicebook replay: give --url to replay the call (or --wav to render it)", file=sys.stderr)
+        return 2
+    database_url = args.database_url
+    if database_url is None:
+        try:
+            database_url = Settings.from_env().effective_database_url
+        except SettingsError as exc:
+            print(f"voicebook replay: {exc}", file=sys.stderr)
+            return 2
+    options = ReplayOptions(
+        url=args.url,
+        public_url=args.public_url,
+        auth_token=args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or None,
+        speed=args.speed,
+    )
+    try:
+        report = asyncio.run(replay(call, options, database_url))
+    except ReplayError as exc:
+        print(f"voicebook replay: {exc}", file=sys.stderr)
+        return 2
+    print(report.render())
+    return 1 if report.differences else 0
+
+
+def _speed(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a speed between 0 and 100")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicebook", description="voicebook voice agent server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_parser.set_defaults(handler=migrate_command)
     check_parser = commands.add_parser("check-config", help="validate settings and the business file")
     check_parser.set_defaults(handler=check_config)
+    replay_parser = commands.add_parser(
+        "replay",
+        help="replay a recorded call against a running server and print what it did differently",
+        description="Exit status: 0 no differences, 1 differences, 2 the replay could not run.",
+    )
+    replay_parser.add_argument("file", help="a call recording (data_dir/recordings/<CallSid>.jsonl)")
+    replay_parser.add_argument("--url", help="the server's Media Streams WebSocket, ws://HOST:PORT/twilio/media")
+    replay_parser.add_argument(
+        "--public-url",
+        help="the stream URL Twilio is given, which the server checks signatures against (default --url)",
+    )
+    replay_parser.add_argument("--speed", type=_speed, default=1.0, help="how much faster the caller acts (default 1)")
+    replay_parser.add_argument("--auth-token", help="sign the upgrade like Twilio (default TWILIO_AUTH_TOKEN)")
+    replay_parser.add_argument(
+        "--database-url", help="the server's ledger, where the replayed call is filed (default from the environment)"
+    )
+    replay_parser.add_argument("--wav", help="also write the recording's two legs as a stereo WAV here")
+    replay_parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    replay_parser.set_defaults(handler=replay_command)
     return parser
 
 

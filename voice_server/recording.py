@@ -1,13 +1,25 @@
 """A call's recording: every Twilio message in and out with its time, and the session's turns, as JSON
-lines. Kept in memory during the call and written once when it ends, off the event loop."""
+lines. Kept in memory during the call and written once when it ends, off the event loop.
+
+The format, one JSON object per line, ``t`` in seconds since the ``start`` message arrived:
+
+- ``{"dir": "in", "msg": <the Twilio message as received>, "t": ...}`` (a binary frame: ``"binary": <length>``)
+- ``{"dir": "out", "msg": <the message we sent>, "t": ...}``
+- ``{"event": "turn", "role": ..., "text": ..., "truncated": ..., "tool": ..., "t": ...}`` when the call ends
+- ``{"event": "end", "reason": ..., "t": ...}`` last
+
+``read_call`` turns a file into a ``RecordedCall``; replay (voice_server/replay.py) and the WAV
+rendering (voice_server/wav.py) work from that.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -48,3 +60,109 @@ class CallRecording:
 
 def load_recording(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+class RecordingError(ValueError):
+    """A recording file that cannot be read as a call (names the file and the line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedMessage:
+    t: float
+    direction: Literal["in", "out"]
+    text: str | None
+    """The message as it crossed the socket; None for a binary frame."""
+    binary: int = 0
+    """The length of a binary frame (its content is not kept)."""
+
+    def json(self) -> dict[str, Any] | None:
+        """The message as a JSON object, or None when it is not one (a malformed frame, a binary one)."""
+        if self.text is None:
+            return None
+        try:
+            parsed = orjson.loads(self.text)
+        except orjson.JSONDecodeError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+
+    @property
+    def event(self) -> str | None:
+        parsed = self.json()
+        event = parsed.get("event") if parsed is not None else None
+        return event if isinstance(event, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTurn:
+    role: str
+    text: str
+    truncated: bool = False
+    tool: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedCall:
+    messages: tuple[RecordedMessage, ...]
+    turns: tuple[RecordedTurn, ...]
+    end_reason: str | None
+    duration: float
+    """Seconds from the ``start`` message to the last entry (the call's end)."""
+
+    @property
+    def inbound(self) -> list[RecordedMessage]:
+        return [message for message in self.messages if message.direction == "in"]
+
+    @property
+    def outbound(self) -> list[RecordedMessage]:
+        return [message for message in self.messages if message.direction == "out"]
+
+    @property
+    def start(self) -> dict[str, Any]:
+        """The body of the ``start`` message (callSid, streamSid, customParameters, ...)."""
+        for message in self.inbound:
+            parsed = message.json()
+            if parsed is not None and parsed.get("event") == "start" and isinstance(parsed.get("start"), dict):
+                body: dict[str, Any] = parsed["start"]
+                return body
+        raise RecordingError("the recording has no start message")
+
+    @property
+    def call_sid(self) -> str:
+        return str(self.start.get("callSid", ""))
+
+    @property
+    def stream_sid(self) -> str:
+        return str(self.start.get("streamSid", ""))
+
+
+def parse_call(entries: Sequence[Mapping[str, Any]], *, source: str = "recording") -> RecordedCall:
+    messages: list[RecordedMessage] = []
+    turns: list[RecordedTurn] = []
+    end_reason: str | None = None
+    duration = 0.0
+    for number, entry in enumerate(entries, start=1):
+        t = entry.get("t")
+        if not isinstance(t, int | float):
+            raise RecordingError(f"{source}: entry {number} has no time")
+        duration = max(duration, float(t))
+        direction = entry.get("dir")
+        if direction in ("in", "out"):
+            text = entry.get("msg")
+            if text is not None and not isinstance(text, str):
+                raise RecordingError(f"{source}: entry {number}: msg must be the message's text")
+            messages.append(RecordedMessage(float(t), direction, text, int(entry.get("binary", 0))))
+        elif entry.get("event") == "turn":
+            turns.append(
+                RecordedTurn(str(entry["role"]), str(entry["text"]), bool(entry.get("truncated")), entry.get("tool"))
+            )
+        elif entry.get("event") == "end":
+            end_reason = entry.get("reason")
+    return RecordedCall(tuple(messages), tuple(turns), end_reason, duration)
+
+
+def read_call(path: Path) -> RecordedCall:
+    try:
+        entries = load_recording(path)
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise RecordingError(f"{path}: {exc}") from None
+    return parse_call(entries, source=str(path))
