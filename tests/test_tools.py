@@ -209,3 +209,36 @@ def test_spoken_times_read_like_a_person_says_them(service: BookingService) -> N
     business = service.business
     assert spoken_time(datetime(2026, 12, 1, 17, 0, tzinfo=UTC), business) == "Tuesday, December 1 at noon"
     assert spoken_time(datetime(2026, 12, 1, 19, 30, tzinfo=UTC), business) == "Tuesday, December 1 at 2:30 PM"
+
+
+async def test_asking_for_an_overlapping_time_gives_back_the_earlier_hold(tools: BookingTools) -> None:
+    first = await run(
+        tools, "check_availability", service="checkup", date="2026-12-01", time="10:00", resource="dr-lee"
+    )
+    assert first["held"] is True
+    moved = await run(
+        tools, "check_availability", service="checkup", date="2026-12-01", time="10:15", resource="dr-lee"
+    )
+    assert moved["held"] is True and moved["slots"][0]["start"] == "2026-12-01T10:15"
+    # 10:00 is free again for someone else.
+    other = await run(
+        tools, "check_availability", BOB, service="checkup", date="2026-12-01", time="10:00", resource="dr-lee"
+    )
+    assert other["requested_available"] is False  # 10:00-10:40 overlaps Alice's 10:15 hold
+    later = await run(
+        tools, "check_availability", BOB, service="checkup", date="2026-12-01", time="09:30", resource="dr-lee"
+    )
+    assert later["held"] is True
+
+
+async def test_a_hold_taken_during_the_call_does_not_block_moving_onto_it(tools: BookingTools) -> None:
+    booked = await run(tools, "book_appointment", service="checkup", start="2026-12-01T10:00", customer_name="Alice")
+    await run(tools, "check_availability", service="checkup", date="2026-12-02", time="09:00", resource="dr-lee")
+    moved = await run(
+        tools,
+        "reschedule_appointment",
+        booking_id=booked["booking_id"],
+        new_start="2026-12-02T09:00",
+        resource="dr-lee",
+    )
+    assert moved["status"] == "rescheduled"

@@ -298,6 +298,9 @@ class BookingTools:
             requested = f"{args.date}T{args.time}"
             answer["requested"] = requested
             start = self._local(requested)
+            # A caller weighs one offer at a time: an earlier hold of theirs would block an overlapping
+            # time they now ask for, so it goes back first.
+            await self._release_holds(info.call_sid)
             try:
                 outcome = await self._service.hold(
                     service.id, start, resource_id=resource_id, owner=f"call:{info.call_sid}"
@@ -332,6 +335,10 @@ class BookingTools:
         )
         answer["slots"] = [self._slot_view(slot) for slot in _spread(search.slots, MAX_OFFERED)]
         return answer
+
+    async def _release_holds(self, call_sid: str) -> None:
+        for held in self._holds.pop(call_sid, []):
+            await self._service.release_hold(held.token)
 
     def _remember(self, call_sid: str, held: Held) -> None:
         # Expiry is Redis's business (server time): a stale token is simply not honoured at booking.
@@ -384,6 +391,7 @@ class BookingTools:
     async def _reschedule(self, args: RescheduleAppointment, info: CallInfo) -> dict[str, Any]:
         booking = await self._own_booking(args.booking_id, info)
         resource_id = self._resolve_resource(args.resource)
+        await self._release_holds(info.call_sid)  # the caller's own hold must not block the new time
         outcome = await self._service.reschedule(
             booking.id, self._local(args.new_start), resource_id=resource_id, actor=f"call:{info.call_sid}"
         )
