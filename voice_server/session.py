@@ -4,6 +4,10 @@ sentence by sentence, and yields the floor the moment the caller speaks over it 
 Every task the session starts is kept in ``_tasks`` and cancelled and awaited when the call ends. A tool
 call that has started (a booking) is never cancelled by barge-in: it runs to completion in its own task
 and its result stays in the conversation.
+
+Each caller turn is timed (``voice_server.turn_timing``): from the end-of-turn transcript to the first
+reply frame sent, with the waits on the agent, the tools and text-to-speech; the records are kept in
+``turn_timings`` and observed into ``TURN_HISTOGRAMS``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from voice_server.ports import (
     Turn,
     VoicePorts,
 )
+from voice_server.turn_timing import TurnTimer, TurnTiming, observe
 
 log = structlog.get_logger("voicebook.session")
 
@@ -128,6 +134,7 @@ class CallSession:
         self.transcript: list[Turn] = []
         self.end_reason: str | None = None
         self.barge_ins = 0
+        self.turn_timings: list[TurnTiming] = []  # one per caller turn the agent answered (or began to)
         self._stt: SpeechToTextStream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tools: set[asyncio.Task[Any]] = set()
@@ -253,12 +260,13 @@ class CallSession:
         self._playout.on_mark(name)
 
     async def on_dtmf(self, digit: str) -> None:
+        pressed = time.monotonic()
         if self.state in (CallState.ENDING, CallState.ENDED):
             return
         self._cancel_silence()
         await self._barge_in_if_speaking()
         self.transcript.append(Turn("dtmf", digit, self._clock()))
-        self._start_reply()
+        self._start_reply(TurnTimer("dtmf", pressed))
 
     async def _listen(self, stt: SpeechToTextStream) -> None:
         async for event in stt.events():
@@ -267,13 +275,14 @@ class CallSession:
             if isinstance(event, SpeechStarted):
                 await self._barge_in_if_speaking()
             elif isinstance(event, Transcript):
+                arrived = time.monotonic()  # a turn's clock starts when the transcript ending it arrives
                 if event.text and event.is_final:
                     await self._barge_in_if_speaking()
                     self._caller_words.append(event.text.strip())
                 if event.end_of_turn and self._caller_words:
                     self.transcript.append(Turn("caller", " ".join(self._caller_words), self._clock()))
                     self._caller_words.clear()
-                    self._start_reply()
+                    self._start_reply(TurnTimer("speech", arrived))
 
     async def _barge_in_if_speaking(self) -> None:
         """The caller is talking: stop the reply in flight. Audio still unheard is cleared from Twilio's
@@ -293,27 +302,37 @@ class CallSession:
             self._move(CallState.LISTENING)
 
     # -- the reply -----------------------------------------------------------------------------------
-    def _start_reply(self) -> None:
+    def _start_reply(self, timer: TurnTimer) -> None:
         if self.state in (CallState.ENDING, CallState.ENDED, CallState.TRANSFERRING):
             return
         self._move(CallState.THINKING)
-        self._reply = self._spawn(self._agent_reply())
+        self._reply = self._spawn(self._agent_reply(timer))
 
-    async def _agent_reply(self) -> None:
-        for _ in range(MAX_TOOL_ROUNDS):
-            calls: list[ToolCall] = []
-            await self._speak_reply(self._ports.agent.respond(list(self.transcript), self.info), calls)
-            if not calls:
-                break
-            # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
-            runs = [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
-            await asyncio.shield(asyncio.gather(*runs))
-        if self._transfer_requested is not None:
-            await self._transfer(self._transfer_requested)
-        elif self._hangup_requested is not None:
-            await self._hang_up(self._hangup_requested)
-        else:
-            self._listen_again()
+    async def _agent_reply(self, timer: TurnTimer) -> None:
+        try:
+            for _ in range(MAX_TOOL_ROUNDS):
+                calls: list[ToolCall] = []
+                events = timer.agent(self._ports.agent.respond(list(self.transcript), self.info))
+                await self._speak_reply(events, calls, timer)
+                if not calls:
+                    break
+                # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
+                timer.tools_started()
+                runs = [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
+                for run in runs:
+                    run.add_done_callback(timer.tool_finished)
+                await asyncio.shield(asyncio.gather(*runs))
+                timer.tools_done()
+            if self._transfer_requested is not None:
+                await self._transfer(self._transfer_requested)
+            elif self._hangup_requested is not None:
+                await self._hang_up(self._hangup_requested)
+            else:
+                self._listen_again()
+        finally:  # answered, cut off by the caller, or ended with the call: the turn is filed either way
+            timing = timer.finish()
+            self.turn_timings.append(timing)
+            observe(timing)
 
     async def _transfer(self, reason: str) -> None:
         """Hand the caller to a person through the telephony API; if that cannot happen, say so and
@@ -364,7 +383,9 @@ class CallSession:
             )
         )
 
-    async def _speak_reply(self, events: AsyncIterator[Any], tool_calls: list[ToolCall] | None = None) -> None:
+    async def _speak_reply(
+        self, events: AsyncIterator[Any], tool_calls: list[ToolCall] | None = None, timer: TurnTimer | None = None
+    ) -> None:
         """Speak what the agent streams, sentence by sentence as they complete, a mark after each; then
         wait for the marks and file the turn with only what was heard."""
         self._spoken = []
@@ -374,7 +395,7 @@ class CallSession:
             if isinstance(event, TextDelta):
                 sentences, pending = split_sentences(pending + event.text)
                 for sentence in sentences:
-                    await self._say(sentence)
+                    await self._say(sentence, timer)
             elif isinstance(event, ToolCall) and tool_calls is not None:
                 tool_calls.append(event)
             elif isinstance(event, EndCall):
@@ -384,17 +405,22 @@ class CallSession:
             elif isinstance(event, Expect) and self._stt is not None:
                 self._stt.expect(event.expectation)
         if pending.strip():
-            await self._say(pending.strip())
+            await self._say(pending.strip(), timer)
         self._reply_complete = True
         await self._await_marks()
         self._close_agent_turn()
 
-    async def _say(self, sentence: str) -> None:
+    async def _say(self, sentence: str, timer: TurnTimer | None = None) -> None:
         if self.state in (CallState.THINKING, CallState.GREETING):
             self._move(CallState.SPEAKING)
         mark = f"{uuid.uuid4().hex[:12]}"
         self._spoken.append((mark, sentence))
-        await self._playout.play(self._ports.tts.synthesize(sentence), mark)
+        audio = self._ports.tts.synthesize(sentence)
+        if timer is None or timer.spoke:
+            await self._playout.play(audio, mark)
+            return
+        await self._playout.play(timer.audio(audio, lambda: self._playout.frames_sent), mark)
+        timer.utterance_played(self._playout.frames_sent)
 
     async def _await_marks(self) -> None:
         """Wait until the reply has played (its marks echoed), allowing for the audio still buffered."""
