@@ -1,0 +1,428 @@
+"""Speech that survives its provider: a primary speech provider (Deepgram) with a fallback (the offline
+engines) behind the same ports, so a provider outage changes the voice or the ear, never the call.
+
+``FallbackTTS`` speaks each sentence with the primary; when the primary fails before its first byte the
+fallback speaks the same sentence (the caller hears another voice, not silence). When it fails after
+some audio went out, the rest of that sentence is dropped: speaking it again from the start would repeat
+words the caller has heard, and where the audio stopped is not known in words. The next sentence is
+spoken by the fallback, because the failure opened the breaker.
+
+``FallbackSTT`` opens the primary for each call (or the fallback when that fails); when the primary's
+stream fails mid-call, the same ``events()`` iteration carries on with a fallback stream that gets the
+last ``Expectation`` and the audio the primary had not yet finalised. A call that has switched stays on
+the fallback until it ends: switching back mid-call could lose or repeat words for little gain.
+
+Both share a ``CircuitBreaker`` per provider role: after a primary failure every new sentence (or call)
+goes straight to the fallback for ``cooldown_s``, so a provider that is down does not cost each sentence
+its own timeout and retries; then one attempt at a time probes the primary, and its first byte (or a
+successful open) closes the breaker. The breakers are per instance and the instances are built once per
+process, so one call's failure spares the others the wait.
+
+Only ``Exception`` counts as a failure: cancellation (a barge-in, a hang-up) goes straight through, and
+every iterator of a provider is closed when its consumer stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Final, TypeVar
+
+import structlog
+
+from voice_server.audio import SAMPLE_RATE
+from voice_server.ports import (
+    CallInfo,
+    Expectation,
+    SpeechEvent,
+    SpeechToText,
+    SpeechToTextStream,
+    TextToSpeech,
+    Transcript,
+)
+
+log = structlog.get_logger("voicebook.fallback")
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+
+class Route(enum.Enum):
+    """Where one attempt goes."""
+
+    PRIMARY = "primary"  # the breaker is closed
+    PROBE = "probe"  # the breaker is open but cooled down: this attempt tests the primary
+    FALLBACK = "fallback"  # the breaker is open (or another attempt is probing)
+
+
+class CircuitBreaker:
+    """Keeps a failing primary out of the way for ``cooldown_s`` after each failure, then lets a single
+    attempt probe it while the others stay on the fallback. Not thread-safe: one event loop."""
+
+    def __init__(self, role: str, *, cooldown_s: float, clock: Clock) -> None:
+        self.role = role
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open_until is not None
+
+    def route(self) -> Route:
+        if self._open_until is None:
+            return Route.PRIMARY
+        if self._probing or self._clock() < self._open_until:
+            return Route.FALLBACK
+        self._probing = True
+        return Route.PROBE
+
+    def succeeded(self, route: Route) -> None:
+        if route is Route.PROBE:
+            self._probing = False
+            self._open_until = None
+            log.info("speech_provider_restored", role=self.role)
+
+    def failed(self, route: Route, error: BaseException, **context: object) -> None:
+        """The primary failed (whatever the route: a failure while the breaker was closed opens it, a
+        failed probe starts the cooldown again)."""
+        if route is Route.PROBE:
+            self._probing = False
+        event = "speech_provider_still_down" if self.is_open else "speech_provider_down"
+        self._open_until = self._clock() + self.cooldown_s
+        log.warning(event, role=self.role, cooldown_s=self.cooldown_s, error=repr(error), **context)
+
+    def abandoned(self, route: Route) -> None:
+        """The attempt ended without telling anything (cancelled, closed early): let another probe."""
+        if route is Route.PROBE:
+            self._probing = False
+
+
+def _closing(iterator: AsyncIterator[T]) -> contextlib.AbstractAsyncContextManager[AsyncIterator[T]]:
+    """Close a provider's iterator when its consumer stops (``aclosing``); the ports promise an
+    ``AsyncIterator``, so one that is not a generator has nothing to close."""
+    if isinstance(iterator, AsyncGenerator):
+        return contextlib.aclosing(iterator)
+    return contextlib.nullcontext(iterator)
+
+
+class _Done:
+    """The iterator ended."""
+
+
+_DONE: Final = _Done()
+
+
+async def _pull(iterator: AsyncIterator[T], timeout_s: float | None = None) -> T | _Done | Exception:
+    """The next item, ``_DONE`` at the end, or the provider's failure as a value, so a ``yield`` is
+    never inside the ``try`` (an exception thrown into the consumer's generator is not the provider's)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(iterator)
+    except StopAsyncIteration:
+        return _DONE
+    except Exception as error:  # any failure of the provider, TimeoutError included
+        return error
+
+
+# -- text to speech ------------------------------------------------------------------------------
+
+
+class FallbackTTS:
+    """``TextToSpeech`` that speaks with ``primary`` and falls back to ``fallback`` (see module doc).
+
+    ``first_byte_timeout_s`` (optional) counts a primary that has not started speaking in that time as
+    failed, so a hung provider costs the caller at most that much silence; the primary's own timeouts
+    and retries apply otherwise. When the fallback fails too, the sentence ends without audio and the
+    failure is logged: the session carries on (listens, speaks the next sentence) rather than dying."""
+
+    def __init__(
+        self,
+        primary: TextToSpeech,
+        fallback: TextToSpeech,
+        *,
+        cooldown_s: float = 30.0,
+        clock: Clock = time.monotonic,
+        first_byte_timeout_s: float | None = None,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self.breaker = CircuitBreaker("tts", cooldown_s=cooldown_s, clock=clock)
+        self.first_byte_timeout_s = first_byte_timeout_s
+
+    async def synthesize(self, text: str) -> AsyncGenerator[bytes, None]:
+        route = self.breaker.route()
+        if route is Route.FALLBACK:
+            async with contextlib.aclosing(self._speak_fallback(text)) as audio:
+                async for chunk in audio:
+                    yield chunk
+            return
+        settled = False  # the breaker has been told how this attempt went
+        started = False  # some of the primary's audio has been yielded
+        failure: Exception | None = None
+        try:
+            async with _closing(self._primary.synthesize(text)) as audio:
+                while True:
+                    item = await _pull(audio, None if started else self.first_byte_timeout_s)
+                    if isinstance(item, _Done):
+                        break
+                    if isinstance(item, Exception):
+                        failure = item
+                        break
+                    if not item:
+                        continue
+                    if not started:
+                        started = settled = True
+                        self.breaker.succeeded(route)
+                    yield item
+            if failure is None and not settled:  # finished without audio (nothing to say): it answered
+                settled = True
+                self.breaker.succeeded(route)
+        finally:
+            if failure is None and not settled:  # cancelled or closed before the first byte
+                self.breaker.abandoned(route)
+        if failure is None:
+            return
+        self.breaker.failed(route, failure, text_chars=len(text), mid_sentence=started)
+        if started:
+            # Where the audio stopped is not known in words, so the fallback cannot say just the rest.
+            log.warning("tts_sentence_cut", error=repr(failure), text_chars=len(text))
+            return
+        log.warning("tts_fallback", error=repr(failure), text_chars=len(text))
+        async with contextlib.aclosing(self._speak_fallback(text)) as audio:
+            async for chunk in audio:
+                yield chunk
+
+    async def _speak_fallback(self, text: str) -> AsyncGenerator[bytes, None]:
+        async with _closing(self._fallback.synthesize(text)) as audio:
+            while True:
+                item = await _pull(audio)
+                if isinstance(item, _Done):
+                    return
+                if isinstance(item, Exception):
+                    # Nothing is left to speak with; the session must carry on listening all the same.
+                    log.error("tts_fallback_failed", error=repr(item), text_chars=len(text))
+                    return
+                if item:
+                    yield item
+
+
+# -- speech to text ------------------------------------------------------------------------------
+
+
+class _End:
+    """The end of ``FallbackSTTStream.events()``."""
+
+
+_END: Final = _End()
+
+
+class FallbackSTT:
+    """``SpeechToText`` that opens ``primary`` and falls back to ``fallback`` (see module doc).
+
+    ``replay_limit_s``: how much of the audio the primary has not finalised is kept to replay into the
+    fallback on a switch (the newest is kept). ``close_timeout_s`` bounds the wait for a stream to close."""
+
+    def __init__(
+        self,
+        primary: SpeechToText,
+        fallback: SpeechToText,
+        *,
+        cooldown_s: float = 30.0,
+        clock: Clock = time.monotonic,
+        replay_limit_s: float = 10.0,
+        close_timeout_s: float = 5.0,
+    ) -> None:
+        self._primary = primary
+        self.fallback = fallback
+        self.breaker = CircuitBreaker("stt", cooldown_s=cooldown_s, clock=clock)
+        self.replay_limit_bytes = int(replay_limit_s * SAMPLE_RATE)  # mu-law: a byte per sample
+        self.close_timeout_s = close_timeout_s
+
+    async def open(self, call: CallInfo) -> FallbackSTTStream:
+        route = self.breaker.route()
+        if route is not Route.FALLBACK:
+            try:
+                stream = await self._primary.open(call)
+            except Exception as error:
+                self.breaker.failed(route, error, call_sid=call.call_sid)
+                log.warning("stt_open_fallback", call_sid=call.call_sid, error=repr(error))
+            except BaseException:
+                self.breaker.abandoned(route)
+                raise
+            else:
+                self.breaker.succeeded(route)
+                return FallbackSTTStream(self, call, stream, on_fallback=False)
+        return FallbackSTTStream(self, call, await self.fallback.open(call), on_fallback=True)
+
+
+class FallbackSTTStream:
+    """One call's recognition: the active stream's events forwarded by a task the stream owns (so a
+    failure is noticed and handled even while nobody is reading), through one queue to ``events()``.
+
+    ``_unconfirmed`` holds the audio sent since the primary's last final transcript (what it may not
+    have recognised yet, including whatever it kept to itself while reconnecting) and, during a switch,
+    the audio that arrives meanwhile; all of it is replayed into the fallback, in order. Audio sent in
+    the few milliseconds between a final and its arrival here is dropped from it: in practice the
+    silence that made the recogniser finalise."""
+
+    def __init__(self, owner: FallbackSTT, call: CallInfo, stream: SpeechToTextStream, *, on_fallback: bool) -> None:
+        self.call = call
+        self.on_fallback = on_fallback  # no further stream to switch to
+        self._owner = owner
+        self._active = stream
+        self._expectation: Expectation | None = None
+        self._unconfirmed = bytearray()
+        self._switching = False  # audio is held in _unconfirmed, not sent
+        self._opening = False  # the fallback is being opened: _active is the dead primary
+        self._send_failure: Exception | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._retiring: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[SpeechEvent | Exception | _End] = asyncio.Queue()
+        self._forwarder = asyncio.create_task(self._forward_all(), name=f"stt-fallback-{call.call_sid}")
+
+    # -- the port ---------------------------------------------------------------------------------
+
+    async def send(self, mulaw: bytes) -> None:
+        if self._closing:
+            return
+        if not self.on_fallback:
+            self._unconfirmed += mulaw
+            excess = len(self._unconfirmed) - self._owner.replay_limit_bytes
+            if excess > 0:
+                del self._unconfirmed[:excess]
+        if self._switching:
+            return
+        try:
+            await self._active.send(mulaw)
+        except Exception as error:
+            if self.on_fallback:
+                log.error("stt_fallback_send_failed", call_sid=self.call.call_sid, error=repr(error))
+                return
+            # Hold the audio from now on and close the primary: its events() ends and the forwarder
+            # switches, with this chunk (already in _unconfirmed) replayed.
+            self._send_failure = error
+            self._switching = self._opening = True
+            self._retire(self._active)
+
+    def expect(self, expectation: Expectation) -> None:
+        self._expectation = expectation
+        if self._opening:
+            return  # applied to the fallback once it is open
+        try:
+            self._active.expect(expectation)
+        except Exception as error:  # a hint is not worth a reply
+            log.warning("stt_expect_failed", call_sid=self.call.call_sid, error=repr(error))
+
+    async def events(self) -> AsyncIterator[SpeechEvent]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _End):
+                self._queue.put_nowait(item)  # a later iteration ends at once too
+                return
+            if isinstance(item, Exception):
+                raise item  # the fallback failed too: nothing is left to listen with
+            yield item
+
+    async def close(self) -> None:
+        """Close whichever stream is open (the forwarder then ends ``events()``); idempotent."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            if not self._opening:  # while the fallback opens, the forwarder closes what it opened
+                await self._close_quietly(self._active)
+            try:
+                async with asyncio.timeout(self._owner.close_timeout_s):
+                    await asyncio.shield(self._forwarder)
+            except TimeoutError:
+                log.warning("stt_close_timeout", call_sid=self.call.call_sid)
+        finally:
+            self._forwarder.cancel()
+            pending = [self._forwarder] if self._retiring is None else [self._forwarder, self._retiring]
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._closed.set()
+
+    # -- forwarding and switching -----------------------------------------------------------------
+
+    async def _forward_all(self) -> None:
+        try:
+            while True:
+                stream = self._active
+                error = await self._forward(stream)
+                if self._closing:
+                    return
+                if self.on_fallback:
+                    if error is None:  # ended unasked; nothing to switch to
+                        log.error("stt_fallback_ended", call_sid=self.call.call_sid)
+                    else:
+                        log.error("stt_fallback_failed", call_sid=self.call.call_sid, error=repr(error))
+                        self._queue.put_nowait(error)
+                    return
+                cause = error or self._send_failure or RuntimeError("the stream ended unasked")
+                if not await self._switch(stream, cause):
+                    return
+        finally:
+            self._queue.put_nowait(_END)
+
+    async def _forward(self, stream: SpeechToTextStream) -> Exception | None:
+        """Forward ``stream``'s events until they end (None) or fail (the error)."""
+        primary = not self.on_fallback
+        try:
+            async with _closing(stream.events()) as events:
+                async for event in events:
+                    if primary and isinstance(event, Transcript) and event.is_final:
+                        self._unconfirmed.clear()  # recognised: never replayed
+                    self._queue.put_nowait(event)
+        except Exception as error:
+            return error
+        return None
+
+    async def _switch(self, dead: SpeechToTextStream, cause: BaseException) -> bool:
+        """Open the fallback for this call, give it the expectation and the held audio, make it active.
+        False when there is nothing more to forward."""
+        self._switching = self._opening = True
+        self._owner.breaker.failed(Route.PRIMARY, cause, call_sid=self.call.call_sid)
+        log.warning("stt_fallback", call_sid=self.call.call_sid, error=repr(cause), replay_bytes=len(self._unconfirmed))
+        self._retire(dead)
+        try:
+            fallback = await self._owner.fallback.open(self.call)
+        except Exception as error:
+            log.error("stt_fallback_open_failed", call_sid=self.call.call_sid, error=repr(error))
+            self._queue.put_nowait(error)
+            return False
+        if self._closing:
+            await self._close_quietly(fallback)
+            return False
+        self._active = fallback
+        self._opening = False
+        if self._expectation is not None:
+            self.expect(self._expectation)
+        while self._unconfirmed:  # audio keeps arriving while the replay is awaited: send it all, in order
+            held = bytes(self._unconfirmed)
+            self._unconfirmed.clear()
+            try:
+                await fallback.send(held)
+            except Exception as error:
+                log.error("stt_fallback_send_failed", call_sid=self.call.call_sid, error=repr(error))
+        self.on_fallback = True
+        self._switching = False
+        return True
+
+    def _retire(self, stream: SpeechToTextStream) -> None:
+        """Close the failed primary in a task of its own (``close()`` awaits it)."""
+        if self._retiring is None:
+            self._retiring = asyncio.create_task(self._close_quietly(stream))
+
+    async def _close_quietly(self, stream: SpeechToTextStream) -> None:
+        try:
+            async with asyncio.timeout(self._owner.close_timeout_s):
+                await stream.close()
+        except Exception as error:  # closing anyway: the call has moved on
+            log.warning("stt_close_failed", call_sid=self.call.call_sid, error=repr(error))
