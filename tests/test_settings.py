@@ -77,3 +77,26 @@ def test_recording_calls_needs_a_consent_notice() -> None:
         {"VOICEBOOK_RECORD_CALLS": "true", "VOICEBOOK_CONSENT_NOTICE": "This call is recorded."}
     )
     assert settings.record_calls
+
+
+def test_providers_default_to_offline_and_switch_on_with_their_keys(tmp_path: Path) -> None:
+    offline = Settings.from_env({})
+    assert (offline.stt, offline.tts, offline.agent) == ("sphinx", "espeak", "dialog")
+    key_file = tmp_path / "dg"
+    key_file.write_text("dg-secret\n")
+    production = Settings.from_env(
+        {"DEEPGRAM_API_KEY_FILE": str(key_file), "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1"}
+    )
+    assert (production.stt, production.tts, production.agent) == ("deepgram", "deepgram", "openai")
+    assert production.deepgram_api_key == "dg-secret" and "dg-secret" not in repr(production)
+    mixed = Settings.from_env({"DEEPGRAM_API_KEY": "k", "VOICEBOOK_TTS": "espeak"})
+    assert (mixed.stt, mixed.tts, mixed.agent) == ("deepgram", "espeak", "dialog")
+
+
+def test_a_chosen_provider_without_its_key_is_refused() -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({"VOICEBOOK_STT": "deepgram", "VOICEBOOK_AGENT": "openai", "VOICEBOOK_TTS": "piper"})
+    message = str(error.value)
+    assert "VOICEBOOK_STT: the chosen provider needs DEEPGRAM_API_KEY" in message
+    assert "VOICEBOOK_AGENT: the chosen provider needs OPENAI_API_KEY" in message
+    assert "VOICEBOOK_TTS: 'piper' is not one of auto, deepgram, espeak" in message

@@ -24,10 +24,12 @@ from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.service import BookingService
 from voice_server import media_endpoint, twilio_webhooks
 from voice_server.api import bookings, health
+from voice_server.api import calls as calls_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
 from voice_server.embedded_redis import EmbeddedRedis
 from voice_server.ports import VoicePorts
+from voice_server.providers import build_voice
 from voice_server.settings import Settings
 
 log = structlog.get_logger("voicebook.app")
@@ -40,8 +42,8 @@ class StartupError(RuntimeError):
 def create_app(
     settings: Settings | None = None, *, clock: Clock = utc_now, voice: VoicePorts | None = None
 ) -> Starlette:
-    """The server. ``voice`` supplies the speech and agent providers; without it the Media Streams
-    endpoint is not served (the providers and offline defaults arrive with the speech work)."""
+    """The server. ``voice`` replaces the speech, agent and telephony providers the settings choose
+    (tests pass scripted ones)."""
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -68,7 +70,8 @@ def create_app(
             )
             await service.start()
             calls = CallLedger(database, clock=clock)
-            app.state.components = Components(settings, business, redis, database, service, calls, voice)
+            ports = voice if voice is not None else await build_voice(settings, business, service, stack, clock=clock)
+            app.state.components = Components(settings, business, redis, database, service, calls, ports)
             if settings.skip_twilio_signature:
                 log.warning(
                     "twilio_signatures_disabled", hint="VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: local use only"
@@ -102,8 +105,9 @@ def create_app(
         routes=[
             *health.routes,
             *bookings.routes,
+            *calls_api.routes,
             *twilio_webhooks.routes,
-            *(media_endpoint.routes if voice is not None else []),
+            *media_endpoint.routes,
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},

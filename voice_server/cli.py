@@ -1,4 +1,4 @@
-"""The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``."""
+"""The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``, ``simulators``, ``call``."""
 
 from __future__ import annotations
 
@@ -29,22 +29,33 @@ def _settings() -> Settings:
         raise SystemExit(f"voicebook: {exc}") from None
 
 
+def _development_secret(settings: Settings, name: str) -> str:
+    """A secret for local use, made once and kept in ``data_dir/<name>`` (0600)."""
+    path = settings.data_dir / name
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    return token
+
+
 def _development_admin_token(settings: Settings) -> Settings:
     """In development with no admin token set, make one and keep it in ``data_dir/admin-token`` (0600), so
-    the admin API is usable locally without ever running open."""
-    if settings.admin_token is not None or settings.environment != "development":
+    the admin API is usable locally without ever running open. Likewise a Twilio auth token in
+    ``data_dir/twilio-auth-token`` when none is set, so local test calls are signed and checked like
+    Twilio's (`voicebook call` signs with the same file)."""
+    if settings.environment != "development":
         return settings
-    path = settings.data_dir / "admin-token"
-    if path.is_file():
-        token = path.read_text(encoding="utf-8").strip()
-    else:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-    log.info("development_admin_token", path=str(path), hint="Authorization: Bearer $(cat <path>)")
-    return dataclasses.replace(settings, admin_token=token)
+    if settings.admin_token is None:
+        settings = dataclasses.replace(settings, admin_token=_development_secret(settings, "admin-token"))
+        log.info("development_admin_token", path=str(settings.data_dir / "admin-token"))
+    if settings.twilio_auth_token is None and not settings.skip_twilio_signature:
+        settings = dataclasses.replace(settings, twilio_auth_token=_development_secret(settings, "twilio-auth-token"))
+        log.info("development_twilio_auth_token", path=str(settings.data_dir / "twilio-auth-token"))
+    return settings
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -156,6 +167,56 @@ def replay_command(args: argparse.Namespace) -> int:
     return 1 if report.differences else 0
 
 
+def simulators_command(args: argparse.Namespace) -> int:
+    from voice_server.simulators_cli import SimulatorOptions, run_simulators
+
+    settings = _settings()
+    options = SimulatorOptions(
+        host=args.host,
+        deepgram_port=args.deepgram_port,
+        openai_port=args.openai_port,
+        twilio_port=args.twilio_port,
+        stt_final_ms=args.stt_final_ms,
+        llm_first_token_ms=args.llm_first_token_ms,
+        tts_first_byte_ms=args.tts_first_byte_ms,
+        twilio_auth_token=settings.twilio_auth_token,
+    )
+    try:
+        asyncio.run(run_simulators(options, load_business(settings.business_file)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def call_command(args: argparse.Namespace) -> int:
+    from integrations.espeak import Espeak
+    from voice_server.softphone import CallRefused
+    from voice_server.terminal_call import CallOptions, place_call
+
+    settings = _development_admin_token(_settings())
+    business = load_business(settings.business_file)
+    options = CallOptions(
+        url=args.url or f"http://{settings.host}:{settings.port}",
+        auth_token=None if settings.skip_twilio_signature else settings.twilio_auth_token,
+        admin_token=settings.admin_token,
+        caller=args.caller,
+        called=args.to or business.phone or "",
+        public_url=settings.public_url,
+    )
+    script = [line for text in args.say for line in text.split("\n")] if args.say else None
+    try:
+        asyncio.run(place_call(options, synthesize=Espeak().synthesize_mulaw, script=script))
+    except CallRefused as exc:
+        print(f"voicebook call: the server refused the call: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"voicebook call: cannot reach {options.url}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _speed(text: str) -> float:
     value = float(text)
     if not 0 < value <= 100:
@@ -197,7 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     replay_parser.add_argument("--wav", help="also write the recording's two legs as a stereo WAV here")
     replay_parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     replay_parser.set_defaults(handler=replay_command)
+    _add_simulators_and_call(commands)
     return parser
+
+
+def _add_simulators_and_call(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sims = commands.add_parser("simulators", help="run the Deepgram, OpenAI and Twilio simulators on loopback")
+    sims.add_argument("--host", default="127.0.0.1")
+    sims.add_argument("--deepgram-port", type=int, default=8701)
+    sims.add_argument("--openai-port", type=int, default=8702)
+    sims.add_argument("--twilio-port", type=int, default=8703)
+    sims.add_argument("--stt-final-ms", type=int, default=150, help="final transcript delay after speech ends")
+    sims.add_argument("--llm-first-token-ms", type=int, default=250, help="time to the model's first token")
+    sims.add_argument("--tts-first-byte-ms", type=int, default=100, help="time to the first byte of speech")
+    sims.set_defaults(handler=simulators_command)
+    call = commands.add_parser(
+        "call",
+        help="place a test call to a running server: type what the caller says",
+        description="Each line you type is spoken into the call; `press 1` sends a key; an empty line hangs up.",
+    )
+    call.add_argument("--url", help="the server's base URL (default http://VOICEBOOK_HOST:VOICEBOOK_PORT)")
+    call.add_argument("--from", dest="caller", default="+16465550199", help="the caller's number")
+    call.add_argument("--to", help="the number called (default: the business's)")
+    call.add_argument("--say", action="append", help="a line to say instead of reading the terminal (repeatable)")
+    call.set_defaults(handler=call_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ class Components:
     database: Database
     bookings: BookingService
     calls: CallLedger
-    voice: VoicePorts | None = None
+    voice: VoicePorts
     sessions: set[CallSession] = field(default_factory=set)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server is shutting down: calls in progress finish, new ones are turned away."""

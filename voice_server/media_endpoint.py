@@ -27,6 +27,7 @@ from voice_server.playout import Playout
 from voice_server.ports import CallInfo
 from voice_server.recording import CallRecording
 from voice_server.session import CallSession, SessionPolicy
+from voice_server.tools import BookingTools
 
 log = structlog.get_logger("voicebook.media")
 
@@ -147,7 +148,6 @@ def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
 async def _start_session(
     websocket: WebSocket, components: Components, start: Start, recording: CallRecording | None
 ) -> CallSession:
-    assert components.voice is not None
     parameters = dict(start.custom_parameters)
     info = CallInfo(
         call_sid=start.call_sid,
@@ -165,6 +165,8 @@ async def _start_session(
         await components.calls.finish_call(
             info.call_sid, stream_sid=info.stream_sid, end_reason=session.end_reason or "unknown", turns=turns
         )
+        if isinstance(components.voice.tools, BookingTools):
+            components.voice.tools.forget(info.call_sid)
         if session.end_reason not in _STREAM_ENDINGS:
             # The agent hung up: closing the stream makes Twilio run the TwiML after <Connect>, and
             # there is none, so the call ends.
@@ -176,7 +178,8 @@ async def _start_session(
         components.voice,
         Playout(_sender(websocket, recording), info.stream_sid),
         policy=SessionPolicy(
-            greeting=f"Thank you for calling {components.business.name}. How can I help you today?",
+            greeting=components.settings.greeting
+            or f"Thank you for calling {components.business.name}. How can I help you today?",
             silence_seconds=components.settings.silence_seconds,
             reprompts=components.settings.silence_reprompts,
             max_call_seconds=components.settings.max_call_seconds,

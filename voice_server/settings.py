@@ -57,6 +57,42 @@ class Settings:
     max_call_seconds: float = 900.0
     drain_seconds: float = 30.0
     record_calls: bool = False
+    greeting: str | None = None
+    """What the agent says first; None is "Thank you for calling <business>. How can I help you today?"."""
+    stt_provider: Literal["auto", "deepgram", "sphinx"] = "auto"
+    tts_provider: Literal["auto", "deepgram", "espeak"] = "auto"
+    agent_provider: Literal["auto", "openai", "dialog"] = "auto"
+    deepgram_api_key: str | None = field(default=None, repr=False)
+    deepgram_base_url: str | None = None
+    """Where Deepgram lives (``http://127.0.0.1:8701`` for the simulator); None is Deepgram itself."""
+    deepgram_stt_model: str = "nova-3"
+    deepgram_tts_model: str = "aura-2-thalia-en"
+    deepgram_endpointing_ms: int = 300
+    deepgram_utterance_end_ms: int = 1000
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    """Any OpenAI-compatible server (``http://127.0.0.1:8702/v1`` for the simulator); None is OpenAI."""
+    openai_model: str = "gpt-4.1-mini"
+    openai_timeout_seconds: float = 8.0
+
+    @property
+    def stt(self) -> Literal["deepgram", "sphinx"]:
+        """The speech-to-text in use: Deepgram once it has a key (unless told otherwise), else offline."""
+        if self.stt_provider == "auto":
+            return "deepgram" if self.deepgram_api_key else "sphinx"
+        return self.stt_provider
+
+    @property
+    def tts(self) -> Literal["deepgram", "espeak"]:
+        if self.tts_provider == "auto":
+            return "deepgram" if self.deepgram_api_key else "espeak"
+        return self.tts_provider
+
+    @property
+    def agent(self) -> Literal["openai", "dialog"]:
+        if self.agent_provider == "auto":
+            return "openai" if self.openai_api_key else "dialog"
+        return self.agent_provider
 
     @property
     def effective_public_url(self) -> str:
@@ -105,6 +141,20 @@ class Settings:
             max_call_seconds=float(reader.integer("VOICEBOOK_MAX_CALL_SECONDS", 900, low=30, high=4 * 3600)),
             drain_seconds=float(reader.integer("VOICEBOOK_DRAIN_SECONDS", 30, low=0, high=3600)),
             record_calls=reader.boolean("VOICEBOOK_RECORD_CALLS", False),
+            greeting=reader.text("VOICEBOOK_GREETING", "") or None,
+            stt_provider=reader.choice("VOICEBOOK_STT", ("auto", "deepgram", "sphinx"), "auto"),  # type: ignore[arg-type]
+            tts_provider=reader.choice("VOICEBOOK_TTS", ("auto", "deepgram", "espeak"), "auto"),  # type: ignore[arg-type]
+            agent_provider=reader.choice("VOICEBOOK_AGENT", ("auto", "openai", "dialog"), "auto"),  # type: ignore[arg-type]
+            deepgram_api_key=reader.secret("DEEPGRAM_API_KEY"),
+            deepgram_base_url=reader.url("DEEPGRAM_BASE_URL", ("http", "https")),
+            deepgram_stt_model=reader.text("DEEPGRAM_STT_MODEL", "nova-3"),
+            deepgram_tts_model=reader.text("DEEPGRAM_TTS_MODEL", "aura-2-thalia-en"),
+            deepgram_endpointing_ms=reader.integer("DEEPGRAM_ENDPOINTING_MS", 300, low=10, high=5000),
+            deepgram_utterance_end_ms=reader.integer("DEEPGRAM_UTTERANCE_END_MS", 1000, low=1000, high=5000),
+            openai_api_key=reader.secret("OPENAI_API_KEY"),
+            openai_base_url=reader.url("OPENAI_BASE_URL", ("http", "https")),
+            openai_model=reader.text("OPENAI_MODEL", "gpt-4.1-mini"),
+            openai_timeout_seconds=float(reader.integer("OPENAI_TIMEOUT_SECONDS", 8, low=1, high=120)),
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),
@@ -119,6 +169,13 @@ class Settings:
             )
         if environment == "production" and admin_token is None:
             reader.problems.append("VOICEBOOK_ADMIN_TOKEN: required when VOICEBOOK_ENV=production")
+        for variable, chosen, needed, key in (
+            ("VOICEBOOK_STT", settings.stt_provider == "deepgram", "DEEPGRAM_API_KEY", settings.deepgram_api_key),
+            ("VOICEBOOK_TTS", settings.tts_provider == "deepgram", "DEEPGRAM_API_KEY", settings.deepgram_api_key),
+            ("VOICEBOOK_AGENT", settings.agent_provider == "openai", "OPENAI_API_KEY", settings.openai_api_key),
+        ):
+            if chosen and not key:
+                reader.problems.append(f"{variable}: the chosen provider needs {needed}")
         if reader.problems:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(reader.problems))
         return settings

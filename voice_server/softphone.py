@@ -244,6 +244,16 @@ class Softphone:
     def playing(self) -> bool:
         return time.monotonic() < self._play_end
 
+    async def wait_for_speech(self, *, within: float = 15.0) -> AgentReply:
+        """Wait until the agent starts a new reply (its first audio frame), e.g. to talk over it."""
+        replies_before = len(self.replies)
+        async with asyncio.timeout(within):
+            while len(self.replies) == replies_before:
+                if self.closed.is_set():
+                    raise ConnectionError("the call ended")
+                await asyncio.sleep(0.02)
+        return self.replies[-1]
+
     async def wait_for_reply(self, *, within: float = 15.0, quiet: float = 0.8) -> AgentReply:
         """Wait for the agent to answer and finish: audio came and then ``quiet`` seconds passed after
         it had played. Raises TimeoutError when the agent says nothing."""

@@ -1,0 +1,195 @@
+"""Which speech, agent and telephony providers a server uses, built once from settings.
+
+Each production provider switches on when its credentials are configured (or when chosen explicitly);
+its module is imported only then, so a server on Deepgram never loads pocketsphinx and the reverse;
+without them the offline defaults answer: pocketsphinx listening with per-question grammars, espeak-ng
+speaking, and the deterministic booking dialog. Clients are opened here and closed by the lifespan's
+exit stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+
+import httpx
+import structlog
+
+from booking.business import Business
+from booking.errors import BookingError
+from booking.service import BookingService
+from integrations.twilio_rest import TwilioCallControl
+from voice_server.agent_prompt import BookingView, CallerContext, build_system_prompt
+from voice_server.dialog import DialogAgent
+from voice_server.fallback import FallbackSTT, FallbackTTS
+from voice_server.ports import (
+    Agent,
+    CallControl,
+    CallInfo,
+    SpeechToText,
+    SpeechToTextStream,
+    TextToSpeech,
+    VoicePorts,
+)
+from voice_server.settings import Settings
+from voice_server.tools import BookingTools
+
+log = structlog.get_logger("voicebook.providers")
+
+
+def caller_context_lookup(
+    service: BookingService, clock: Callable[[], datetime]
+) -> Callable[[CallInfo], Awaitable[CallerContext]]:
+    """What the ledger knows about a caller: their name and upcoming bookings, found by their number."""
+
+    async def lookup(info: CallInfo) -> CallerContext:
+        try:
+            bookings = await service.find_bookings(info.caller)
+        except BookingError:  # a withheld or malformed number: an unknown caller
+            bookings = []
+        business = service.business
+        name = next((b.customer.name for b in reversed(bookings) if b.customer.name), None)
+        zone = next((b.customer.time_zone for b in bookings if b.customer.time_zone), None)
+        upcoming = [
+            BookingView(
+                booking_id=b.id,
+                service_name=getattr(business.service(b.service_id), "name", b.service_id),
+                start=b.start,
+                resource_name=getattr(business.resource(b.resource_id), "name", None),
+            )
+            for b in sorted(bookings, key=lambda b: b.start)[:5]
+        ]
+        return CallerContext(name=name, upcoming=upcoming, timezone=zone, phone=info.caller or None)
+
+    return lookup
+
+
+@functools.cache
+def _shared_sphinx() -> SpeechToText:
+    """One recogniser per process: its decoder pool is thread-safe and every call shares it."""
+    from integrations.sphinx import SphinxSTT
+
+    return SphinxSTT()
+
+
+class _LazySphinx:
+    """pocketsphinx, loaded on the first call that needs it (its decoders take a moment and memory)."""
+
+    def __init__(self) -> None:
+        self._stt: SpeechToText | None = None
+
+    def _load(self) -> SpeechToText:
+        if self._stt is None:
+            self._stt = _shared_sphinx()
+        return self._stt
+
+    async def warm_up(self) -> None:
+        """Load the model and build a decoder now, off the event loop, so the first caller does not wait."""
+        from integrations.sphinx import SphinxSTT
+
+        stt = self._load()
+        assert isinstance(stt, SphinxSTT)
+        await asyncio.to_thread(stt.recognizer.warm_up)
+
+    async def open(self, call: CallInfo) -> SpeechToTextStream:
+        return await self._load().open(call)
+
+
+class _LazyEspeak:
+    """libespeak-ng, loaded on the first sentence that needs it."""
+
+    def __init__(self) -> None:
+        self._tts: TextToSpeech | None = None
+
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        if self._tts is None:
+            from integrations.espeak import EspeakTTS
+
+            self._tts = EspeakTTS()
+        return self._tts.synthesize(text)
+
+
+async def build_voice(
+    settings: Settings,
+    business: Business,
+    service: BookingService,
+    stack: contextlib.AsyncExitStack,
+    *,
+    clock: Callable[[], datetime],
+) -> VoicePorts:
+    tools = BookingTools(service, clock=clock)
+    deepgram = None
+    if settings.stt == "deepgram" or settings.tts == "deepgram":
+        from integrations.deepgram_stt import deepgram_client
+
+        assert settings.deepgram_api_key is not None  # settings refuse the choice without a key
+        http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        stack.push_async_callback(http.aclose)
+        deepgram = deepgram_client(settings.deepgram_api_key, base_url=settings.deepgram_base_url, http=http)
+    # The offline engines are also the production providers' fallbacks: a call whose Deepgram socket
+    # cannot be brought back, or whose Aura request fails, carries on in the offline voice and ear
+    # instead of going deaf or silent. Built lazily: a server whose providers never fail never loads them.
+    stt: SpeechToText
+    if settings.stt == "deepgram" and deepgram is not None:
+        from integrations.deepgram_stt import DeepgramSTT
+
+        stt = FallbackSTT(
+            DeepgramSTT(
+                deepgram,
+                model=settings.deepgram_stt_model,
+                endpointing_ms=settings.deepgram_endpointing_ms,
+                utterance_end_ms=settings.deepgram_utterance_end_ms,
+            ),
+            _LazySphinx(),
+        )
+    else:
+        offline = _LazySphinx()
+        await offline.warm_up()
+        stt = offline
+    tts: TextToSpeech
+    if settings.tts == "deepgram" and deepgram is not None:
+        from integrations.deepgram_tts import DeepgramTTS
+
+        tts = FallbackTTS(
+            DeepgramTTS(deepgram, model=settings.deepgram_tts_model), _LazyEspeak(), first_byte_timeout_s=2.5
+        )
+    else:
+        tts = _LazyEspeak()
+    agent: Agent
+    if settings.agent == "openai":
+        from openai import AsyncOpenAI
+
+        from integrations.openai_agent import OpenAIAgent
+
+        client = AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url)
+        stack.push_async_callback(client.close)
+        context = caller_context_lookup(service, clock)
+
+        async def system_prompt(info: CallInfo) -> str:
+            return build_system_prompt(business, await context(info), clock())
+
+        agent = OpenAIAgent(
+            client,
+            model=settings.openai_model,
+            tools=tools.specs,
+            system_prompt=system_prompt,
+            request_timeout=settings.openai_timeout_seconds,
+        )
+    else:
+        agent = DialogAgent(business, clock=clock)
+    control: CallControl | None = None
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        control = TwilioCallControl(
+            settings.twilio_account_sid, settings.twilio_auth_token, api_base_url=settings.twilio_api_base_url
+        )
+    log.info(
+        "voice_providers",
+        stt=settings.stt,
+        tts=settings.tts,
+        agent=settings.agent,
+        call_control="twilio" if control is not None else "none",
+    )
+    return VoicePorts(stt=stt, agent=agent, tts=tts, tools=tools, control=control)
