@@ -68,3 +68,19 @@ class ConfigurationError(BookingError):
     """The business configuration is invalid; ``detail`` names every problem with its location."""
 
     code = "invalid_configuration"
+
+
+class EffectFailed(BookingError):
+    """An effect (calendar event, SMS, CRM row) could not be carried out this time. Adapters translate
+    their provider's answer into this: ``permanent`` means retrying cannot help (a 400, an opted-out
+    recipient, a missing calendar) and the effect goes to the dead letters; otherwise it is retried with
+    backoff, no sooner than ``retry_after`` seconds when the provider said so."""
+
+    code = "effect_failed"
+
+    def __init__(
+        self, detail: str, *, permanent: bool, retry_after: float | None = None, code: str | None = None, **context: Any
+    ) -> None:
+        super().__init__(detail, code=code, **context)
+        self.permanent = permanent
+        self.retry_after = retry_after
