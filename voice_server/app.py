@@ -21,12 +21,15 @@ from booking.freebusy import FreeBusyIndex
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
 from booking.ledger.repository import Clock, Ledger, utc_now
+from booking.outbox import RedisNotifier
 from booking.service import BookingService
+from booking.worker import Worker
 from voice_server import media_endpoint, twilio_webhooks
 from voice_server.api import bookings, health
 from voice_server.api import calls as calls_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
+from voice_server.effects import build_handlers
 from voice_server.embedded_redis import EmbeddedRedis
 from voice_server.ports import VoicePorts
 from voice_server.providers import build_voice
@@ -65,10 +68,19 @@ def create_app(
                 await migrate(database)
             elif await database.schema_revision() != head_revision():
                 raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
-            service = BookingService(
-                business, Ledger(database, clock=clock), FreeBusyIndex(redis, prefix=settings.redis_prefix), clock=clock
-            )
+            channel = f"{settings.redis_prefix}:effects"
+            ledger = Ledger(database, clock=clock, notify_effects=RedisNotifier(redis, channel))
+            service = BookingService(business, ledger, FreeBusyIndex(redis, prefix=settings.redis_prefix), clock=clock)
             await service.start()
+            if settings.run_workers:
+                worker = Worker(database, redis, build_handlers(settings, business), clock=clock, channel=channel)
+                worker_task = asyncio.get_running_loop().create_task(worker.run())
+
+                async def stop_worker() -> None:
+                    worker.stop()
+                    await worker_task
+
+                stack.push_async_callback(stop_worker)
             calls = CallLedger(database, clock=clock)
             ports = voice if voice is not None else await build_voice(settings, business, service, stack, clock=clock)
             app.state.components = Components(settings, business, redis, database, service, calls, ports)

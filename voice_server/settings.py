@@ -74,6 +74,15 @@ class Settings:
     """Any OpenAI-compatible server (``http://127.0.0.1:8702/v1`` for the simulator); None is OpenAI."""
     openai_model: str = "gpt-4.1-mini"
     openai_timeout_seconds: float = 8.0
+    run_workers: bool = True
+    """Run the outbox's effect workers inside the server (``voicebook worker`` runs them on their own)."""
+    google_service_account_file: Path | None = None
+    google_delegated_subject: str | None = None
+    google_calendar_api_url: str | None = None
+    """Where the Calendar API lives (a simulator in tests); None is Google itself."""
+    twilio_sms_from: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    sms_locale: str = "en"
 
     @property
     def stt(self) -> Literal["deepgram", "sphinx"]:
@@ -155,6 +164,16 @@ class Settings:
             openai_base_url=reader.url("OPENAI_BASE_URL", ("http", "https")),
             openai_model=reader.text("OPENAI_MODEL", "gpt-4.1-mini"),
             openai_timeout_seconds=float(reader.integer("OPENAI_TIMEOUT_SECONDS", 8, low=1, high=120)),
+            run_workers=reader.boolean("VOICEBOOK_RUN_WORKERS", True),
+            google_service_account_file=reader.optional_path("GOOGLE_SERVICE_ACCOUNT_FILE"),
+            google_delegated_subject=reader.text("GOOGLE_DELEGATED_SUBJECT", "") or None,
+            google_calendar_api_url=reader.url("GOOGLE_CALENDAR_API_URL", ("http", "https")),
+            twilio_sms_from=reader.text("TWILIO_SMS_FROM", "") or None,
+            twilio_messaging_service_sid=reader.text(
+                "TWILIO_MESSAGING_SERVICE_SID", "", pattern_ok=lambda v: v.startswith("MG") and len(v) == 34
+            )
+            or None,
+            sms_locale=reader.choice("VOICEBOOK_SMS_LOCALE", ("en", "es"), "en"),
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),
@@ -252,6 +271,15 @@ class _Reader:
             return path
 
         return self._parse(name, default, parse)
+
+    def optional_path(self, name: str) -> Path | None:
+        def parse(raw: str) -> Path | None:
+            path = Path(raw).expanduser()
+            if not path.is_file():
+                raise ValueError(f"no file at {path}")
+            return path
+
+        return self._parse(name, None, parse)
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
         def parse(raw: str) -> str | None:

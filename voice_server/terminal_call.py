@@ -56,13 +56,13 @@ class _Transcript:
     def __init__(self, http: httpx.AsyncClient, call_sid: str, admin_token: str | None, out: Callable[[str], None]):
         self._http = http
         self._call_sid = call_sid
-        self._headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self.headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         self._printed = 0
         self._out = out
         self.turns: list[dict[str, Any]] = []
 
     async def refresh(self) -> None:
-        response = await self._http.get(f"/api/calls/{self._call_sid}", headers=self._headers)
+        response = await self._http.get(f"/api/calls/{self._call_sid}", headers=self.headers)
         if response.status_code != 200:
             return
         self.turns = response.json()["transcript"]
@@ -108,13 +108,13 @@ async def place_call(
                 await _settle(phone, transcript, options.reply_seconds)
             if not phone.closed.is_set():
                 await phone.hang_up()
-            out("call ended")
-        for _ in range(50):  # the server files the call a moment after the stream stops
-            await transcript.refresh()
-            response = await http.get(f"/api/calls/{phone.call_sid}", headers=transcript._headers)
-            if response.status_code == 200 and not response.json()["live"]:
+        for _ in range(50):  # the server files the call (its ending and transcript) a moment after the stream stops
+            response = await http.get(f"/api/calls/{phone.call_sid}", headers=transcript.headers)
+            if response.status_code == 200 and response.json()["end_reason"] is not None:
                 break
             await asyncio.sleep(0.1)
+        await transcript.refresh()
+        out("call ended")
         return transcript.turns
 
 

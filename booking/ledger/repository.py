@@ -6,8 +6,9 @@ turns that refusal into :class:`Overlap` with the bookings that stood in the way
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from booking import outbox
 from booking.business import Business
 from booking.domain import (
     ACTIVE_STATUSES,
@@ -162,9 +164,13 @@ def _booking_from_row(row: Row[Any]) -> Booking:
 class Ledger:
     """Reads and writes of the system of record."""
 
-    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, database: Database, *, clock: Clock = utc_now, notify_effects: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._db = database
         self._clock = clock
+        # Called after a commit that enqueued effects (booking/outbox.py), to wake the workers at once.
+        self._notify_effects = notify_effects
         dialect_insert = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
         self._insert: Callable[..., Any] = dialect_insert
         c = t.customers.c
@@ -267,7 +273,7 @@ class Ledger:
 
         key, request_hash = idempotency if idempotency is not None else (None, None)
 
-        def work(conn: Connection) -> Customer:
+        def work(conn: Connection) -> tuple[Booking, ...]:
             stored = self._upsert_customer(conn, customer, now)
             if series is not None:
                 conn.execute(
@@ -310,10 +316,31 @@ class Ledger:
                     for b in new
                 ],
             )
-            return stored
+            bookings = tuple(
+                Booking(
+                    id=b.id,
+                    resource_id=b.resource_id,
+                    service_id=b.service_id,
+                    customer=stored,
+                    start=b.start,
+                    end=b.end,
+                    block=b.block,
+                    status=BookingStatus.CONFIRMED,
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                    series_id=series_id,
+                    source=source,
+                    notes=notes,
+                )
+                for b in new
+            )
+            # The calendar event and SMS exist if and only if these bookings commit.
+            outbox.record_created(conn, bookings, now)
+            return bookings
 
         try:
-            stored_customer = await self._db.write(work)
+            bookings = await self._db.write(work)
         except IntegrityError as error:
             if _is_overlap(error):
                 conflicts: list[Booking] = []
@@ -326,25 +353,7 @@ class Ledger:
                 if record is not None:
                     return KeyTaken(record)
             raise
-        bookings = tuple(
-            Booking(
-                id=b.id,
-                resource_id=b.resource_id,
-                service_id=b.service_id,
-                customer=stored_customer,
-                start=b.start,
-                end=b.end,
-                block=b.block,
-                status=BookingStatus.CONFIRMED,
-                version=1,
-                created_at=now,
-                updated_at=now,
-                series_id=series_id,
-                source=source,
-                notes=notes,
-            )
-            for b in new
-        )
+        await self._effects_enqueued()
         return Created(bookings, series_id)
 
     def _upsert_customer(self, conn: Connection, customer: CustomerDetails, now: datetime) -> Customer:
@@ -404,6 +413,16 @@ class Ledger:
                     change_reason=None,
                 )
             )
+            moved = dataclasses.replace(
+                current,
+                resource_id=resource_id,
+                start=start,
+                end=end,
+                block=block,
+                version=current.version + 1,
+                updated_at=now,
+            )
+            outbox.record_rescheduled(conn, current, moved, now)
 
         try:
             await self._db.write(work)
@@ -412,6 +431,7 @@ class Ledger:
                 conflicts = [b for b in await self.overlapping(resource_id, block) if b.id != booking_id]
                 return Overlap(tuple(conflicts))
             raise
+        await self._effects_enqueued()
         return await self.require_booking(booking_id)
 
     async def change_status(
@@ -419,7 +439,7 @@ class Ledger:
     ) -> Booking:
         now = self._clock()
 
-        def work(conn: Connection) -> None:
+        def work(conn: Connection) -> int:
             current = self._current(conn, booking_id)
             current.status.check_transition(target, booking_id=booking_id)
             conn.execute(
@@ -433,9 +453,16 @@ class Ledger:
                     change_reason=reason,
                 )
             )
+            changed = dataclasses.replace(current, status=target, version=current.version + 1, updated_at=now)
+            return outbox.record_status_change(conn, changed, now, reason=reason)
 
-        await self._db.write(work)
+        if await self._db.write(work):
+            await self._effects_enqueued()
         return await self.require_booking(booking_id)
+
+    async def _effects_enqueued(self) -> None:
+        if self._notify_effects is not None:
+            await self._notify_effects()
 
     def _current(self, conn: Connection, booking_id: str) -> Booking:
         query = select(*_BOOKING_COLUMNS).join(t.customers).where(t.bookings.c.id == booking_id)

@@ -221,3 +221,33 @@ call_turns = Table(
     Column("tool", String(64)),
     Column("at", UTCDateTime, nullable=False),
 )
+
+EFFECT_STATUSES = ("pending", "running", "done", "dead", "cancelled")
+
+# The transactional outbox: every provider call a booking change causes (calendar event, SMS), written in
+# the same transaction as the change, claimed by workers with a lease (see booking/outbox.py). The id
+# orders the effects of one booking: a row runs only once every earlier row of its booking has settled.
+effects = Table(
+    "effects",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    _id("booking_id", ForeignKey("bookings.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("payload", JSONDocument, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("done_at", UTCDateTime),
+    # booking id + kind + booking version: what providers dedupe on, and what makes a replayed change
+    # unable to enqueue its effects twice.
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    CheckConstraint("status IN ('pending', 'running', 'done', 'dead', 'cancelled')", name="status_known"),
+    Index("ix_effects_status_due", "status", "due_at"),
+    Index("ix_effects_booking", "booking_id", "id"),
+)
