@@ -24,9 +24,10 @@ from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.outbox import RedisNotifier
 from booking.service import BookingService
 from booking.worker import Worker
-from voice_server import media_endpoint, twilio_webhooks
+from voice_server import media_endpoint, sms_webhooks, twilio_webhooks
 from voice_server.api import bookings, health
 from voice_server.api import calls as calls_api
+from voice_server.api import effects as effects_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
 from voice_server.effects import build_handlers
@@ -73,7 +74,8 @@ def create_app(
             service = BookingService(business, ledger, FreeBusyIndex(redis, prefix=settings.redis_prefix), clock=clock)
             await service.start()
             if settings.run_workers:
-                worker = Worker(database, redis, build_handlers(settings, business), clock=clock, channel=channel)
+                handlers = build_handlers(settings, business, database=database)
+                worker = Worker(database, redis, handlers, clock=clock, channel=channel)
                 worker_task = asyncio.get_running_loop().create_task(worker.run())
 
                 async def stop_worker() -> None:
@@ -118,7 +120,9 @@ def create_app(
             *health.routes,
             *bookings.routes,
             *calls_api.routes,
+            *effects_api.routes,
             *twilio_webhooks.routes,
+            *sms_webhooks.routes,
             *media_endpoint.routes,
         ],
         lifespan=lifespan,

@@ -217,6 +217,40 @@ def call_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dlq_settings() -> Settings | None:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"voicebook: {exc}", file=sys.stderr)
+        return None
+
+
+def dlq_command(args: argparse.Namespace) -> int:
+    from voice_server import dlq_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if args.action == "list":
+        return asyncio.run(dlq_cli.dlq_list(settings, limit=args.limit))
+    if args.action == "show":
+        return asyncio.run(dlq_cli.dlq_show(settings, args.id))
+    if args.action == "retry":
+        return asyncio.run(dlq_cli.dlq_retry(settings, args.id))
+    return asyncio.run(dlq_cli.dlq_discard(settings, args.id, args.note))
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    from voice_server import dlq_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(dlq_cli.run_worker(settings, concurrency=args.concurrency))
+
+
 def _speed(text: str) -> float:
     value = float(text)
     if not 0 < value <= 100:
@@ -259,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     replay_parser.set_defaults(handler=replay_command)
     _add_simulators_and_call(commands)
+    _add_dlq_and_worker(commands)
     return parser
 
 
@@ -282,6 +317,27 @@ def _add_simulators_and_call(commands: argparse._SubParsersAction[argparse.Argum
     call.add_argument("--to", help="the number called (default: the business's)")
     call.add_argument("--say", action="append", help="a line to say instead of reading the terminal (repeatable)")
     call.set_defaults(handler=call_command)
+
+
+def _add_dlq_and_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dlq = commands.add_parser("dlq", help="inspect, retry or discard dead effects (failed calendar events, texts)")
+    actions = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = actions.add_parser("list", help="dead effects, most recent first")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    actions.add_parser("show", help="one effect as JSON (phone masked)").add_argument("id", type=int)
+    actions.add_parser("retry", help="send a dead effect back to the queue").add_argument("id", type=int)
+    discard = actions.add_parser("discard", help="give up on a dead effect, saying why")
+    discard.add_argument("id", type=int)
+    discard.add_argument("--note", required=True, help="why it is discarded (kept with the effect)")
+    dlq.set_defaults(handler=dlq_command)
+    worker = commands.add_parser(
+        "worker",
+        help="run the outbox's effect workers on their own (needs REDIS_URL)",
+        description="Runs effects until SIGINT/SIGTERM. Needs a shared Redis (REDIS_URL); run the server "
+        "with VOICEBOOK_RUN_WORKERS=false alongside it.",
+    )
+    worker.add_argument("--concurrency", type=int, default=4, help="effects run at once per integration")
+    worker.set_defaults(handler=worker_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

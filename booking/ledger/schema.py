@@ -251,3 +251,45 @@ effects = Table(
     Index("ix_effects_status_due", "status", "due_at"),
     Index("ix_effects_booking", "booking_id", "id"),
 )
+
+# One row per text we sent (or heard of through a delivery receipt), with its furthest status: receipts
+# arrive late, twice or out of order, and a message never moves back (delivered beats sent).
+sms_messages = Table(
+    "sms_messages",
+    metadata,
+    Column("message_sid", String(64), primary_key=True),
+    # The outbox effect that sent it: from the send's answer, or from the receipt's ?effect= when that
+    # answer was lost. Not a foreign key: a receipt may name an effect this ledger has since pruned.
+    Column("effect_key", String(255)),
+    _id("booking_id"),
+    Column("to_number", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("error_code", Integer),
+    Column("segments", Integer),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_sms_messages_effect_key", "effect_key"),
+    Index("ix_sms_messages_updated", "updated_at"),
+)
+
+# Every distinct receipt, once: (message, status) recognises a replay, since Twilio sends no sequence.
+sms_status_events = Table(
+    "sms_status_events",
+    metadata,
+    Column("message_sid", String(64), ForeignKey("sms_messages.message_sid"), primary_key=True),
+    Column("status", String(16), primary_key=True),
+    Column("error_code", Integer),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
+# Whether a number may be texted: its current state only (one primary-key read before every send). A
+# number that opts back in keeps its row with opted_out false, so the row says who changed it, when, how.
+sms_suppressions = Table(
+    "sms_suppressions",
+    metadata,
+    Column("phone", String(32), primary_key=True),
+    Column("opted_out", Boolean, nullable=False),
+    Column("keyword", String(32)),
+    Column("changed_at", UTCDateTime, nullable=False),
+    Column("source", String(32), nullable=False),
+)
