@@ -91,8 +91,8 @@ UTTERANCES = (
     "I need to make an appointment",
     "a check up",
     "a blood test",
-    "tomorrow at ten o'clock",
-    "monday at ten o'clock",
+    "tomorrow at nine o'clock",
+    "monday at nine o'clock",
     "tomorrow",
     "ten o'clock",
     "monday at three p m",
@@ -216,7 +216,9 @@ def ny(day: int, hour: int, minute: int = 0) -> datetime:
 
 # -- scenarios (each one call from its own number) ---------------------------------------------------
 # The caller answers the question the agent asked, in words the offline recogniser reliably hears in
-# espeak's voice at 8 kHz (it mishears espeak's "Thursday" and "Wednesday", so the scenarios use other days).
+# espeak's voice at 8 kHz: each phrase was recognised 12 times out of 12 with jittered padding. It
+# mishears espeak's "Thursday" and "Wednesday", and "ten" after a day as "eight" half the time, so the
+# scenarios avoid them.
 
 
 async def books_step_by_step(line: Line) -> None:
@@ -224,13 +226,13 @@ async def books_step_by_step(line: Line) -> None:
     async with dial(line, caller) as phone:
         await say(phone, "I would like to make an appointment")  # -> which service?
         await say(phone, "a check up")  # -> what day and time?
-        await say(phone, "tomorrow at ten o'clock")  # -> Dr. Lee has ... your name?
+        await say(phone, "tomorrow at nine o'clock")  # -> Dr. Lee has ... your name?
         await say(phone, "my name is john")  # -> shall I book it?
         await say(phone, "yes")  # -> booked; anything else?
         await say(phone, "that is all thank you")  # -> goodbye, and the agent hangs up
         await asyncio.wait_for(phone.closed.wait(), 15)
     [booking] = await line.bookings_of(caller)
-    assert (booking.service_id, local(booking)) == ("checkup", "2026-12-01T10:00")
+    assert (booking.service_id, local(booking)) == ("checkup", "2026-12-01T09:00")
     assert booking.status is BookingStatus.CONFIRMED and booking.source == "phone"
     assert booking.customer.name == "John"
     call = await line.call_record(phone.call_sid)
@@ -252,20 +254,19 @@ async def confirms_by_keypad(line: Line) -> None:
 
 async def hears_alternatives_for_a_taken_slot(line: Line) -> None:
     caller = "+16465550103"
-    # Monday 10:00 is taken at both doctors'. No other scenario goes near Monday morning, so the times
-    # offered are still free when the caller picks one.
-    await existing_booking(line, "+16465550199", ny(7, 10), "dr-lee")
-    await existing_booking(line, "+16465550198", ny(7, 10), "dr-patel")
+    # Monday 9:00 is taken at Dr. Lee's, the only doctor in before ten. No other scenario goes near Monday
+    # morning, so the times offered are still free when the caller picks one.
+    await existing_booking(line, "+16465550199", ny(7, 9), "dr-lee")
     async with dial(line, caller) as phone:
         await say(phone, "I would like to make an appointment")
         await say(phone, "a check up")
-        await say(phone, "monday at ten o'clock")  # -> taken; I can do ... press 1, 2 or 3
+        await say(phone, "monday at nine o'clock")  # -> taken; I can do ... press 1, 2 or 3
         await press(phone, "1")  # the first alternative
         await say(phone, "my name is john")
         await say(phone, "yes")
         await phone.hang_up()
     [booking] = await line.bookings_of(caller)
-    assert booking.service_id == "checkup" and local(booking) != "2026-12-07T10:00"
+    assert booking.service_id == "checkup" and local(booking) != "2026-12-07T09:00"
 
 
 async def reschedules(line: Line) -> None:
