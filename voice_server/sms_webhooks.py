@@ -20,7 +20,7 @@ from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import Keyword, classify_inbound
 from booking.phone import region_of
 from voice_server.components import Components
-from voice_server.twilio_webhooks import TwilioXMLResponse, _components, _field, _normalised, _verified_form
+from voice_server.twilio_webhooks import TwilioXMLResponse, components_of, form_field, normalised_number, verified_form
 
 log = structlog.get_logger("voicebook.sms")
 
@@ -49,17 +49,17 @@ def sms_ledger(components: Components) -> SmsLedger:
 
 
 async def message_status(request: Request) -> Response:
-    components = _components(request)
-    form = await _verified_form(request, components)
+    components = components_of(request)
+    form = await verified_form(request, components)
     if isinstance(form, Response):
         return form
-    message_sid = _field(form, "MessageSid") or _field(form, "SmsSid")
-    status = _field(form, "MessageStatus") or _field(form, "SmsStatus")
+    message_sid = form_field(form, "MessageSid") or form_field(form, "SmsSid")
+    status = form_field(form, "MessageStatus") or form_field(form, "SmsStatus")
     if not message_sid or not status:
         return PlainTextResponse("MessageSid and MessageStatus are required", status_code=400)
-    code_text = _field(form, "ErrorCode")
+    code_text = form_field(form, "ErrorCode")
     error_code = int(code_text) if code_text.isdigit() else None
-    to_number = _normalised(_field(form, "To"), region_of(components.business.phone))
+    to_number = normalised_number(form_field(form, "To"), region_of(components.business.phone))
     effect_key = request.query_params.get(EFFECT_PARAM) or None
     ledger = sms_ledger(components)
     message, applied = await ledger.apply_status(
@@ -81,16 +81,16 @@ async def message_status(request: Request) -> Response:
 
 
 async def inbound_sms(request: Request) -> Response:
-    components = _components(request)
-    form = await _verified_form(request, components)
+    components = components_of(request)
+    form = await verified_form(request, components)
     if isinstance(form, Response):
         return form
-    sender = _normalised(_field(form, "From"), region_of(components.business.phone))
+    sender = normalised_number(form_field(form, "From"), region_of(components.business.phone))
     if not sender:
         return PlainTextResponse("From is required", status_code=400)
-    body = _field(form, "Body")
+    body = form_field(form, "Body")
     keyword = classify_inbound(body)
-    message_sid = _field(form, "MessageSid")
+    message_sid = form_field(form, "MessageSid")
     if keyword is Keyword.HELP:
         log.info("sms_help", message_sid=message_sid)
         return TwilioXMLResponse(messaging_twiml(help_text(components.business)))

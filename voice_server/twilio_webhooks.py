@@ -37,7 +37,7 @@ class TwilioXMLResponse(Response):
     media_type = "application/xml"
 
 
-def _components(request: Request) -> Components:
+def components_of(request: Request) -> Components:
     components: Components = request.app.state.components
     return components
 
@@ -48,7 +48,7 @@ def signed_url(request: Request, public_url: str) -> str:
     return f"{url}?{request.url.query}" if request.url.query else url
 
 
-async def _verified_form(request: Request, components: Components) -> FormData | Response:
+async def verified_form(request: Request, components: Components) -> FormData | Response:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
         return PlainTextResponse("webhook too large", status_code=413)
@@ -75,12 +75,12 @@ async def _verified_form(request: Request, components: Components) -> FormData |
     return form
 
 
-def _field(form: FormData, name: str) -> str:
+def form_field(form: FormData, name: str) -> str:
     value = form.get(name)
     return value.strip() if isinstance(value, str) else ""
 
 
-def _normalised(number: str, region: str) -> str:
+def normalised_number(number: str, region: str) -> str:
     """E.164 when it parses; otherwise as given (Twilio sends "anonymous" or "+266696687" for withheld)."""
     try:
         return normalise_phone(number, default_region=region)
@@ -90,11 +90,11 @@ def _normalised(number: str, region: str) -> str:
 
 async def _signed_call(request: Request) -> tuple[Components, FormData, str] | Response:
     """The components, the verified form and its CallSid; or the response refusing the request."""
-    components = _components(request)
-    verified = await _verified_form(request, components)
+    components = components_of(request)
+    verified = await verified_form(request, components)
     if isinstance(verified, Response):
         return verified
-    call_sid = _field(verified, "CallSid")
+    call_sid = form_field(verified, "CallSid")
     if not call_sid:
         return PlainTextResponse("CallSid is required", status_code=400)
     return components, verified, call_sid
@@ -107,25 +107,26 @@ async def incoming_call(request: Request) -> Response:
     components, form, call_sid = signed
     business = components.business
     region = region_of(business.phone)
-    caller, called = _normalised(_field(form, "From"), region), _normalised(_field(form, "To"), region)
+    caller = normalised_number(form_field(form, "From"), region)
+    called = normalised_number(form_field(form, "To"), region)
     refusal: str | None = None
     if caller in components.settings.blocked_numbers:
         refusal = "blocked_caller"
-    elif business.phone and called and called != _normalised(business.phone, region):
+    elif business.phone and called and called != normalised_number(business.phone, region):
         refusal = "unknown_number"
     elif components.draining.is_set():
         refusal = "draining"
-    status_text = _field(form, "CallStatus") or CallStatus.RINGING.value
+    status_text = form_field(form, "CallStatus") or CallStatus.RINGING.value
     try:
         status = CallStatus(status_text)
     except ValueError:
         status = CallStatus.RINGING
     await components.calls.record_call(
         call_sid=call_sid,
-        account_sid=_field(form, "AccountSid"),
+        account_sid=form_field(form, "AccountSid"),
         from_number=caller,
         to_number=called,
-        direction=_field(form, "Direction") or "inbound",
+        direction=form_field(form, "Direction") or "inbound",
         status=status,
         refused_reason=refusal,
     )
@@ -146,7 +147,7 @@ async def incoming_call(request: Request) -> Response:
 
 
 def _callback_time(form: FormData) -> datetime:
-    text = _field(form, "Timestamp")
+    text = form_field(form, "Timestamp")
     if text:
         try:
             return parsedate_to_datetime(text)
@@ -161,11 +162,11 @@ async def call_status(request: Request) -> Response:
         return signed
     components, form, call_sid = signed
     try:
-        status = CallStatus(_field(form, "CallStatus"))
+        status = CallStatus(form_field(form, "CallStatus"))
     except ValueError:
-        return PlainTextResponse(f"unknown CallStatus {_field(form, 'CallStatus')!r}", status_code=400)
-    sequence = _field(form, "SequenceNumber")
-    duration = _field(form, "CallDuration")
+        return PlainTextResponse(f"unknown CallStatus {form_field(form, 'CallStatus')!r}", status_code=400)
+    sequence = form_field(form, "SequenceNumber")
+    duration = form_field(form, "CallDuration")
     region = region_of(components.business.phone)
     record, applied = await components.calls.apply_status(
         StatusUpdate(
@@ -175,10 +176,10 @@ async def call_status(request: Request) -> Response:
             duration_seconds=int(duration) if duration.isdigit() else None,
             at=_callback_time(form),
         ),
-        account_sid=_field(form, "AccountSid"),
-        from_number=_normalised(_field(form, "From"), region),
-        to_number=_normalised(_field(form, "To"), region),
-        direction=_field(form, "Direction") or "inbound",
+        account_sid=form_field(form, "AccountSid"),
+        from_number=normalised_number(form_field(form, "From"), region),
+        to_number=normalised_number(form_field(form, "To"), region),
+        direction=form_field(form, "Direction") or "inbound",
     )
     log.info("call_status", call_sid=call_sid, status=status.value, applied=applied, now=record.status.value)
     return Response(status_code=204)
