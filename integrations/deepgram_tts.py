@@ -23,6 +23,7 @@ from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 
 from integrations.deepgram_stt import SpeechProviderError, api_failure
+from integrations.http_headers import retry_after
 from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -73,7 +74,7 @@ class DeepgramTTS:
                         yield bytes(pending)
                     return
             except ApiError as error:
-                failure = api_failure(error, "speech synthesis", retry_after=_retry_after(error.headers))
+                failure = api_failure(error, "speech synthesis", retry_after=retry_after(error.headers))
             except httpx.TimeoutException as error:
                 failure = SpeechProviderError(f"Deepgram speech synthesis timed out: {error!r}", transient=True)
             except httpx.TransportError as error:
@@ -89,14 +90,3 @@ class DeepgramTTS:
         if failure.retry_after is not None:
             return failure.retry_after
         return self.backoff_s * attempt * random.uniform(0.5, 1.0)
-
-
-def _retry_after(headers: dict[str, str] | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds only: Deepgram does not send dates)."""
-    value = (headers or {}).get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

@@ -25,7 +25,6 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import google.auth.exceptions
@@ -41,6 +40,7 @@ from googleapiclient.errors import HttpError  # type: ignore[import-untyped]  # 
 from booking.business import Business, Resource
 from booking.domain import Booking, Interval
 from booking.errors import EffectFailed
+from integrations.http_headers import retry_after
 
 SCOPES = ("https://www.googleapis.com/auth/calendar",)  # events and freeBusy
 BOOKING_ID_PROPERTY = "voicebook_booking_id"
@@ -141,22 +141,6 @@ def error_reasons(error: HttpError) -> list[str]:
         return [str(item.get("reason")) for item in payload["error"]["errors"]]
     except (ValueError, KeyError, TypeError, AttributeError):
         return []
-
-
-def retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def classify(error: HttpError, action: str, **context: Any) -> EffectFailed:

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -36,6 +35,7 @@ from twilio.rest import Client
 
 from booking.errors import EffectFailed
 from booking.messages import MAX_BODY_CHARS, segments
+from integrations.http_headers import retry_after
 
 log = structlog.get_logger("voicebook.twilio_sms")
 
@@ -232,19 +232,3 @@ def _translate(
     if status in (401, 403):
         return EffectFailed(detail, permanent=True, code="unauthorized", **context)
     return EffectFailed(detail, permanent=True, code="rejected", **context)
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
