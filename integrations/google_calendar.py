@@ -239,7 +239,9 @@ class GoogleCalendar:
         body = event_body(
             booking, business, templates=self._templates, recurrence=recurrence, invite_customer=self._invite
         )
-        request = self._service.events().insert(calendarId=calendar_id, body=body, sendUpdates=self._send_updates(body))
+        request = self._service.events().insert(
+            calendarId=calendar_id, body=body, sendUpdates=self._send_updates(booking)
+        )
         context = {"booking_id": booking.id, "calendar_id": calendar_id}
 
         def done_if_duplicate(error: HttpError) -> bool:
@@ -258,7 +260,7 @@ class GoogleCalendar:
             calendarId=calendar_id,
             eventId=event_id,
             body=event_times(booking, business),
-            sendUpdates="all" if self._invite and booking.customer.email else "none",
+            sendUpdates=self._send_updates(booking),
         )
         await self._execute(request, "patch", {"booking_id": booking.id, "calendar_id": calendar_id})
         return event_id
@@ -272,7 +274,7 @@ class GoogleCalendar:
         request = self._service.events().delete(
             calendarId=calendar_id,
             eventId=event_id,
-            sendUpdates="all" if self._invite and booking.customer.email else "none",
+            sendUpdates=self._send_updates(booking),
         )
 
         def done_if_gone(error: HttpError) -> bool:
@@ -314,8 +316,9 @@ class GoogleCalendar:
                 intervals.append(Interval(start, end))
         return intervals
 
-    def _send_updates(self, body: Mapping[str, Any]) -> SendUpdates:
-        return "all" if "attendees" in body else "none"
+    def _send_updates(self, booking: Booking) -> SendUpdates:
+        """Google emails attendees only when the customer was invited (``event_body``'s attendee rule)."""
+        return "all" if self._invite and booking.customer.email else "none"
 
     async def _execute(
         self,
