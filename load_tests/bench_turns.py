@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from integrations.simulators.loopback import loopback_socket
 from integrations.simulators.scripted_speech import VAD_THRESHOLD_DBFS, ScriptRecogniser, trim_to_voice
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,8 +88,7 @@ async def serving(app: Any, sock: socket.socket | None = None, **config: Any) ->
     import uvicorn
 
     if sock is None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock = loopback_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, ws="websockets-sansio", **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:  # uvicorn exposes a flag, not an event
@@ -232,8 +232,7 @@ async def bench(options: Options, run: Run) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="voicebook-bench-turns-") as folder:
         async with serving(deepgram, lifespan="off") as deepgram_url, serving(openai, lifespan="off") as openai_url:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            sock = loopback_socket()
             base = f"http://127.0.0.1:{sock.getsockname()[1]}"
             settings = Settings(
                 data_dir=Path(folder),

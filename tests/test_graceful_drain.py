@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from websockets.asyncio.client import connect
 from booking.calls import CallRecord, CallTurn
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
+from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock
 from tests.twilio_caller import TwilioCaller
 from tests.voice_fakes import scripted_ports
@@ -58,8 +58,7 @@ def drain_seconds() -> float:
 
 @pytest.fixture
 async def running(app_settings: Settings, clock: FrozenClock, drain_seconds: float) -> AsyncIterator[Running]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN, silence_seconds=30.0)
     app = create_app(settings, clock=clock, voice=scripted_ports(["I would like a checkup"]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from booking.ledger.calls_repository import CallLedger
+from integrations.simulators.loopback import loopback_socket
 from integrations.simulators.twilio import TwilioState, create_twilio_simulator
 from integrations.twilio_rest import TwilioCallControl
 from tests.conftest import FrozenClock, serving
@@ -86,8 +86,7 @@ async def server(
     twilio_api: tuple[TwilioState, str] | None,
 ) -> AsyncIterator[Server]:
     # The public URL Twilio signs must be known before the app is built: bind the port first.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     tools = SlowTools()
     control = TwilioCallControl(TWILIO_ACCOUNT, AUTH_TOKEN, api_base_url=twilio_api[1]) if twilio_api else None

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 import uuid
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 
+from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import TwilioCaller
 from tests.voice_fakes import ScriptedAgent, ScriptedSTT, ScriptedTTS
@@ -104,8 +104,7 @@ class VoiceServer:
 async def voice_server(
     app_settings: Settings, clock: FrozenClock, script: list[str], agent: Agent | None = None, **overrides: Any
 ) -> AsyncIterator[VoiceServer]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ports = VoicePorts(stt=ScriptedSTT(script), agent=agent or ScriptedAgent(), tts=ScriptedTTS(), tools=FreshIdTools())
     settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN, **overrides)
@@ -154,7 +153,8 @@ async def barge_in_call(caller: TwilioCaller) -> None:
     await _echoed(caller, GREETING_MARKS + 4)  # two of them heard
     await speak(caller)  # "that is enough", over the third
     await caller.wait_for(lambda: caller.clears == 1)
-    heard = len(caller.marks_received)
+    # Counted when the clear arrived: the reply's marks can follow it before this coroutine wakes.
+    heard = caller.marks_at_clear[0]
     await _echoed(caller, heard + 2)  # "You said that is enough." "Is there anything else?"
     await caller.stop()
 

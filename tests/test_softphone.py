@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
+from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import LOUD
 from tests.voice_fakes import scripted_ports
@@ -23,8 +23,7 @@ AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 
 @pytest.fixture
 async def base(app_settings: Settings, clock: FrozenClock) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = dataclasses.replace(
         app_settings, public_url=url, twilio_auth_token=AUTH_TOKEN, blocked_numbers=("+16465550100",)

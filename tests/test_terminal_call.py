@@ -5,12 +5,12 @@ books. This is the README's "place a test call" path."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import httpx
 
 from booking.service import BookingService
 from integrations.espeak import Espeak
+from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock, serving
 from voice_server.app import create_app
 from voice_server.settings import Settings
@@ -20,8 +20,7 @@ AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 async def test_a_typed_call_books_and_prints_what_the_agent_said(app_settings: Settings, clock: FrozenClock) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN)
     app = create_app(settings, clock=clock)

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import dataclasses
 import math
-import socket
 from collections.abc import AsyncIterator
 
 import orjson
@@ -15,6 +14,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 
+from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import TwilioCaller
 from tests.voice_fakes import SlowTools, scripted_ports
@@ -207,8 +207,7 @@ CALL_SID = "CA" + "b" * 32
 
 
 async def test_every_turn_of_a_call_is_timed(app_settings: Settings, clock: FrozenClock) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     tools = SlowTools(seconds=0.05)
     settings = dataclasses.replace(app_settings, public_url=base, twilio_auth_token=AUTH_TOKEN)
