@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from booking.service import Booked, BookingService, BookRequest
 from integrations.espeak import Espeak
 from integrations.simulators.deepgram import DeepgramSimConfig, create_deepgram_simulator
 from integrations.simulators.dialog_policy import dialog_policy
+from integrations.simulators.loopback import loopback_socket
 from integrations.simulators.openai import OpenAISimConfig, create_openai_simulator
 from integrations.simulators.scripted_speech import ScriptRecogniser, trim_to_voice
 from integrations.simulators.twilio import TwilioState, create_twilio_simulator
@@ -142,8 +142,7 @@ async def _simulators(business: Business, clock: FrozenClock) -> AsyncIterator[d
 async def line(
     request: pytest.FixtureRequest, app_settings: Settings, clock: FrozenClock, business: Business
 ) -> AsyncIterator[Line]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = dataclasses.replace(
         app_settings,
@@ -331,8 +330,8 @@ SCENARIOS: list[Callable[[Line], Awaitable[None]]] = [
 async def test_calls_book_reschedule_cancel_barge_in_and_hang_up(line: Line) -> None:
     outcomes = await asyncio.gather(*(scenario(line) for scenario in SCENARIOS), return_exceptions=True)
     failed = {s.__name__: repr(o) for s, o in zip(SCENARIOS, outcomes, strict=True) if isinstance(o, BaseException)}
-    if failed:  # what each call heard and did, to tell a misheard word from a logic error
+    heard: dict[str, list[tuple[str, str]]] = {}
+    if failed:  # what each call heard and did, to tell a misheard word from a logic error, in the message
         for caller, call_sid in line.dialled.items():
-            turns = await line.components.calls.transcript(call_sid)
-            print(caller, [(t.role, t.text[:160]) for t in turns])
-    assert not failed, failed
+            heard[caller] = [(t.role, t.text[:120]) for t in await line.components.calls.transcript(call_sid)]
+    assert not failed, (failed, heard)
