@@ -29,11 +29,15 @@ from pydantic import (
 )
 
 from booking.errors import ConfigurationError
+from booking.reports.vocabulary import LifecycleStage, check_condition
 
 WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 EXAMPLE_BUSINESS_FILE = Path(__file__).with_name("examples") / "riverside_clinic.toml"
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+ExternalConflicts = Literal["hard", "soft"]
+"""What busy time in a resource's external calendar means: ``hard`` refuses a hold overlapping it,
+``soft`` grants the hold with a warning (and slot search does not hide the time)."""
 _SPAN = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -117,6 +121,8 @@ class Resource(_Frozen):
     name: str = Field(min_length=1)
     kind: Literal["staff", "room", "equipment"] = "staff"
     calendar_id: str | None = None
+    external_conflicts: ExternalConflicts | None = None
+    """Overrides ``[booking] external_conflicts`` for this resource; None follows the business."""
     hours: WeeklyHours
 
 
@@ -190,6 +196,7 @@ class BookingRules(_Frozen):
     slot_step_minutes: int = Field(default=15, ge=5, le=240)
     hold_ttl_seconds: int = Field(default=120, ge=5, le=3600)
     max_occurrences: int = Field(default=52, ge=1, le=366)
+    external_conflicts: ExternalConflicts = "hard"
 
     @property
     def min_notice(self) -> timedelta:
@@ -204,6 +211,73 @@ class BookingRules(_Frozen):
         return timedelta(minutes=self.slot_step_minutes)
 
 
+Condition = Annotated[str, StringConstraints(strip_whitespace=True)]
+"""A report fact such as ``outcome:booked``, ``tag:complaint``, ``intent:ask_price`` or ``sentiment:negative``."""
+
+
+class ScoreRule(_Frozen):
+    """Points added to (or taken from) a caller's lead score when the report shows ``when``."""
+
+    when: Condition
+    points: int = Field(ge=-100, le=100)
+    label: str | None = None
+    """How the reason reads in the report; the condition itself when absent."""
+
+    _condition = field_validator("when")(check_condition)
+
+
+class LifecycleRule(_Frozen):
+    """The lifecycle stage for a call that shows any of ``when`` (if given) and scores at least
+    ``min_score`` (if given); rules are tried in order and the first that matches wins."""
+
+    stage: LifecycleStage
+    when: tuple[Condition, ...] = ()
+    min_score: int | None = Field(default=None, ge=0, le=100)
+
+    @field_validator("when")
+    @classmethod
+    def _conditions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_condition(item) for item in value)
+
+    @model_validator(mode="after")
+    def _has_a_criterion(self) -> LifecycleRule:
+        if not self.when and self.min_score is None:
+            raise ValueError(f"the rule for stage {self.stage.value!r} needs 'when' or 'min_score'")
+        return self
+
+
+DEFAULT_SCORE_RULES: tuple[ScoreRule, ...] = (
+    ScoreRule(when="outcome:booked", points=40, label="booked an appointment"),
+    ScoreRule(when="outcome:rescheduled", points=25, label="kept an appointment by moving it"),
+    ScoreRule(when="intent:check_availability", points=10, label="asked about free times"),
+    ScoreRule(when="intent:ask_price", points=10, label="asked about prices"),
+    ScoreRule(when="tag:new_customer", points=10, label="new customer"),
+    ScoreRule(when="sentiment:positive", points=5, label="positive tone"),
+    ScoreRule(when="outcome:cancelled", points=-20, label="cancelled an appointment"),
+    ScoreRule(when="sentiment:negative", points=-20, label="negative tone"),
+    ScoreRule(when="tag:complaint", points=-30, label="complained"),
+)
+DEFAULT_LIFECYCLE_RULES: tuple[LifecycleRule, ...] = (
+    LifecycleRule(stage=LifecycleStage.BOOKED, when=("outcome:booked", "outcome:rescheduled")),
+    LifecycleRule(stage=LifecycleStage.LOST, when=("outcome:cancelled", "tag:complaint")),
+    LifecycleRule(stage=LifecycleStage.NEW, when=("outcome:abandoned", "outcome:voicemail")),
+    LifecycleRule(stage=LifecycleStage.QUALIFIED, min_score=30),
+    LifecycleRule(stage=LifecycleStage.NURTURE, when=("outcome:enquiry_only",)),
+)
+
+
+class CrmRules(_Frozen):
+    """Lead scoring and lifecycle rules (``[crm]``). Each list replaces its default when given. A score
+    is the sum of the matching rules' points, kept within 0..100."""
+
+    score_rules: tuple[ScoreRule, ...] = DEFAULT_SCORE_RULES
+    lifecycle_rules: tuple[LifecycleRule, ...] = DEFAULT_LIFECYCLE_RULES
+    default_stage: LifecycleStage = LifecycleStage.CONTACTED
+    """The stage when no lifecycle rule matches."""
+    high_score: int = Field(default=60, ge=0, le=100)
+    """A score at or above this is a high-value lead (for triggers and manual review)."""
+
+
 class Business(_Frozen):
     name: str = Field(min_length=1)
     timezone: str
@@ -212,6 +286,7 @@ class Business(_Frozen):
     resources: tuple[Resource, ...] = Field(min_length=1)
     services: tuple[Service, ...] = Field(min_length=1)
     closures: tuple[Closure, ...] = ()
+    crm: CrmRules = CrmRules()
 
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True, ignored_types=(cached_property,))
 
@@ -269,6 +344,13 @@ class Business(_Frozen):
 
     def service(self, service_id: str) -> Service | None:
         return self._services_by_id.get(service_id)
+
+    def external_conflicts(self, resource_id: str) -> ExternalConflicts:
+        """The conflict policy for busy time in ``resource_id``'s external calendar."""
+        resource = self.resource(resource_id)
+        if resource is not None and resource.external_conflicts is not None:
+            return resource.external_conflicts
+        return self.booking.external_conflicts
 
     def closures_for(self, resource_id: str) -> tuple[Closure, ...]:
         return tuple(closure for closure in self.closures if closure.applies_to(resource_id))

@@ -105,6 +105,25 @@ class Customer:
     time_zone: str | None = None
 
 
+class SmsConsent(enum.StrEnum):
+    """What the customer said about texts when they booked, recorded with the booking."""
+
+    GIVEN = "given"  # asked and said yes (or ticked the box)
+    IMPLIED = "implied"  # gave the number for this booking (a call, a form): confirmations and reminders only
+    DECLINED = "declined"  # said no: the booking gets no texts
+
+    @property
+    def allows_texts(self) -> bool:
+        return self is not SmsConsent.DECLINED
+
+    @classmethod
+    def from_answer(cls, answer: bool | None) -> SmsConsent:
+        """Yes, no, or not asked (the number was given for the booking: implied)."""
+        if answer is None:
+            return cls.IMPLIED
+        return cls.GIVEN if answer else cls.DECLINED
+
+
 @dataclass(frozen=True, slots=True)
 class Booking:
     id: str
@@ -121,6 +140,7 @@ class Booking:
     series_id: str | None = None
     source: str = "api"
     notes: str | None = None
+    sms_consent: SmsConsent = SmsConsent.IMPLIED
 
     @property
     def interval(self) -> Interval:

@@ -79,13 +79,19 @@ class ResourceKeys:
 @dataclass(frozen=True, slots=True)
 class HoldGranted:
     """The time is held for ``token`` until ``expires_at``; ``blocks`` lists every held block (``block``
-    is the first one; a series held with :meth:`FreeBusyIndex.hold_many` has several)."""
+    is the first one; a series held with :meth:`FreeBusyIndex.hold_many` has several).
+
+    ``external_overlaps`` are the external busy intervals (clipped to UTC days) the blocks overlap; only
+    a hold taken with ``refuse_external=False`` can have any. ``external_fetched_at`` is when the oldest
+    external data of the held days was fetched, None when a day has none (never fetched, or expired)."""
 
     token: str
     resource_id: str
     block: Interval
     expires_at: datetime
     blocks: tuple[Interval, ...] = ()
+    external_overlaps: tuple[Interval, ...] = ()
+    external_fetched_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -154,27 +160,41 @@ class FreeBusyIndex:
         return ResourceKeys(self._prefix, resource_id)
 
     async def hold(
-        self, resource_id: str, block: Interval, *, ttl: timedelta, owner: str, ignore_booking: str | None = None
+        self,
+        resource_id: str,
+        block: Interval,
+        *,
+        ttl: timedelta,
+        owner: str,
+        ignore_booking: str | None = None,
+        refuse_external: bool = True,
     ) -> HoldOutcome:
         """Hold ``block`` if no booking, live hold of another owner or external busy time overlaps it on
         any day it touches. ``ignore_booking``'s own entries do not count (a reschedule may overlap its
         old time). If only a live hold of the same ``owner`` overlaps, the answer is HoldInProgress.
-        One EVALSHA."""
-        reply = await self._hold(resource_id, [block], ttl, owner, ignore_booking)
+        With ``refuse_external=False`` external busy time does not refuse the hold; the granted outcome
+        lists what it overlaps instead. One EVALSHA."""
+        reply = await self._hold(resource_id, [block], ttl, owner, ignore_booking, refuse_external)
         if isinstance(reply, list):
             overlapped = {Interval(_from_ms(s), _from_ms(e)) for _, s, e in reply}
             return HoldUnavailable(resource_id, tuple(sorted(overlapped)))
         return reply
 
     async def hold_many(
-        self, resource_id: str, blocks: Sequence[Interval], *, ttl: timedelta, owner: str
+        self,
+        resource_id: str,
+        blocks: Sequence[Interval],
+        *,
+        ttl: timedelta,
+        owner: str,
+        refuse_external: bool = True,
     ) -> HoldOutcome:
         """Hold every block under one token, or none (a recurring series); on conflict ``conflicts``
         are the requested blocks that are taken."""
         ordered = sorted(set(blocks))
         if not ordered:
             raise ValueError("hold_many needs at least one block")
-        reply = await self._hold(resource_id, ordered, ttl, owner, None)
+        reply = await self._hold(resource_id, ordered, ttl, owner, None, refuse_external)
         if isinstance(reply, list):
             taken = sorted({index for index, _, _ in reply})
             return HoldUnavailable(resource_id, tuple(ordered[index - 1] for index in taken))
@@ -229,15 +249,17 @@ class FreeBusyIndex:
         old, new = _booking_member(booking_id, old_block), _booking_member(booking_id, new_block)
         await self._finish(resource_id, token, removals=[(old_block, old)], additions=[(new_block, new)])
 
-    async def snapshot(self, resource_id: str, window: Interval) -> BusySnapshot:
-        """Busy time overlapping ``window`` (entries are not clipped), in one round trip."""
+    async def snapshot(self, resource_id: str, window: Interval, *, include_external: bool = True) -> BusySnapshot:
+        """Busy time overlapping ``window`` (entries are not clipped), in one round trip. Without
+        ``include_external`` the busy list leaves external busy time out (``external_fetched_at`` is
+        reported either way)."""
         keys = self.keys(resource_id)
         start_ms, end_ms = _span_ms(window)
         days = [_day(d) for d in _day_numbers(start_ms, end_ms)]
         reply = await self._run(
             "snapshot",
             [keys.meta, *map(keys.busy, days), *map(keys.external, days), *map(keys.external_fetched_at, days)],
-            [len(days), *(d.isoformat() for d in days), start_ms, end_ms],
+            [len(days), *(d.isoformat() for d in days), start_ms, end_ms, "1" if include_external else "0"],
         )
         ready, flat, fetched = int(reply[0]), list(reply[1]), list(reply[2])
         spans = sorted({(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)})
@@ -262,6 +284,33 @@ class FreeBusyIndex:
             if start_ms < end_ms:
                 args += [start_ms, f"x|{start_ms}|{end_ms}"]
         await self._run("external", [keys.external(day), keys.external_fetched_at(day)], args)
+
+    async def external_fetched_at(self, resource_id: str, days: Sequence[date]) -> dict[date, datetime]:
+        """When the external data of each of ``days`` was fetched; a day without data is left out.
+        One MGET (the keys share the resource's hash slot)."""
+        if not days:
+            return {}
+        keys = self.keys(resource_id)
+        stamps = await self._redis.mget([keys.external_fetched_at(day) for day in days])
+        return {day: _from_ms(int(stamp)) for day, stamp in zip(days, stamps, strict=True) if stamp is not None}
+
+    async def external_busy(self, resource_id: str, window: Interval) -> tuple[Interval, ...]:
+        """External busy time overlapping ``window`` (clipped to UTC days, merged), in one round trip."""
+        keys = self.keys(resource_id)
+        start_ms, end_ms = _span_ms(window)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for d in _day_numbers(start_ms, end_ms):
+                pipe.zrangebyscore(keys.external(_day(d)), "-inf", f"({end_ms}")
+            replies = await pipe.execute()
+        spans = sorted(
+            {
+                (int(s), int(e))
+                for members in replies
+                for _, s, e in (_text(member).split("|") for member in members)
+                if int(e) > start_ms
+            }
+        )
+        return tuple(Interval(_from_ms(s), _from_ms(e)) for s, e in _merge(spans))
 
     async def rebuild(
         self,
@@ -297,7 +346,13 @@ class FreeBusyIndex:
         await self._redis.delete(self.keys(resource_id).meta)
 
     async def _hold(
-        self, resource_id: str, blocks: Sequence[Interval], ttl: timedelta, owner: str, ignore_booking: str | None
+        self,
+        resource_id: str,
+        blocks: Sequence[Interval],
+        ttl: timedelta,
+        owner: str,
+        ignore_booking: str | None,
+        refuse_external: bool,
     ) -> HoldOutcome | list[tuple[int, int, int]]:
         keys = self.keys(resource_id)
         _check_id("owner", owner)
@@ -310,12 +365,19 @@ class FreeBusyIndex:
         token = f"{secrets.token_urlsafe(18)}.{encoded}"
         reply = await self._run(
             "hold",
-            [keys.meta, keys.hold(token), *(keys.busy(_day(d)) for d in days), *(keys.external(_day(d)) for d in days)],
+            [
+                keys.meta,
+                keys.hold(token),
+                *(keys.busy(_day(d)) for d in days),
+                *(keys.external(_day(d)) for d in days),
+                *(keys.external_fetched_at(_day(d)) for d in days),
+            ],
             [
                 token,
                 owner,
                 _positive_ms(ttl, "ttl"),
                 ignore_booking or "",
+                "1" if refuse_external else "0",
                 len(days),
                 *days,
                 *(_day(d).isoformat() for d in days),
@@ -324,7 +386,18 @@ class FreeBusyIndex:
         )
         status = _text(reply[0])
         if status == "granted":
-            return HoldGranted(token, resource_id, blocks[0], _from_ms(int(reply[1])), tuple(blocks))
+            oldest = _text(reply[2])
+            flat = reply[3:]
+            overlaps = _merge(sorted({(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)}))
+            return HoldGranted(
+                token,
+                resource_id,
+                blocks[0],
+                _from_ms(int(reply[1])),
+                tuple(blocks),
+                tuple(Interval(_from_ms(s), _from_ms(e)) for s, e in overlaps),
+                _from_ms(int(oldest)) if oldest else None,
+            )
         if status == "in_progress":
             return HoldInProgress(resource_id, _text(reply[1]))
         if status == "not_ready":

@@ -58,6 +58,8 @@ class BookingView:
     link: str | None = None
     previous_start: datetime | None = None
     """For a reschedule: when the booking was before it moved."""
+    occurrences: int = 1
+    """For the confirmation of a recurring booking: how many appointments the series holds."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start", ensure_utc(self.start))
@@ -72,7 +74,13 @@ class BookingView:
 
     @classmethod
     def of(
-        cls, booking: Booking, business: Business, *, link: str | None = None, previous_start: datetime | None = None
+        cls,
+        booking: Booking,
+        business: Business,
+        *,
+        link: str | None = None,
+        previous_start: datetime | None = None,
+        occurrences: int = 1,
     ) -> BookingView:
         service = business.service(booking.service_id)
         return cls(
@@ -85,6 +93,7 @@ class BookingView:
             customer_zone=booking.customer.time_zone,
             link=link,
             previous_start=previous_start,
+            occurrences=occurrences,
         )
 
 
@@ -118,6 +127,7 @@ _TEMPLATES: dict[str, dict[MessageKind, str]] = {
 }
 _GREETING = {"en": ("Hi {name}, ", "Hi, "), "es": ("Hola {name}: ", "Hola: ")}
 _PREVIOUS = {"en": " from {when}", "es": " del {when}"}
+_SERIES = {"en": " (first of {count})", "es": " (primera de {count})"}
 _LINK = {"en": " Manage: {link}", "es": " Gestionar: {link}"}
 _STOP_FOOTER = {"en": " Reply STOP to opt out.", "es": " Responda STOP para darse de baja."}
 
@@ -160,11 +170,14 @@ def render(kind: MessageKind, locale: str | None, view: BookingView, *, stop_foo
     previous = ""
     if kind is MessageKind.RESCHEDULE and view.previous_start is not None:
         previous = _PREVIOUS[language].format(when=format_when(view.previous_start, view.zone_name, language))
+    when = format_when(view.start, view.zone_name, language)
+    if kind is MessageKind.CONFIRMATION and view.occurrences > 1:
+        when += _SERIES[language].format(count=view.occurrences)
     text = _TEMPLATES[language][kind].format(
         greeting=greeting,
         service=view.service_name,
         business=view.business_name,
-        when=format_when(view.start, view.zone_name, language),
+        when=when,
         previous=previous,
         ref=view.reference,
     )

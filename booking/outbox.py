@@ -7,14 +7,16 @@ lease, run them, and :meth:`Outbox.complete` or :meth:`Outbox.fail` them. A work
 lease only until it expires; the row then runs again, so handlers must be idempotent (each effect carries
 an ``idempotency_key`` for the provider).
 
-Effects of one booking run in id order: a row is claimable only once no earlier row of its booking is
-pending or running, so a cancellation never overtakes the creation it undoes.
+Effects of one booking run in id order within each integration: a row is claimable only once no earlier
+row of its booking and integration is pending or running, so a cancellation never overtakes the creation
+it undoes, while the calendar and the texts of one booking go out side by side.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,10 +25,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from sqlalchemy import Row, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Integer, Row, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import BindParameter
 
-from booking.domain import Booking, BookingStatus, Customer, Interval
+from booking.domain import Booking, BookingStatus, Customer, Interval, SmsConsent, ensure_utc
 from booking.errors import EffectFailed
 from booking.ledger import schema as t
 from booking.ledger.database import Database
@@ -38,6 +41,11 @@ REMINDER_LEAD = timedelta(hours=24)
 """A reminder SMS goes out this long before the start, for bookings made earlier than that."""
 
 MAX_ERROR_LENGTH = 2000
+SERIES = "series"
+"""Payload key of an effect of a recurring booking: ``id`` and, on the first occurrence's creation,
+``rrule`` and ``count``; on a later change of one occurrence, its ``original_start``."""
+SCHEDULED_FOR = "scheduled_for"
+"""Payload key of a delayed effect (a reminder): the time it was enqueued to run at."""
 
 EFFECTS_CHANNEL = "voicebook:effects"
 """Redis channel PUBLISHed to after a commit that enqueued effects; idle workers SUBSCRIBE to it."""
@@ -98,6 +106,17 @@ DEFAULT_POLICIES: Mapping[str, RetryPolicy] = {
 FALLBACK_POLICY = RetryPolicy(base=timedelta(seconds=5), cap=timedelta(minutes=15), max_attempts=10)
 
 
+def scaled_policies(scale: float, policies: Mapping[str, RetryPolicy] = DEFAULT_POLICIES) -> dict[str, RetryPolicy]:
+    """``policies`` with every base and cap multiplied by ``scale`` (attempts unchanged); a provider's
+    ``Retry-After`` is still honoured in full."""
+    if scale <= 0:
+        raise ValueError(f"backoff scale must be positive, not {scale}")
+    return {
+        name: RetryPolicy(base=policy.base * scale, cap=policy.cap * scale, max_attempts=policy.max_attempts)
+        for name, policy in policies.items()
+    }
+
+
 def policy_for(kind: str, policies: Mapping[str, RetryPolicy] = DEFAULT_POLICIES) -> RetryPolicy:
     return policies.get(integration_of(kind), FALLBACK_POLICY)
 
@@ -124,8 +143,14 @@ class Effect:
     def integration(self) -> str:
         return integration_of(self.kind)
 
+    @property
+    def wanted_at(self) -> datetime:
+        """When the effect was meant to happen: its booking change, or the time a delayed one was set for."""
+        scheduled = self.payload.get(SCHEDULED_FOR)
+        return datetime.fromisoformat(scheduled) if isinstance(scheduled, str) else ensure_utc(self.created_at)
 
-def _effect_from_row(row: Row[Any]) -> Effect:
+
+def effect_from_row(row: Row[Any]) -> Effect:
     m = row._mapping
     return Effect(
         id=int(m["id"]),
@@ -171,6 +196,7 @@ def booking_payload(booking: Booking) -> dict[str, Any]:
         "series_id": booking.series_id,
         "source": booking.source,
         "notes": booking.notes,
+        "sms_consent": booking.sms_consent.value,
         "customer": {
             "id": booking.customer.id,
             "phone": booking.customer.phone,
@@ -205,10 +231,12 @@ def booking_from_payload(payload: Mapping[str, Any]) -> Booking:
         series_id=payload["series_id"],
         source=payload["source"],
         notes=payload["notes"],
+        # Effects enqueued before consent was recorded carry none: those bookings were texted as implied.
+        sms_consent=SmsConsent(payload.get("sms_consent", SmsConsent.IMPLIED.value)),
     )
 
 
-def _row(
+def effect_row(
     booking: Booking,
     kind: EffectKind,
     now: datetime,
@@ -220,6 +248,8 @@ def _row(
     payload = booking_payload(booking)
     if extra:
         payload.update(extra)
+    if due_at is not None:
+        payload[SCHEDULED_FOR] = _iso(due_at)  # retries move due_at; this keeps when it was meant to run
     return {
         "booking_id": booking.id,
         "kind": kind.value,
@@ -238,9 +268,9 @@ def _row(
     }
 
 
-def _reminder(booking: Booking, now: datetime) -> list[dict[str, Any]]:
+def reminder_rows(booking: Booking, now: datetime) -> list[dict[str, Any]]:
     due = booking.start - REMINDER_LEAD
-    return [_row(booking, EffectKind.SMS_REMINDER, now, due_at=due)] if due > now else []
+    return [effect_row(booking, EffectKind.SMS_REMINDER, now, due_at=due)] if due > now else []
 
 
 def _cancel_pending_reminders(conn: Connection, booking_id: str, now: datetime) -> None:
@@ -252,21 +282,48 @@ def _cancel_pending_reminders(conn: Connection, booking_id: str, now: datetime) 
     )
 
 
-def _insert(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def insert_effects(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     # One statement, rows in list order: their ids give the order in which the booking's effects run.
     if rows:
         conn.execute(insert(t.effects), list(rows))
     return len(rows)
 
 
-def record_created(conn: Connection, bookings: Sequence[Booking], now: datetime) -> int:
-    """Enqueue the calendar event, the confirmation and (if there is time) the reminder of each booking."""
+def record_created(
+    conn: Connection, bookings: Sequence[Booking], now: datetime, *, series_rule: str | None = None
+) -> int:
+    """Enqueue the calendar event, the confirmation and (if there is time) the reminder of each booking.
+
+    The occurrences of a recurring booking (``series_rule`` given) share one recurring calendar event and
+    one confirmation, both enqueued with the first occurrence; each occurrence keeps its own reminder."""
     rows: list[dict[str, Any]] = []
+    if series_rule is not None and bookings:
+        first = min(bookings, key=lambda booking: booking.start)
+        series = {SERIES: {"id": first.series_id, "rrule": series_rule, "count": len(bookings)}}
+        rows.append(effect_row(first, EffectKind.CALENDAR_CREATE, now, extra=series))
+        rows.append(effect_row(first, EffectKind.SMS_CONFIRMATION, now, extra=series))
+        for booking in sorted(bookings, key=lambda booking: booking.start):
+            rows.extend(reminder_rows(booking, now))
+        return insert_effects(conn, rows)
     for booking in bookings:
-        rows.append(_row(booking, EffectKind.CALENDAR_CREATE, now))
-        rows.append(_row(booking, EffectKind.SMS_CONFIRMATION, now))
-        rows.extend(_reminder(booking, now))
-    return _insert(conn, rows)
+        rows.append(effect_row(booking, EffectKind.CALENDAR_CREATE, now))
+        rows.append(effect_row(booking, EffectKind.SMS_CONFIRMATION, now))
+        rows.extend(reminder_rows(booking, now))
+    return insert_effects(conn, rows)
+
+
+def occurrence_extra(conn: Connection, booking: Booking) -> dict[str, Any]:
+    """For an occurrence of a recurring booking: its series and the start it was created with, which
+    names its instance of the series' calendar event however often it has moved since."""
+    if booking.series_id is None:
+        return {}
+    created = conn.execute(
+        select(t.booking_events.c.details)
+        .where(t.booking_events.c.booking_id == booking.id, t.booking_events.c.kind == "created")
+        .order_by(t.booking_events.c.id)
+        .limit(1)
+    ).scalar_one()
+    return {SERIES: {"id": booking.series_id, "original_start": created["start"]}}
 
 
 def record_rescheduled(conn: Connection, before: Booking, after: Booking, now: datetime) -> int:
@@ -275,11 +332,11 @@ def record_rescheduled(conn: Connection, before: Booking, after: Booking, now: d
     _cancel_pending_reminders(conn, after.id, now)
     previous = {"previous": {"resource_id": before.resource_id, "start": _iso(before.start), "end": _iso(before.end)}}
     rows = [
-        _row(after, EffectKind.CALENDAR_UPDATE, now, extra=previous),
-        _row(after, EffectKind.SMS_RESCHEDULE, now, extra=previous),
-        *_reminder(after, now),
+        effect_row(after, EffectKind.CALENDAR_UPDATE, now, extra=previous | occurrence_extra(conn, after)),
+        effect_row(after, EffectKind.SMS_RESCHEDULE, now, extra=previous),
+        *reminder_rows(after, now),
     ]
-    return _insert(conn, rows)
+    return insert_effects(conn, rows)
 
 
 def record_status_change(conn: Connection, after: Booking, now: datetime, *, reason: str | None = None) -> int:
@@ -290,10 +347,10 @@ def record_status_change(conn: Connection, after: Booking, now: datetime, *, rea
         return 0
     extra = {"reason": reason}
     rows = [
-        _row(after, EffectKind.CALENDAR_DELETE, now, extra=extra),
-        _row(after, EffectKind.SMS_CANCELLATION, now, extra=extra),
+        effect_row(after, EffectKind.CALENDAR_DELETE, now, extra=extra | occurrence_extra(conn, after)),
+        effect_row(after, EffectKind.SMS_CANCELLATION, now, extra=extra),
     ]
-    return _insert(conn, rows)
+    return insert_effects(conn, rows)
 
 
 class RedisNotifier:
@@ -316,6 +373,110 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:MAX_ERROR_LENGTH]
 
 
+EXHAUSTED_SWEEP_INTERVAL = timedelta(seconds=5)
+"""How often a claiming worker also moves poison effects (every attempt's lease lost) to the dead letters."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ClaimStatements:
+    exhausted: Any
+    pick: Any
+    lease: Any
+
+
+@functools.cache
+def _claim_statements(kinds: tuple[str, ...], postgres: bool) -> _ClaimStatements:
+    """The claim's statements for one set of kinds, built once: their values are bound per call
+    (``claim_now``, ``claim_limit``, ``claim_owner``, ``claim_expires``; ``claim_ids`` on PostgreSQL)."""
+    now: BindParameter[datetime] = bindparam("claim_now", type_=t.UTCDateTime())
+    candidate = t.effects.alias("candidate")
+    earlier = t.effects.alias("earlier")
+    c = candidate.c
+    # Order matters within one integration (an event is created before it is deleted, a booking is
+    # confirmed before it is cancelled) but not across them: a text does not wait for a calendar outage.
+    same_integration = or_(
+        *(
+            and_(c.kind.like(f"{integration}.%"), earlier.c.kind.like(f"{integration}.%"))
+            for integration in sorted({integration_of(kind) for kind in kinds})
+        )
+    )
+    blocked = exists().where(
+        earlier.c.booking_id == c.booking_id,
+        earlier.c.id < c.id,
+        earlier.c.status.in_((EffectStatus.PENDING.value, EffectStatus.RUNNING.value)),
+        same_integration,
+    )
+    due = (
+        select(c.id)
+        .where(
+            c.kind.in_(kinds),
+            or_(
+                and_(c.status == EffectStatus.PENDING.value, c.due_at <= now),
+                and_(c.status == EffectStatus.RUNNING.value, c.lease_expires_at <= now),
+            ),
+            ~blocked,
+        )
+        .order_by(c.due_at, c.id)
+        .limit(bindparam("claim_limit", type_=Integer))
+    )
+    e = t.effects.c
+    lease_values = {
+        "status": EffectStatus.RUNNING.value,
+        "lease_owner": bindparam("claim_owner"),
+        "lease_expires_at": bindparam("claim_expires", type_=t.UTCDateTime()),
+        "attempts": e.attempts + 1,
+        "updated_at": now,
+    }
+    # An effect whose every attempt ended in a lost lease is presumed to kill its worker (a poison
+    # effect): it goes to the dead letters instead of taking down worker after worker.
+    exhausted = (
+        update(t.effects)
+        .where(
+            e.status == EffectStatus.RUNNING.value,
+            e.lease_expires_at <= now,
+            e.attempts >= e.max_attempts,
+            e.kind.in_(kinds),
+        )
+        .values(
+            status=EffectStatus.DEAD.value,
+            last_error=func.coalesce(e.last_error + "\n", "") + "lease expired on the last attempt",
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+    if postgres:
+        pick = due.with_for_update(skip_locked=True, of=candidate)
+        target = e.id.in_(bindparam("claim_ids", expanding=True))
+    else:
+        pick = due
+        target = e.id.in_(due.scalar_subquery())
+    lease = update(t.effects).where(target).values(lease_values).returning(t.effects)
+    return _ClaimStatements(exhausted=exhausted, pick=pick, lease=lease)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    now: datetime
+    due: dict[str, int]
+    oldest_due: dict[str, datetime]
+    dead: dict[str, int]
+
+    def by_integration(self, counts: Mapping[str, int]) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for kind, count in counts.items():
+            totals[integration_of(kind)] = totals.get(integration_of(kind), 0) + count
+        return totals
+
+    def longest_wait(self) -> dict[str, float]:
+        """Seconds the longest-waiting due effect of each integration has waited."""
+        waits: dict[str, float] = {}
+        for kind, due_at in self.oldest_due.items():
+            wait = max((self.now - due_at).total_seconds(), 0.0)
+            waits[integration_of(kind)] = max(waits.get(integration_of(kind), 0.0), wait)
+        return waits
+
+
 class Outbox:
     """Claims, outcomes, metrics and dead letters of the effects table."""
 
@@ -333,6 +494,10 @@ class Outbox:
         self._policies = policies
         self._rng = rng or random.Random()
         self._notify = notify
+        self._last_sweep: datetime | None = None
+
+    def now(self) -> datetime:
+        return self._clock()
 
     async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease: timedelta) -> list[Effect]:
         """Lease up to ``limit`` due effects of ``kinds`` to ``owner`` (oldest due first). A running effect
@@ -340,66 +505,30 @@ class Outbox:
         if limit < 1 or not kinds:
             return []
         now = self._clock()
-        candidate = t.effects.alias("candidate")
-        earlier = t.effects.alias("earlier")
-        c = candidate.c
-        blocked = exists().where(
-            earlier.c.booking_id == c.booking_id,
-            earlier.c.id < c.id,
-            earlier.c.status.in_((EffectStatus.PENDING.value, EffectStatus.RUNNING.value)),
-        )
-        due = select(c.id).where(
-            c.kind.in_(list(kinds)),
-            or_(
-                and_(c.status == EffectStatus.PENDING.value, c.due_at <= now),
-                and_(c.status == EffectStatus.RUNNING.value, c.lease_expires_at <= now),
-            ),
-            ~blocked,
-        )
-        due = due.order_by(c.due_at, c.id).limit(limit)
-        e = t.effects.c
-        lease_values = {
-            "status": EffectStatus.RUNNING.value,
-            "lease_owner": owner,
-            "lease_expires_at": now + lease,
-            "attempts": e.attempts + 1,
-            "updated_at": now,
-        }
         postgres = self._db.dialect == "postgresql"
-        # An effect whose every attempt ended in a lost lease is presumed to kill its worker (a poison
-        # effect): it goes to the dead letters instead of taking down worker after worker.
-        exhausted = (
-            update(t.effects)
-            .where(
-                e.status == EffectStatus.RUNNING.value,
-                e.lease_expires_at <= now,
-                e.attempts >= e.max_attempts,
-                e.kind.in_(list(kinds)),
-            )
-            .values(
-                status=EffectStatus.DEAD.value,
-                last_error=func.coalesce(e.last_error + "\n", "") + "lease expired on the last attempt",
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
+        statements = _claim_statements(tuple(sorted(kinds)), postgres)
+        params = {"claim_now": now, "claim_limit": limit, "claim_owner": owner, "claim_expires": now + lease}
+        sweep = self._last_sweep is None or now - self._last_sweep >= EXHAUSTED_SWEEP_INTERVAL
+        if sweep:
+            self._last_sweep = now
 
         def work(conn: Connection) -> list[Effect]:
-            conn.execute(exhausted)
+            if sweep:
+                conn.execute(statements.exhausted, {"claim_now": now})
             if postgres:
                 # Rows another worker is claiming right now are skipped, not waited for; a row it has
                 # just claimed fails the re-check of the WHERE clause once its lock is released.
-                ids = conn.execute(due.with_for_update(skip_locked=True, of=candidate)).scalars().all()
+                ids = conn.execute(statements.pick, params).scalars().all()
                 if not ids:
                     return []
-                target = e.id.in_(ids)
+                rows = conn.execute(statements.lease, params | {"claim_ids": list(ids)}).all()
             else:
                 # SQLite has one writer at a time (ours, BEGIN IMMEDIATE): select and update in one
                 # statement and no other claim can interleave.
-                target = e.id.in_(due.scalar_subquery())
-            rows = conn.execute(update(t.effects).where(target).values(lease_values).returning(t.effects)).all()
-            return sorted((_effect_from_row(row) for row in rows), key=lambda effect: effect.id)
+                rows = conn.execute(statements.lease, params).all()
+            return sorted((effect_from_row(row) for row in rows), key=lambda effect: effect.id)
+
+        return await self._db.write(work)
 
         return await self._db.write(work)
 
@@ -459,30 +588,46 @@ class Outbox:
     async def get(self, effect_id: int) -> Effect | None:
         async with self._db.reader.connect() as conn:
             row = (await conn.execute(select(t.effects).where(t.effects.c.id == effect_id))).first()
-        return _effect_from_row(row) if row is not None else None
+        return effect_from_row(row) if row is not None else None
 
     async def for_booking(self, booking_id: str) -> list[Effect]:
         query = select(t.effects).where(t.effects.c.booking_id == booking_id).order_by(t.effects.c.id)
         async with self._db.reader.connect() as conn:
-            return [_effect_from_row(row) for row in await conn.execute(query)]
+            return [effect_from_row(row) for row in await conn.execute(query)]
 
     async def queue_depth(self) -> dict[str, int]:
         """Pending effects that are due now, per kind (what a metrics gauge reports)."""
+        return (await self.stats()).due
+
+    async def stats(self) -> OutboxStats:
+        """What the outbox holds now, for metrics: due effects per kind, when the longest-waiting one of
+        each kind became due, and dead letters per kind."""
         e = t.effects.c
-        query = (
-            select(e.kind, func.count())
-            .where(e.status == EffectStatus.PENDING.value, e.due_at <= self._clock())
+        now = self._clock()
+        due = (
+            select(e.kind, func.count(), func.min(e.due_at))
+            .where(e.status == EffectStatus.PENDING.value, e.due_at <= now)
             .group_by(e.kind)
         )
+        dead = select(e.kind, func.count()).where(e.status == EffectStatus.DEAD.value).group_by(e.kind)
         async with self._db.reader.connect() as conn:
-            return {kind: int(count) for kind, count in await conn.execute(query)}
+            due_rows = (await conn.execute(due)).all()
+            dead_rows = (await conn.execute(dead)).all()
+        return OutboxStats(
+            now=now,
+            due={kind: int(count) for kind, count, _ in due_rows},
+            oldest_due={kind: ensure_utc(oldest) for kind, _, oldest in due_rows if oldest is not None},
+            dead={kind: int(count) for kind, count in dead_rows},
+        )
 
     # -- dead letters ----------------------------------------------------------------------------
-    async def dead_letters(self, *, limit: int = 100) -> list[Effect]:
+    async def dead_letters(self, *, limit: int = 100, newest_first: bool = False) -> list[Effect]:
+        """Dead effects in the order they died (``newest_first`` reverses it: what an operator looks at)."""
         e = t.effects.c
-        query = select(t.effects).where(e.status == EffectStatus.DEAD.value).order_by(e.updated_at, e.id).limit(limit)
+        order = (e.updated_at.desc(), e.id.desc()) if newest_first else (e.updated_at, e.id)
+        query = select(t.effects).where(e.status == EffectStatus.DEAD.value).order_by(*order).limit(limit)
         async with self._db.reader.connect() as conn:
-            return [_effect_from_row(row) for row in await conn.execute(query)]
+            return [effect_from_row(row) for row in await conn.execute(query)]
 
     async def _settle_dead(self, effect_id: int, values: dict[str, Any]) -> Effect | None:
         e = t.effects.c
@@ -495,7 +640,7 @@ class Outbox:
 
         def work(conn: Connection) -> Effect | None:
             row = conn.execute(statement).first()
-            return _effect_from_row(row) if row is not None else None
+            return effect_from_row(row) if row is not None else None
 
         return await self._db.write(work)
 

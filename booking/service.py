@@ -1,7 +1,10 @@
 """The booking service: the only way bookings are made, moved and cancelled.
 
 The fast path of :meth:`BookingService.book` is one Redis round trip (an atomic hold), one ledger
-transaction, and one Redis round trip to record the booking in the index. No external API is on it.
+transaction, and one Redis round trip to record the booking in the index. No external API is on it: when
+the external calendar data a hold was checked against is stale, a refresh starts in the background.
+Availability queries do wait for a stale resource's calendar, briefly (``external_wait``), and answer from
+what the index has when the calendar is slow or failing.
 
 Redis decides quickly and the ledger decides finally: a hold keeps concurrent callers off a slot while the
 transaction runs, and the database's own overlap guarantee refuses anything the cache missed (a flushed
@@ -20,8 +23,9 @@ from typing import Any, NoReturn, TypeVar
 
 from booking.availability import SlotProblem, check_slot, free_slots, rank_slots
 from booking.business import Business, Service
-from booking.domain import Booking, BookingStatus, Interval, Slot, ensure_utc
+from booking.domain import Booking, BookingStatus, Interval, Slot, SmsConsent, ensure_utc
 from booking.errors import IdempotencyKeyReused, InvalidRequest, RequestInProgress
+from booking.external_busy import ExternalBusyRefresher, overlap_warnings
 from booking.freebusy import FreeBusyIndex, HoldGranted, HoldInProgress, HoldUnavailable, IndexNotReady
 from booking.ledger.repository import (
     Clock,
@@ -51,6 +55,9 @@ INDEX_MARGIN = timedelta(days=2)
 SEARCH_DAYS_AFTER = 7
 SEARCH_DAYS_BEFORE = 2
 
+EXTERNAL_WAIT = timedelta(seconds=2)
+"""How long an availability query waits for a stale external calendar before answering without it."""
+
 
 @dataclass(frozen=True, slots=True)
 class BookRequest:
@@ -64,13 +71,17 @@ class BookRequest:
     notes: str | None = None
     source: str = "api"
     actor: str = "api"
+    sms_consent: SmsConsent = SmsConsent.IMPLIED
 
 
 @dataclass(frozen=True, slots=True)
 class Booked:
+    """``warnings`` name external calendar busy time the booking overlaps (``soft`` conflict policy)."""
+
     bookings: tuple[Booking, ...]
     replayed: bool = False
     series_id: str | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def booking(self) -> Booking:
@@ -96,9 +107,12 @@ class SlotUnavailable:
 
 @dataclass(frozen=True, slots=True)
 class Held:
+    """``warnings`` name external calendar busy time the slot overlaps (``soft`` conflict policy)."""
+
     token: str
     slot: Slot
     expires_at: datetime
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +133,17 @@ class BookingService:
         index: FreeBusyIndex,
         *,
         clock: Clock = utc_now,
+        external: ExternalBusyRefresher | None = None,
+        external_wait: timedelta = EXTERNAL_WAIT,
     ) -> None:
+        """``external`` keeps resources' external calendar busy time in the index (None: no external
+        calendar); availability queries wait at most ``external_wait`` for it."""
         self.business = business
         self.ledger = ledger
         self.index = index
         self._clock = clock
+        self._external = external
+        self._external_wait = external_wait
         self._region = region_of(business.phone)
         self._rebuild_locks: dict[str, asyncio.Lock] = {}
         self._rebuilds: dict[str, int] = {}
@@ -227,12 +247,39 @@ class BookingService:
 
     # -- queries ----------------------------------------------------------------------------------
     async def busy(self, resource_id: str, window: Interval) -> tuple[Interval, ...]:
-        snapshot = await self.index.snapshot(resource_id, window)
+        """What makes the resource unavailable in ``window``: bookings, live holds, and external busy
+        time under the ``hard`` policy. Stale external time is refreshed first, waiting at most
+        ``external_wait``; a slow or failing calendar leaves the answer to what the index has (the
+        ledger still refuses a double booking)."""
+        hard = self.business.external_conflicts(resource_id) == "hard"
+        snapshot = await self.index.snapshot(resource_id, window, include_external=hard)
         if not snapshot.ready:
             days = (window.start.date(), window.end.date())
             await self._ensure_index(resource_id, days)
+            snapshot = await self.index.snapshot(resource_id, window, include_external=hard)
+        # Under the soft policy external time hides no slot, so the answer does not wait for it.
+        external = self._external
+        if (
+            hard
+            and external is not None
+            and external.is_stale(resource_id, window, snapshot.external_fetched_at)
+            and await external.try_ensure_fresh(resource_id, window, wait=self._external_wait)
+        ):
             snapshot = await self.index.snapshot(resource_id, window)
         return snapshot.busy
+
+    def _refresh_soon(self, granted: HoldGranted) -> None:
+        """After a hold: when the external data it was checked against is stale, refresh it in the
+        background (the hold path never waits on the calendar)."""
+        external = self._external
+        if external is None or not external.tracks(granted.resource_id):
+            return
+        if external.outdated(granted.external_fetched_at):
+            window = Interval(min(b.start for b in granted.blocks), max(b.end for b in granted.blocks))
+            self._own(external.try_ensure_fresh(granted.resource_id, window))
+
+    def _warnings(self, resource_id: str, overlaps: Sequence[Interval]) -> tuple[str, ...]:
+        return overlap_warnings(self.business, resource_id, overlaps)
 
     async def find_slots(
         self,
@@ -255,7 +302,14 @@ class BookingService:
                 local_day_bounds(local_day + timedelta(days=SEARCH_DAYS_AFTER), self.business.tz)[1],
             )
         busy_window = window.widen(service.buffer_before + service.duration, service.duration + service.buffer_after)
-        busy = {rid: await self.busy(rid, busy_window) for rid in candidates}
+        # Concurrently: each resource may wait (briefly) for its external calendar. Every read is
+        # awaited to its end, then the first error (if any) is raised as it is.
+        answers = await asyncio.gather(*(self.busy(rid, busy_window) for rid in candidates), return_exceptions=True)
+        busy: dict[str, tuple[Interval, ...]] = {}
+        for rid, answer in zip(candidates, answers, strict=True):
+            if isinstance(answer, BaseException):
+                raise answer
+            busy[rid] = answer
         slots = free_slots(self.business, service, candidates, window, busy, self._clock())
         if near is None:
             return SlotSearch(tuple(slots[:limit]))
@@ -300,7 +354,7 @@ class BookingService:
             outcome = await self._take_hold(rid, [block], ttl=ttl, owner=owner or f"hold:{secrets.token_hex(8)}")
             if isinstance(outcome, HoldGranted):
                 slot = Slot(rid, service.id, start, start + service.duration, block)
-                return Held(outcome.token, slot, outcome.expires_at)
+                return Held(outcome.token, slot, outcome.expires_at, self._warnings(rid, outcome.external_overlaps))
             if isinstance(outcome, HoldInProgress):
                 raise RequestInProgress("this caller already holds an overlapping slot", resource_id=rid)
         return SlotUnavailable(service.id, start, await self.alternatives(service.id, start, resource_id))
@@ -311,13 +365,23 @@ class BookingService:
     async def _take_hold(
         self, resource_id: str, blocks: list[Interval], *, ttl: timedelta, owner: str, ignore_booking: str | None = None
     ) -> HoldGranted | HoldUnavailable | HoldInProgress:
+        refuse_external = self.business.external_conflicts(resource_id) == "hard"
         for _ in range(2):
             if len(blocks) == 1:
                 outcome = await self.index.hold(
-                    resource_id, blocks[0], ttl=ttl, owner=owner, ignore_booking=ignore_booking
+                    resource_id,
+                    blocks[0],
+                    ttl=ttl,
+                    owner=owner,
+                    ignore_booking=ignore_booking,
+                    refuse_external=refuse_external,
                 )
             else:
-                outcome = await self.index.hold_many(resource_id, blocks, ttl=ttl, owner=owner)
+                outcome = await self.index.hold_many(
+                    resource_id, blocks, ttl=ttl, owner=owner, refuse_external=refuse_external
+                )
+            if isinstance(outcome, HoldGranted):
+                self._refresh_soon(outcome)
             if not isinstance(outcome, IndexNotReady):
                 return outcome
             await self._ensure_index(resource_id, outcome.missing_days)
@@ -378,18 +442,21 @@ class BookingService:
         for resource_id in candidates:
             if series is not None and self._series_rule_conflicts(service, [resource_id], starts) is not None:
                 continue
-            token = await self._secure(resource_id, blocks, request.hold_token, owner)
-            if isinstance(token, HoldUnavailable):
+            secured = await self._secure(resource_id, blocks, request.hold_token, owner)
+            if isinstance(secured, HoldUnavailable):
                 if not first_conflicts and series is not None:
-                    first_conflicts = self._occurrence_conflicts(starts, blocks, token.conflicts)
+                    first_conflicts = self._occurrence_conflicts(starts, blocks, secured.conflicts)
                 continue
+            token, overlaps = secured
             new = [
                 NewBooking(resource_id, service.id, s, s + service.duration, b)
                 for s, b in zip(starts, blocks, strict=True)
             ]
             result = await self._shielded(self._commit(request, customer, new, series, fingerprint, resource_id, token))
             if isinstance(result, Created):
-                return Booked(result.bookings, series_id=result.series_id)
+                return Booked(
+                    result.bookings, series_id=result.series_id, warnings=self._warnings(resource_id, overlaps)
+                )
             if isinstance(result, KeyTaken):
                 return await self._replay(result.record, fingerprint)
             if isinstance(result, Overlap):
@@ -430,6 +497,7 @@ class BookingService:
                 series=series,
                 source=request.source,
                 notes=request.notes,
+                sms_consent=request.sms_consent,
                 actor=request.actor,
             )
         except BaseException:
@@ -449,27 +517,31 @@ class BookingService:
 
     async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` to completion even if the caller is cancelled (a caller barging in, a client
-        hanging up): once a booking is being written it is finished and recorded, never half-done.
-        The task is kept until done and awaited by :meth:`drain` at shutdown."""
+        hanging up): once a booking is being written it is finished and recorded, never half-done."""
+        return await asyncio.shield(self._own(work))
+
+    def _own(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Start ``work`` as a task kept until done and awaited by :meth:`drain` at shutdown."""
         task = asyncio.get_running_loop().create_task(work)
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        return await asyncio.shield(task)
+        return task
 
     async def drain(self) -> None:
-        """Wait for booking writes still in flight (called at shutdown)."""
+        """Wait for booking writes and background refreshes still in flight (called at shutdown)."""
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     async def _secure(
         self, resource_id: str, blocks: list[Interval], hold_token: str | None, owner: str
-    ) -> str | HoldUnavailable:
+    ) -> tuple[str, tuple[Interval, ...]] | HoldUnavailable:
         """The token of a live hold on ``blocks``: the caller's own hold when it still covers them,
-        else a fresh one. A stale token never wins: if it expired, the slot is taken anew or not at all."""
+        else a fresh one. A stale token never wins: if it expired, the slot is taken anew or not at all.
+        With the token come the external busy intervals the blocks overlap (soft policy only)."""
         if hold_token is not None and len(blocks) == 1:
             held = await self.index.refresh_hold(hold_token, ttl=COMMIT_HOLD_TTL)
             if held is not None and held.resource_id == resource_id and held.block == blocks[0]:
-                return held.token
+                return held.token, await self._soft_overlaps(resource_id, blocks[0])
         outcome = await self._take_hold(resource_id, blocks, ttl=COMMIT_HOLD_TTL, owner=owner)
         if isinstance(outcome, HoldInProgress):
             raise RequestInProgress(
@@ -477,7 +549,16 @@ class BookingService:
             )
         if isinstance(outcome, HoldUnavailable):
             return outcome
-        return outcome.token
+        return outcome.token, outcome.external_overlaps
+
+    async def _soft_overlaps(self, resource_id: str, block: Interval) -> tuple[Interval, ...]:
+        """External busy time overlapping ``block`` of a soft-policy resource with a calendar (the hold
+        being confirmed was checked when taken; this reads it again for the booking's warnings)."""
+        if self._external is None or not self._external.tracks(resource_id):
+            return ()
+        if self.business.external_conflicts(resource_id) == "hard":
+            return ()  # the hold refused external time when it was taken
+        return await self.index.external_busy(resource_id, block)
 
     def _series_rule_conflicts(
         self, service: Service, candidates: list[str], starts: list[datetime]
@@ -570,7 +651,7 @@ class BookingService:
             else:
                 await self.index.remove_booking(booking_id, booking.resource_id, booking.block)
                 await self.index.confirm(outcome.token, booking_id=booking_id, resource_id=rid, blocks=[block])
-            return Booked((result,))
+            return Booked((result,), warnings=self._warnings(rid, outcome.external_overlaps))
         return SlotUnavailable(service.id, new_start, await self.alternatives(service.id, new_start, resource_id))
 
     async def cancel(self, booking_id: str, *, reason: str | None = None, actor: str = "api") -> Booking:

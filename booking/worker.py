@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from booking import metrics
 from booking.ledger.database import Database
 from booking.outbox import (
     DEFAULT_POLICIES,
@@ -76,6 +78,8 @@ class Worker:
         }
         if any(limit < 1 for limit in self._limits.values()):
             raise ValueError(f"concurrency must be at least 1 per integration: {self._limits}")
+        for integration, limit in self._limits.items():
+            metrics.EFFECTS_CONCURRENCY_LIMIT.labels(integration).set(limit)
         self._lease = lease
         # A handler gets most of the lease: one still running when the lease ends would run twice.
         self._handler_timeout = lease.total_seconds() * 0.8
@@ -86,6 +90,11 @@ class Worker:
         self._stopping = False
         self.listening = asyncio.Event()
         """Set while subscribed to the notification channel (a worker that is not only polls)."""
+
+    @property
+    def kinds(self) -> list[str]:
+        """The effect kinds this worker has handlers for."""
+        return sorted(self._handlers)
 
     @property
     def in_flight(self) -> int:
@@ -160,11 +169,19 @@ class Worker:
 
     async def _execute(self, effect: Effect) -> None:
         handler = self._handlers[effect.kind]
+        integration = effect.integration
+        in_flight = metrics.EFFECTS_IN_FLIGHT.labels(integration)
+        in_flight.inc()
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._handler_timeout):
                 await handler(effect)
         except Exception as error:
+            in_flight.dec()
+            metrics.EFFECT_DURATION.labels(integration).observe(time.perf_counter() - started)
             outcome = await self.outbox.fail(effect, error)
+            label = "lease_lost" if outcome is None else "dead" if outcome is EffectStatus.DEAD else "retry"
+            metrics.EFFECT_ATTEMPTS.labels(integration, effect.kind, label).inc()
             report = log.error if outcome is EffectStatus.DEAD else log.warning
             report(
                 "outbox_effect_failed",
@@ -172,12 +189,20 @@ class Worker:
                 kind=effect.kind,
                 booking_id=effect.booking_id,
                 attempts=effect.attempts,
-                outcome=outcome.value if outcome else "lease_lost",
+                outcome=label,
                 error=repr(error),
             )
             return
+        in_flight.dec()
+        metrics.EFFECT_DURATION.labels(integration).observe(time.perf_counter() - started)
         if not await self.outbox.complete(effect):
+            metrics.EFFECT_ATTEMPTS.labels(integration, effect.kind, "lease_lost").inc()
             log.warning("outbox_lease_lost", effect_id=effect.id, kind=effect.kind, owner=self.owner)
+            return
+        metrics.EFFECT_ATTEMPTS.labels(integration, effect.kind, "done").inc()
+        # From the commit that enqueued it (a reminder: from when it fell due) to done: what users wait.
+        delay = (self.outbox.now() - effect.wanted_at).total_seconds()
+        metrics.EFFECT_DELAY.labels(integration).observe(max(delay, 0.0))
 
     async def _listen(self) -> None:
         """Wake the loop on every notification; on a Redis failure, fall back to polling and resubscribe."""

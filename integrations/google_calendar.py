@@ -11,8 +11,9 @@ A resource without ``calendar_id`` gets no event: every method then returns ``No
 Failures leave this module only as :class:`~booking.errors.EffectFailed` (transient or permanent);
 HTTP status codes stay here. Google's own retries are off (``num_retries=0``): the outbox retries.
 
-The client is synchronous and httplib2 is not thread-safe, so each request runs in a worker thread with
-its own ``httplib2.Http`` wrapped in ``AuthorizedHttp``; the discovery-built service is made once and
+The client is synchronous and httplib2 is not thread-safe, so each request runs in one of the adapter's
+own threads (``threads`` of them, not the event loop's default pool, which other blocking work shares)
+with its own ``httplib2.Http`` wrapped in ``AuthorizedHttp``; the discovery-built service is made once and
 only used to build requests. ``AuthorizedHttp(max_refresh_attempts=1)`` turns a 401 into one token
 refresh and one retry; a second 401 is permanent.
 """
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import functools
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -44,10 +48,15 @@ from integrations.http_headers import retry_after
 
 SCOPES = ("https://www.googleapis.com/auth/calendar",)  # events and freeBusy
 BOOKING_ID_PROPERTY = "voicebook_booking_id"
+SERIES_ID_PROPERTY = "voicebook_series_id"
 _TRANSIENT_403_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 _BASE32HEX = str.maketrans("", "", "=")
 
 SendUpdates = Literal["all", "externalOnly", "none"]
+
+DEFAULT_THREADS = 32
+"""Requests in flight at once: at least the effect worker's concurrency, so no effect waits for a thread
+where the worker cannot see it (measured in ``load_tests/bench_effects.py``). Threads start on demand."""
 
 
 # -- the pure mapping ----------------------------------------------------------------------------
@@ -70,6 +79,21 @@ def event_id_for(booking_id: str) -> str:
     if not 5 <= len(event_id) <= 1024:
         raise ValueError(f"booking id {booking_id!r} gives an event id of {len(event_id)} characters (5..1024)")
     return event_id
+
+
+@dataclass(frozen=True, slots=True)
+class Occurrence:
+    """One occurrence of a recurring booking: its series and the start it was created with (which names
+    its instance of the series' event however often it has moved since)."""
+
+    series_id: str
+    original_start: datetime
+
+
+def instance_id_for(occurrence: Occurrence) -> str:
+    """Google's id of one instance of a recurring event: ``<event id>_<original start, UTC, basic format>``."""
+    start = occurrence.original_start.astimezone(UTC)
+    return f"{event_id_for(occurrence.series_id)}_{start:%Y%m%dT%H%M%SZ}"
 
 
 def mask_phone(phone: str) -> str:
@@ -114,16 +138,19 @@ def event_body(
         "resource": resource.name if resource is not None else booking.resource_id,
         "notes": booking.notes or "",
     }
+    recurring = booking.series_id is not None and recurrence is not None
     body: dict[str, Any] = {
-        "id": event_id_for(booking.id),
+        # A series is one event named after the series, so any occurrence can find its instance.
+        "id": event_id_for(booking.series_id if recurring and booking.series_id else booking.id),
         "summary": templates.summary.format(**fields),
         "description": templates.description.format(**fields).strip(),
         **event_times(booking, business),
         "extendedProperties": {"private": {BOOKING_ID_PROPERTY: booking.id, "source": booking.source}},
     }
-    if booking.series_id is not None and recurrence is not None:
+    if recurring and recurrence is not None and booking.series_id is not None:
         rule = recurrence.strip()
         body["recurrence"] = [rule if rule.upper().startswith("RRULE:") else f"RRULE:{rule}"]
+        body["extendedProperties"]["private"][SERIES_ID_PROPERTY] = booking.series_id
     if invite_customer and booking.customer.email:
         attendee = {"email": booking.customer.email}
         if booking.customer.name:
@@ -168,7 +195,8 @@ def classify(error: HttpError, action: str, **context: Any) -> EffectFailed:
 
 
 class GoogleCalendar:
-    """Calendar effects for bookings. Build it once per process (in the lifespan) and share it."""
+    """Calendar effects for bookings. Build it once per process (in the lifespan), share it, and
+    :meth:`close` it there. ``threads`` bounds the requests in flight (each blocks one thread)."""
 
     def __init__(
         self,
@@ -178,7 +206,11 @@ class GoogleCalendar:
         timeout: float = 10.0,
         templates: EventTemplates = EventTemplates(),  # frozen, so one shared default is safe
         invite_customers: bool = False,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="google-calendar")
         self._credentials = credentials
         self._timeout = timeout
         self._templates = templates
@@ -193,6 +225,10 @@ class GoogleCalendar:
             credentials=credentials,
             client_options=options,
         )
+        # Each ``events()`` call builds its resource anew from the discovery document (every method,
+        # docstrings included): 2.6 ms of the event loop per request, measured for load_tests/bench_effects.py.
+        self._events = self._service.events()
+        self._freebusy = self._service.freebusy()
 
     @classmethod
     def from_service_account(
@@ -239,7 +275,7 @@ class GoogleCalendar:
         body = event_body(
             booking, business, templates=self._templates, recurrence=recurrence, invite_customer=self._invite
         )
-        request = self._service.events().insert(
+        request = self._events.insert(
             calendarId=calendar_id, body=body, sendUpdates=self._send_updates(booking)
         )
         context = {"booking_id": booking.id, "calendar_id": calendar_id}
@@ -250,13 +286,26 @@ class GoogleCalendar:
         await self._execute(request, "insert", context, done_if=done_if_duplicate)
         return str(body["id"])
 
-    async def update(self, booking: Booking, business: Business) -> str | None:
-        """Move the event to the booking's current time; returns the event id, None when skipped."""
+    async def update(
+        self,
+        booking: Booking,
+        business: Business,
+        *,
+        occurrence: Occurrence | None = None,
+        previous_resource_id: str | None = None,
+    ) -> str | None:
+        """Move the event to the booking's current time (for an ``occurrence`` of a series, only its
+        instance); returns the event id, None when skipped. A booking moved to another resource
+        (``previous_resource_id``) also changes calendar: see :meth:`_change_calendar`."""
         calendar_id = _calendar_of(booking, business)
+        if previous_resource_id is not None and previous_resource_id != booking.resource_id:
+            before = replace(booking, resource_id=previous_resource_id)
+            if _calendar_of(before, business) != calendar_id:
+                return await self._change_calendar(before, booking, business, occurrence)
         if calendar_id is None:
             return None
-        event_id = event_id_for(booking.id)
-        request = self._service.events().patch(
+        event_id = instance_id_for(occurrence) if occurrence is not None else event_id_for(booking.id)
+        request = self._events.patch(
             calendarId=calendar_id,
             eventId=event_id,
             body=event_times(booking, business),
@@ -265,13 +314,14 @@ class GoogleCalendar:
         await self._execute(request, "patch", {"booking_id": booking.id, "calendar_id": calendar_id})
         return event_id
 
-    async def delete(self, booking: Booking, business: Business) -> str | None:
-        """Delete the event; 404 and 410 mean it is already gone. Returns the id, None when skipped."""
+    async def delete(self, booking: Booking, business: Business, *, occurrence: Occurrence | None = None) -> str | None:
+        """Delete the event (for an ``occurrence`` of a series, only its instance, which Google then lists
+        as cancelled); 404 and 410 mean it is already gone. Returns the id, None when skipped."""
         calendar_id = _calendar_of(booking, business)
         if calendar_id is None:
             return None
-        event_id = event_id_for(booking.id)
-        request = self._service.events().delete(
+        event_id = instance_id_for(occurrence) if occurrence is not None else event_id_for(booking.id)
+        request = self._events.delete(
             calendarId=calendar_id,
             eventId=event_id,
             sendUpdates=self._send_updates(booking),
@@ -285,6 +335,31 @@ class GoogleCalendar:
         )
         return event_id
 
+    async def _change_calendar(
+        self, before: Booking, after: Booking, business: Business, occurrence: Occurrence | None
+    ) -> str | None:
+        """The booking moved to a resource with another calendar (or none). A plain event is moved with
+        ``events.move`` (keeping its id) and then retimed; an occurrence of a series cannot leave its
+        series, so its instance is deleted and the booking gets an event of its own on the new calendar.
+        Each step is idempotent, so a retry after any of them lands in the same place."""
+        source, target = _calendar_of(before, business), _calendar_of(after, business)
+        if source is not None and (target is None or occurrence is not None):
+            await self.delete(before, business, occurrence=occurrence)
+        if target is None:
+            return None
+        if source is None or occurrence is not None:
+            return await self.create(after, business)
+        event_id = event_id_for(after.id)
+        request = self._service.events().move(calendarId=source, eventId=event_id, destination=target)
+
+        def already_moved(error: HttpError) -> bool:
+            # Gone from the source (an earlier attempt moved it) or already at the target.
+            status = int(error.resp.status)
+            return status == 404 or (status == 409 and "duplicate" in error_reasons(error))
+
+        await self._execute(request, "move", {"booking_id": after.id, "calendar_id": source}, done_if=already_moved)
+        return await self.update(after, business)
+
     async def busy(self, calendar_id: str, time_min: datetime, time_max: datetime) -> list[Interval]:
         """Busy time of one calendar in ``[time_min, time_max)`` (freeBusy), in UTC. An error Google
         reports for the calendar inside its 200 answer is raised as EffectFailed (``notFound`` is
@@ -296,7 +371,7 @@ class GoogleCalendar:
             "items": [{"id": calendar_id}],
         }
         context: dict[str, Any] = {"calendar_id": calendar_id}
-        answer = await self._execute(self._service.freebusy().query(body=body), "freeBusy", context)
+        answer = await self._execute(self._freebusy.query(body=body), "freeBusy", context)
         calendar = (answer or {}).get("calendars", {}).get(calendar_id)
         if calendar is None:
             raise EffectFailed("Google Calendar freeBusy left the calendar out", permanent=False, **context)
@@ -315,6 +390,11 @@ class GoogleCalendar:
             if end > start:
                 intervals.append(Interval(start, end))
         return intervals
+
+    def close(self) -> None:
+        """Let the requests in flight finish on their threads, which then exit; later requests fail
+        (transient). Does not block the event loop."""
+        self._executor.shutdown(wait=False)
 
     def _send_updates(self, booking: Booking) -> SendUpdates:
         """Google emails attendees only when the customer was invited (``event_body``'s attendee rule)."""
@@ -338,7 +418,9 @@ class GoogleCalendar:
                 http.close()
 
         try:
-            return await asyncio.to_thread(run)
+            # As asyncio.to_thread does, but on this adapter's threads: the request sees the caller's context.
+            call = functools.partial(contextvars.copy_context().run, run)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except HttpError as error:
             if done_if is not None and done_if(error):
                 return None

@@ -20,16 +20,21 @@ the outbox writing a "sending" mark for the key just before :meth:`TwilioSMS.sen
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
 import structlog
-from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from requests.adapters import HTTPAdapter
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
@@ -38,12 +43,18 @@ from booking.messages import MAX_BODY_CHARS, segments
 from integrations.http_headers import retry_after
 
 log = structlog.get_logger("voicebook.twilio_sms")
+T = TypeVar("T")
 
 OPTED_OUT = 21610
 INVALID_NUMBERS = frozenset({21211, 21614})
 TOO_MANY_REQUESTS = 20429
 EFFECT_PARAM = "effect"
 """Query parameter of the status callback URL that carries the effect's idempotency key."""
+_FIND_PAGE = 20
+"""Messages read back when looking for one a lost answer may have sent (newest first)."""
+DEFAULT_THREADS = 32
+"""Requests in flight at once: at least the effect worker's concurrency, so no send waits for a thread
+where the worker cannot see it (measured in ``load_tests/bench_effects.py``). Threads start on demand."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +112,7 @@ class SenderRateLimiter:
 class _ResponseHeaders:
     """The headers of the last response seen by each worker thread. TwilioRestException drops them, yet
     a 429's Retry-After is what says when to try again. Thread-local because sends run concurrently in
-    ``asyncio.to_thread`` workers that share one client."""
+    threads of the adapter's pool that share one client."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -120,7 +131,9 @@ class _ResponseHeaders:
 
 class TwilioSMS:
     """Send one text message. Exactly one of ``messaging_service_sid`` (Twilio picks the number) and
-    ``from_number`` is required. ``status_callback_url`` receives signed delivery receipts."""
+    ``from_number`` is required. ``status_callback_url`` receives signed delivery receipts. twilio's
+    client blocks, so each request runs on one of ``threads`` threads of the adapter's own (not the
+    event loop's default pool, which other blocking work shares); :meth:`close` them at shutdown."""
 
     def __init__(
         self,
@@ -134,11 +147,20 @@ class TwilioSMS:
         timeout: float = 15.0,
         rate_limiter: SenderRateLimiter | None = None,
         warn_above_segments: int = 3,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
         if (messaging_service_sid is None) == (from_number is None):
             raise ValueError("give exactly one of messaging_service_sid and from_number")
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="twilio-sms")
         self._headers = _ResponseHeaders()
         http_client = TwilioHttpClient(timeout=timeout, request_hooks={"response": [self._headers.hook]})
+        if http_client.session is not None:
+            # One kept-alive connection per thread: twilio's own pool keeps 6 (cpus + 4 here), and every
+            # request beyond that would open, and then drop, a TLS connection of its own.
+            for scheme in ("https://", "http://"):
+                http_client.session.mount(scheme, HTTPAdapter(pool_maxsize=threads))
         self._client = Client(account_sid, auth_token, http_client=http_client)
         if api_base_url is not None:
             self._client.api.base_url = api_base_url.rstrip("/")
@@ -147,6 +169,20 @@ class TwilioSMS:
         self._status_callback_url = status_callback_url
         self._rate_limiter = rate_limiter
         self._warn_above_segments = warn_above_segments
+
+    def close(self) -> None:
+        """Let the requests in flight finish on their threads, which then exit; later sends fail
+        (transient). Does not block the event loop."""
+        self._executor.shutdown(wait=False)
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        # As asyncio.to_thread does, but on this adapter's threads: the request sees the caller's context.
+        call = functools.partial(contextvars.copy_context().run, work)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    @property
+    def rate_limiter(self) -> SenderRateLimiter | None:
+        return self._rate_limiter
 
     def callback_url_for(self, idempotency_key: str) -> str | None:
         if self._status_callback_url is None:
@@ -186,7 +222,7 @@ class TwilioSMS:
                 return error, self._headers.last()
 
         try:
-            result, headers = await asyncio.to_thread(create)
+            result, headers = await self._in_thread(create)
         except requests.Timeout as error:
             if isinstance(error, requests.ConnectTimeout):  # never connected: nothing was sent
                 raise EffectFailed(
@@ -211,6 +247,39 @@ class TwilioSMS:
         if isinstance(result, TwilioRestException | TwilioServiceException):
             raise _translate(result, headers, idempotency_key) from result
         return SentMessage(sid=str(result.sid), status=str(result.status), segments=count.segments)
+
+    async def find_sent(self, to: str, body: str, *, since: datetime) -> SentMessage | None:
+        """The message with exactly this body that Twilio created for ``to`` at or after ``since`` (a
+        minute of clock skew allowed), or None. Read before resending after an attempt whose outcome was
+        lost: Twilio's list shows queued messages too, newest first, so a short page is enough."""
+        earliest = since - timedelta(minutes=1)
+
+        def search() -> tuple[Any, Mapping[str, str]]:
+            self._headers.clear()
+            try:
+                return self._client.messages.list(to=to, limit=_FIND_PAGE), {}
+            except TwilioException as error:  # a list page's failure is the base class, not a RestException
+                return error, self._headers.last()
+
+        try:
+            result, headers = await self._in_thread(search)
+        except OSError as error:  # requests' timeouts and connection errors
+            raise EffectFailed(
+                f"Twilio's message list could not be read: {error}", permanent=False, code="unreachable"
+            ) from error
+        if isinstance(result, TwilioException):
+            # Reading the list is only a precaution: a refusal here is retried, never a dead letter.
+            raise EffectFailed(
+                f"Twilio's message list could not be read: {result}",
+                permanent=False,
+                retry_after=retry_after(headers),
+                code="list_failed",
+            )
+        for message in result:
+            created = message.date_created
+            if message.body == body and (created is None or created >= earliest):
+                return SentMessage(sid=str(message.sid), status=str(message.status), segments=segments(body).segments)
+        return None
 
 
 def _translate(

@@ -21,58 +21,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import redis.asyncio as aioredis
+from common import free_slots, redis_and_ledger, rooms_business, summary  # load_tests/common.py
 
-from booking.business import Business, parse_business
 from booking.freebusy import FreeBusyIndex
-from booking.ledger.database import Database, migrate
 from booking.ledger.repository import CustomerDetails, Ledger
 from booking.service import Booked, BookingService, BookRequest
-from voice_server.embedded_redis import EmbeddedRedis
 
 RESOURCES = 40
 RACE_ATTEMPTS = 200
-
-
-def bench_business() -> Business:
-    """A business with room for tens of thousands of bookings: rooms open every day, 15-minute visits."""
-    hours = {day: ["00:00-24:00"] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
-    return parse_business(
-        {
-            "business": {"name": "Benchmark Rooms", "timezone": "America/New_York", "phone": "+12125550100"},
-            "booking": {"min_notice_minutes": 0, "horizon_days": 365, "slot_step_minutes": 15},
-            "resources": [
-                {"id": f"room-{i}", "name": f"Room {i}", "kind": "room", "hours": hours} for i in range(RESOURCES)
-            ],
-            "services": [
-                {
-                    "id": "visit",
-                    "name": "Visit",
-                    "duration_minutes": 15,
-                    "resources": [f"room-{i}" for i in range(RESOURCES)],
-                }
-            ],
-        }
-    )
-
-
-def free_slots(first_day: datetime) -> Iterator[tuple[str, datetime]]:
-    """Distinct slots in the order a busy day fills: rooms round-robin, then quarter hours, then days."""
-    n = 0
-    while True:
-        room, rest = n % RESOURCES, n // RESOURCES
-        day, quarter = divmod(rest, 96)
-        yield f"room-{room}", first_day + timedelta(days=day, minutes=15 * quarter)
-        n += 1
 
 
 def request(resource: str, start: datetime, number: int, key_prefix: str) -> BookRequest:
@@ -86,16 +49,6 @@ def request(resource: str, start: datetime, number: int, key_prefix: str) -> Boo
     )
 
 
-def summary(samples: list[float]) -> str:
-    if len(samples) < 2:
-        return f"n={len(samples)}"
-    cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return (
-        f"n={len(samples):>6}  p50={cuts[49] * 1e3:7.2f} ms  p95={cuts[94] * 1e3:7.2f} ms  "
-        f"p99={cuts[98] * 1e3:7.2f} ms  max={max(samples) * 1e3:7.2f} ms"
-    )
-
-
 @dataclass
 class Stack:
     service: BookingService
@@ -104,51 +57,11 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(database_url: str | None, redis_url: str | None) -> AsyncIterator[Stack]:
-    async with contextlib.AsyncExitStack() as exits:
-        if redis_url is None:
-            embedded = EmbeddedRedis()
-            await embedded.start()
-            exits.push_async_callback(embedded.stop)
-            redis_url = embedded.url
-        redis = aioredis.Redis.from_url(redis_url, max_connections=256)
-        exits.push_async_callback(redis.aclose)
-        if database_url is None:
-            folder = exits.enter_context(tempfile.TemporaryDirectory(prefix="voicebook-bench-"))
-            database_url = f"sqlite:///{Path(folder) / 'ledger.db'}"
-        elif database_url.startswith(("postgresql", "postgres")):
-            database_url = await _scratch_postgres(database_url, exits)
-        database = Database.connect(database_url, pool_size=20)
-        exits.push_async_callback(database.dispose)
-        await migrate(database)
-        prefix = f"bench{uuid.uuid4().hex[:8]}"
-        index = FreeBusyIndex(redis, prefix=prefix)
-        exits.push_async_callback(_drop_keys, redis, prefix)
-        service = BookingService(bench_business(), Ledger(database), index)
-        await service.start()
-        yield Stack(service, database.dialect)
-
-
-async def _scratch_postgres(url: str, exits: contextlib.AsyncExitStack) -> str:
-    import asyncpg
-
-    admin_url = url.replace("postgresql+asyncpg://", "postgresql://")
-    name = f"voicebook_bench_{uuid.uuid4().hex[:8]}"
-    connection = await asyncpg.connect(admin_url)
-    await connection.execute(f'CREATE DATABASE "{name}"')
-    await connection.close()
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(admin_url)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-    exits.push_async_callback(drop)
-    return f"{url.rsplit('/', 1)[0]}/{name}"
-
-
-async def _drop_keys(redis: aioredis.Redis, prefix: str) -> None:
-    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
-        await redis.delete(key)
+    with tempfile.TemporaryDirectory(prefix="voicebook-bench-") as folder:
+        async with redis_and_ledger(database_url, redis_url, Path(folder)) as (redis, database, prefix):
+            service = BookingService(rooms_business(RESOURCES), Ledger(database), FreeBusyIndex(redis, prefix=prefix))
+            await service.start()
+            yield Stack(service, database.dialect)
 
 
 async def open_loop(
@@ -213,7 +126,7 @@ async def main(args: argparse.Namespace) -> None:
     async with stack(args.database_url, args.redis_url) as bench:
         service = bench.service
         tomorrow = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
-        slots = free_slots(tomorrow)
+        slots = free_slots(tomorrow, RESOURCES)
         print(f"ledger: {bench.dialect}; redis: {'embedded' if args.redis_url is None else args.redis_url}")
         await open_loop(service, slots, rate=100, duration=1, label="warm-up")
         latencies, failures = await open_loop(service, slots, args.rate, args.duration, label="open")

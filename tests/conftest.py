@@ -37,6 +37,13 @@ from booking.ledger.database import Database, migrate
 from booking.ledger.repository import Ledger
 from booking.ledger.schema import metadata
 from booking.service import BookingService
+from integrations.simulators.google_calendar import (
+    SERVICE_ACCOUNT_EMAIL,
+    CalendarState,
+    create_google_calendar_simulator,
+    new_private_key_pem,
+)
+from integrations.simulators.loopback import loopback_socket
 from voice_server.app import create_app
 from voice_server.embedded_redis import redis_server_binary
 from voice_server.settings import Settings
@@ -251,8 +258,7 @@ async def running_app(settings: Settings, clock: FrozenClock) -> AsyncIterator[t
 async def serving(app: ASGIApp, sock: socket.socket | None = None, **config: Any) -> AsyncIterator[str]:
     """Serve ``app`` with a real uvicorn on ``sock`` (default: a free loopback port); yields its base URL."""
     if sock is None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock = loopback_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -265,3 +271,21 @@ async def serving(app: ASGIApp, sock: socket.socket | None = None, **config: Any
         server.should_exit = True
         await task
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def private_key_pem() -> str:
+    """One service-account key per test session (RSA key generation takes a moment)."""
+    return new_private_key_pem()
+
+
+@pytest.fixture
+async def calendar_sim(private_key_pem: str) -> AsyncIterator[tuple[CalendarState, str]]:
+    """The Google Calendar simulator on loopback with the example clinic's two calendars and the test
+    service account; yields its state and base URL."""
+    state = CalendarState()
+    state.add_calendar("dr-lee@riverside-clinic.example")
+    state.add_calendar("dr-patel@riverside-clinic.example")
+    state.add_service_account(SERVICE_ACCOUNT_EMAIL, private_key_pem)
+    async with serving(create_google_calendar_simulator(state), lifespan="off") as url:
+        yield state, url

@@ -32,6 +32,7 @@ def test_a_minimal_business_and_midnight_end() -> None:
     business = parse_business(minimal())
     assert str(business.resources[0].hours.sat[0]) == "10:00-24:00"
     assert business.booking.slot_step_minutes == 15
+    assert business.crm.score_rules and business.crm.lifecycle_rules  # defaults without a [crm] section
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,13 @@ def test_a_minimal_business_and_midnight_end() -> None:
         ({"closures": [{"date": "2026-12-25", "resources": ["kim"]}]}, "closures[0] names unknown resource(s): kim"),
         ({"booking": {"min_notice_minutes": 100000, "horizon_days": 1}}, "min_notice_minutes must be shorter"),
         ({"booking": {"slot_step": 15}}, "booking.slot_step: Extra inputs are not permitted"),
+        (
+            {"crm": {"score_rules": [{"when": "outcome:won", "points": 5}]}},
+            "crm.score_rules[0].when: 'outcome:won': unknown outcome 'won'",
+        ),
+        ({"crm": {"score_rules": [{"when": "booked", "points": 5}]}}, "is not a condition like 'outcome:booked'"),
+        ({"crm": {"lifecycle_rules": [{"stage": "booked"}]}}, "stage 'booked' needs 'when' or 'min_score'"),
+        ({"crm": {"lifecycle_rules": [{"stage": "won", "min_score": 5}]}}, "crm.lifecycle_rules[0].stage"),
     ],
 )
 def test_mistakes_are_named_with_their_location(change: dict[str, Any], message: str) -> None:

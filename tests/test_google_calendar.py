@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,9 +23,11 @@ from booking.errors import EffectFailed
 from integrations.google_calendar import (
     BOOKING_ID_PROPERTY,
     GoogleCalendar,
+    Occurrence,
     classify,
     event_body,
     event_id_for,
+    instance_id_for,
     mask_phone,
     retry_after,
 )
@@ -34,10 +35,12 @@ from integrations.simulators.google_calendar import (
     CalendarFaults,
     CalendarState,
     create_google_calendar_simulator,
+    service_account_info,
 )
 from tests.conftest import TEST_NOW, serving
 
 LEE = "dr-lee@riverside-clinic.example"
+SERIES = "0192f3a4-series-7c1d"
 PATEL = "dr-patel@riverside-clinic.example"
 SA_EMAIL = "voicebook@voicebook-test.iam.gserviceaccount.com"
 START = datetime(2026, 12, 1, 14, 0, tzinfo=UTC)  # 09:00 in New York
@@ -70,39 +73,9 @@ def make_booking(
     )
 
 
-@pytest.fixture(scope="session")
-def private_key_pem() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-
-
 @pytest.fixture
-async def sim(private_key_pem: str) -> AsyncIterator[tuple[CalendarState, str]]:
-    state = CalendarState()
-    state.add_calendar(LEE)
-    state.add_calendar(PATEL)
-    state.add_service_account(SA_EMAIL, private_key_pem)
-    async with serving(create_google_calendar_simulator(state), lifespan="off") as url:
-        yield state, url
-
-
-def service_account_info(url: str, private_key_pem: str) -> dict[str, Any]:
-    return {
-        "type": "service_account",
-        "project_id": "voicebook-test",
-        "private_key_id": "0123456789abcdef",
-        "private_key": private_key_pem,
-        "client_email": SA_EMAIL,
-        "client_id": "1234567890",
-        "token_uri": f"{url}/token",
-    }
-
-
-@pytest.fixture
-def calendar(sim: tuple[CalendarState, str], private_key_pem: str) -> GoogleCalendar:
-    _, url = sim
+def calendar(calendar_sim: tuple[CalendarState, str], private_key_pem: str) -> GoogleCalendar:
+    _, url = calendar_sim
     return GoogleCalendar.from_service_account(
         service_account_info(url, private_key_pem), api_endpoint=f"{url}/calendar/v3/", timeout=5.0
     )
@@ -148,7 +121,7 @@ def test_summer_times_carry_the_summer_offset(business: Business) -> None:
 
 def test_recurrence_only_for_a_series(business: Business) -> None:
     assert "recurrence" not in event_body(make_booking(), business, recurrence="FREQ=WEEKLY;COUNT=4")
-    series = make_booking(series_id="s1")
+    series = make_booking(series_id=SERIES)
     assert event_body(series, business, recurrence="FREQ=WEEKLY;COUNT=4")["recurrence"] == ["RRULE:FREQ=WEEKLY;COUNT=4"]
     assert event_body(series, business, recurrence="RRULE:FREQ=DAILY;COUNT=2")["recurrence"] == [
         "RRULE:FREQ=DAILY;COUNT=2"
@@ -197,9 +170,9 @@ def test_retry_after_seconds_or_date() -> None:
 
 
 async def test_create_is_idempotent_one_event_per_booking(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     booking = make_booking()
     first = await calendar.create(booking, business)
     second = await calendar.create(booking, business)  # the outbox ran it again: 409 duplicate = done
@@ -213,9 +186,9 @@ async def test_create_is_idempotent_one_event_per_booking(
 
 
 async def test_list_by_private_property_finds_the_booking(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, url = sim
+    state, url = calendar_sim
     one, two = make_booking(), make_booking(start=START + timedelta(hours=1))
     await calendar.create(one, business)
     await calendar.create(two, business)
@@ -232,9 +205,9 @@ async def test_list_by_private_property_finds_the_booking(
 
 
 async def test_update_moves_the_event_and_delete_twice_is_fine(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     booking = make_booking()
     event_id = await calendar.create(booking, business)
     assert event_id is not None
@@ -250,9 +223,9 @@ async def test_update_moves_the_event_and_delete_twice_is_fine(
 
 
 async def test_resource_without_calendar_is_skipped(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     booking = make_booking(resource_id="nurse-kim")
     assert await calendar.create(booking, business) is None
     assert await calendar.update(booking, business) is None
@@ -261,22 +234,66 @@ async def test_resource_without_calendar_is_skipped(
 
 
 async def test_recurring_series_is_one_event_with_its_rule(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
-    booking = make_booking(series_id="s1")
+    state, _ = calendar_sim
+    booking = make_booking(series_id=SERIES)
     event_id = await calendar.create(booking, business, recurrence="FREQ=WEEKLY;COUNT=3")
     assert event_id is not None
     assert state.calendars[LEE][event_id]["recurrence"] == ["RRULE:FREQ=WEEKLY;COUNT=3"]
     busy = await calendar.busy(LEE, START - timedelta(days=1), START + timedelta(days=30))
     assert [interval.start for interval in busy] == [START + timedelta(weeks=week) for week in range(3)]
+    assert event_id == event_id_for(SERIES)
+    assert state.calendars[LEE][event_id]["extendedProperties"]["private"]["voicebook_series_id"] == SERIES
+
+
+async def test_one_occurrence_of_a_series_moves_or_goes_alone(
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+) -> None:
+    state, _ = calendar_sim
+    first = make_booking(series_id=SERIES)
+    await calendar.create(first, business, recurrence="FREQ=WEEKLY;COUNT=3")
+    second = Occurrence(SERIES, START + timedelta(weeks=1))
+    third = Occurrence(SERIES, START + timedelta(weeks=2))
+    moved = make_booking(series_id=SERIES, start=START + timedelta(weeks=1, hours=2))
+    for _ in range(2):  # a retried patch lands in the same place
+        assert await calendar.update(moved, business, occurrence=second) == instance_id_for(second)
+    exception = state.calendars[LEE][instance_id_for(second)]
+    assert exception["recurringEventId"] == event_id_for(SERIES)
+    assert exception["start"]["dateTime"].endswith("11:00:00-05:00")
+    for _ in range(2):  # a retried delete finds the instance gone: done
+        await calendar.delete(make_booking(series_id=SERIES, start=third.original_start), business, occurrence=third)
+    busy = await calendar.busy(LEE, START - timedelta(days=1), START + timedelta(days=30))
+    assert [interval.start for interval in busy] == [START, START + timedelta(weeks=1, hours=2)]
+
+
+async def test_a_booking_moved_to_another_resource_moves_its_event(
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+) -> None:
+    state, _ = calendar_sim
+    booking = make_booking()
+    await calendar.create(booking, business)
+    moved = make_booking(booking.id, resource_id="dr-patel", start=START + timedelta(hours=1))
+    for _ in range(2):  # a retry after the move finds nothing left to move and only retimes
+        assert await calendar.update(moved, business, previous_resource_id="dr-lee") == event_id_for(booking.id)
+    assert state.live_events(LEE) == []
+    [event] = state.live_events(PATEL)
+    assert event["id"] == event_id_for(booking.id) and event["start"]["dateTime"].endswith("10:00:00-05:00")
+
+    # An occurrence cannot leave its series: its instance goes, and it gets an event of its own.
+    await calendar.create(make_booking(series_id=SERIES), business, recurrence="FREQ=WEEKLY;COUNT=2")
+    occurrence = Occurrence(SERIES, START + timedelta(weeks=1))
+    alone = make_booking(resource_id="dr-patel", series_id=SERIES, start=START + timedelta(weeks=1))
+    await calendar.update(alone, business, occurrence=occurrence, previous_resource_id="dr-lee")
+    assert [i.start for i in await calendar.busy(LEE, START, START + timedelta(days=30))] == [START]
+    assert {e["id"] for e in state.live_events(PATEL)} == {event_id_for(booking.id), event_id_for(alone.id)}
 
 
 @pytest.mark.parametrize("fault", ["429", "403", "403user", "500", "503"])
 async def test_provider_faults_are_transient_and_a_retry_lands_once(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business, fault: Any
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business, fault: Any
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     state.faults = CalendarFaults(next=[fault], retry_after=7)
     booking = make_booking()
     with pytest.raises(EffectFailed) as caught:
@@ -287,8 +304,10 @@ async def test_provider_faults_are_transient_and_a_retry_lands_once(
     assert len(state.live_events(LEE)) == 1
 
 
-async def test_timeout_is_transient(sim: tuple[CalendarState, str], private_key_pem: str, business: Business) -> None:
-    state, url = sim
+async def test_timeout_is_transient(
+    calendar_sim: tuple[CalendarState, str], private_key_pem: str, business: Business
+) -> None:
+    state, url = calendar_sim
     calendar = GoogleCalendar.from_service_account(
         service_account_info(url, private_key_pem), api_endpoint=f"{url}/calendar/v3/", timeout=0.3
     )
@@ -311,11 +330,11 @@ async def test_connection_refused_is_transient(private_key_pem: str, business: B
 
 
 async def test_client_errors_are_permanent(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     with pytest.raises(EffectFailed) as bad_rule:  # 400: Google refuses DTSTART inside recurrence
-        await calendar.create(make_booking(series_id="s1"), business, recurrence="DTSTART:20261201T090000")
+        await calendar.create(make_booking(series_id=SERIES), business, recurrence="DTSTART:20261201T090000")
     del state.calendars[PATEL]
     with pytest.raises(EffectFailed) as no_calendar:  # 404 on insert: the calendar is gone
         await calendar.create(make_booking(resource_id="dr-patel"), business)
@@ -326,9 +345,9 @@ async def test_client_errors_are_permanent(
 
 
 async def test_expired_token_is_refreshed_once_then_401_is_permanent(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     await calendar.create(make_booking(), business)
     grants = len(state.token_grants)
     state.expire_tokens()  # the client still believes its token valid: the API answers 401
@@ -343,9 +362,9 @@ async def test_expired_token_is_refreshed_once_then_401_is_permanent(
 
 
 async def test_delegated_subject_reaches_the_token_endpoint(
-    sim: tuple[CalendarState, str], private_key_pem: str, business: Business
+    calendar_sim: tuple[CalendarState, str], private_key_pem: str, business: Business
 ) -> None:
-    state, url = sim
+    state, url = calendar_sim
     calendar = GoogleCalendar.from_service_account(
         service_account_info(url, private_key_pem),
         subject="frontdesk@riverside-clinic.example",
@@ -356,9 +375,9 @@ async def test_delegated_subject_reaches_the_token_endpoint(
 
 
 async def test_unknown_service_account_key_is_refused_permanently(
-    sim: tuple[CalendarState, str], business: Business
+    calendar_sim: tuple[CalendarState, str], business: Business
 ) -> None:
-    _, url = sim
+    _, url = calendar_sim
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = other.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -369,8 +388,8 @@ async def test_unknown_service_account_key_is_refused_permanently(
     assert caught.value.permanent is True and caught.value.code == "calendar_auth_failed"
 
 
-async def test_user_oauth_refreshes_and_creates(sim: tuple[CalendarState, str], business: Business) -> None:
-    state, url = sim
+async def test_user_oauth_refreshes_and_creates(calendar_sim: tuple[CalendarState, str], business: Business) -> None:
+    state, url = calendar_sim
     state.add_user_grant("client-1", "secret-1", "refresh-1")
     calendar = GoogleCalendar.from_user_oauth(
         None, "refresh-1", f"{url}/token", "client-1", "secret-1", api_endpoint=f"{url}/calendar/v3/"
@@ -380,9 +399,9 @@ async def test_user_oauth_refreshes_and_creates(sim: tuple[CalendarState, str], 
 
 
 async def test_free_busy_answers_busy_intervals_and_per_calendar_errors(
-    sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
+    calendar_sim: tuple[CalendarState, str], calendar: GoogleCalendar, business: Business
 ) -> None:
-    state, _ = sim
+    state, _ = calendar_sim
     await calendar.create(make_booking(), business)  # 14:00-14:30Z
     await calendar.create(make_booking(start=START + timedelta(minutes=30)), business)  # adjacent: merged
     state.external_busy[LEE] = [(START + timedelta(hours=3), START + timedelta(hours=4))]

@@ -31,6 +31,7 @@ from booking.outbox import (
     RetryPolicy,
     booking_from_payload,
 )
+from booking.service import BookingService
 from booking.worker import Handler, Worker
 from tests.conftest import FrozenClock
 
@@ -153,21 +154,22 @@ async def test_effects_of_one_booking_run_in_order(
     await synced.change_status(first, BookingStatus.CANCELLED)
     second = await book(synced, resource="dr-patel")
     claimed = await outbox.claim("probe", ALL_KINDS, limit=10, lease=timedelta(minutes=1))
-    # Only the head of each booking's queue can be claimed, whatever the limit.
+    # Only the head of each booking's queue per integration can be claimed, whatever the limit: the
+    # calendar event and the confirmation go out side by side, their undoing waits for them.
     assert sorted((e.booking_id, e.kind) for e in claimed) == sorted(
-        [(first, "calendar.create"), (second, "calendar.create")]
+        [(b, kind) for b in (first, second) for kind in ("calendar.create", "sms.confirmation")]
     )
+    assert await outbox.claim("probe", ALL_KINDS, limit=10, lease=timedelta(minutes=1)) == []
     for effect in claimed:
         assert await outbox.complete(effect)
 
     recorder = Recorder()
     await worker(database, redis_client, recorder, clock, concurrency=4).run_until_idle()
-    assert [kind for booking, kind in recorder.order if booking == first] == [
-        "sms.confirmation",
+    assert sorted(kind for booking, kind in recorder.order if booking == first) == [
         "calendar.delete",
         "sms.cancellation",
     ]
-    assert [kind for booking, kind in recorder.order if booking == second] == ["sms.confirmation"]
+    assert [kind for booking, kind in recorder.order if booking == second] == []
 
 
 async def test_an_expired_lease_runs_the_effect_again(
@@ -342,3 +344,31 @@ async def test_a_notification_wakes_a_sleeping_worker(
         runner.stop()
         await task
     assert list(recorder.successes.values()) == [1, 1]
+
+
+async def test_a_series_is_one_calendar_event_and_one_confirmation_with_a_reminder_each(
+    service: BookingService, outbox: Outbox
+) -> None:
+    from tests.test_booking_service import booked, ny, request
+
+    result = await booked(service, request(ny(2026, 12, 1, 9), resource_id="dr-lee", rrule="FREQ=WEEKLY;COUNT=4"))
+    first, second, *_ = sorted(result.bookings, key=lambda booking: booking.start)
+    kinds: Counter[str] = Counter()
+    for booking in result.bookings:
+        kinds.update(effect.kind for effect in await outbox.for_booking(booking.id))
+    assert kinds == {EffectKind.CALENDAR_CREATE: 1, EffectKind.SMS_CONFIRMATION: 1, EffectKind.SMS_REMINDER: 4}
+    create, confirmation = [e for e in await outbox.for_booking(first.id) if e.kind != EffectKind.SMS_REMINDER]
+    assert create.kind == EffectKind.CALENDAR_CREATE
+    assert create.payload["series"] == {"id": result.series_id, "rrule": "FREQ=WEEKLY;COUNT=4", "count": 4}
+    assert confirmation.payload["series"]["count"] == 4
+
+    # An occurrence that moves twice is still named by the start it was created with.
+    await service.reschedule(second.id, second.start + timedelta(hours=1))
+    await service.reschedule(second.id, second.start + timedelta(hours=2))
+    await service.cancel(second.id, reason="travel")
+    changes = [e for e in await outbox.for_booking(second.id) if e.kind.startswith("calendar.")]
+    update, delete = EffectKind.CALENDAR_UPDATE, EffectKind.CALENDAR_DELETE
+    assert [e.kind for e in changes] == [update, update, delete]
+    original = second.start.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    assert {e.payload["series"]["original_start"] for e in changes} == {original}
+    assert {e.payload["series"]["id"] for e in changes} == {result.series_id}

@@ -55,6 +55,14 @@ def test_spanish_confirmation_in_the_customers_zone() -> None:
     )
 
 
+def test_a_series_is_confirmed_once_with_its_count() -> None:
+    english = render(MessageKind.CONFIRMATION, "en", view(occurrences=6))
+    assert "confirmed for Mon Dec 7, 9:30 AM EST (first of 6). Ref A1B2C3." in english
+    spanish = render(MessageKind.CONFIRMATION, "es", view(occurrences=6))
+    assert "para el lunes 7 de diciembre, 09:30 EST (primera de 6). Ref A1B2C3." in spanish
+    assert "first of" not in render(MessageKind.REMINDER, "en", view(occurrences=6))
+
+
 def test_each_kind_differs_and_names_the_time_in_both_languages() -> None:
     for locale, when in (("en", "Mon Dec 7, 9:30 AM EST"), ("es", "lunes 7 de diciembre, 09:30 EST")):
         texts = {kind: render(kind, locale, view()) for kind in MessageKind}

@@ -81,6 +81,24 @@ async def test_booking_is_idempotent_per_call_and_tool_call(tools: BookingTools,
     assert len(await service.find_bookings(ALICE.caller)) == 1
 
 
+async def test_what_the_caller_said_about_texts_is_recorded_with_the_booking(
+    tools: BookingTools, service: BookingService
+) -> None:
+    consents = {}
+    for answer, start, call in (
+        (None, "2026-12-01T09:00", "c1"),
+        (True, "2026-12-01T10:00", "c2"),
+        (False, "2026-12-01T11:00", "c3"),
+    ):
+        extra = {} if answer is None else {"texts_ok": answer}
+        done = await run(
+            tools, "book_appointment", call_id=call, service="checkup", start=start, customer_name="Al", **extra
+        )
+        booking = await service.get_booking(done["booking_id"])
+        consents[answer] = booking.sms_consent.value
+    assert consents == {None: "implied", True: "given", False: "declined"}
+
+
 async def test_a_taken_time_offers_alternatives_closest_first(tools: BookingTools) -> None:
     for resource, call in (("dr-lee", "a"), ("dr-patel", "b")):
         done = await run(

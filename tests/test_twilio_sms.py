@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -283,3 +284,29 @@ async def test_adapter_waits_for_the_limiter(simulator: tuple[MessagesState, str
     for index in range(3):
         await sms.send(TO, f"message {index}", idempotency_key=f"k{index}")
     assert time.sleeps == [1.0, 1.0] and len(state.messages) == 3
+
+
+async def test_find_sent_sees_a_message_whose_answer_was_lost(simulator: tuple[MessagesState, str]) -> None:
+    state, url = simulator
+    since = datetime.now(UTC)
+    sms = TwilioSMS(ACCOUNT, TOKEN, from_number=FROM, api_base_url=url, timeout=0.3)
+    body = "Hi Ana, your check-up is confirmed. Ref A1B2C3."
+    assert await sms.find_sent(TO, body, since=since) is None
+    await sms.send(TO, "another text", idempotency_key="other")
+    state.fail_next(Fault.TIMEOUT)
+    with pytest.raises(EffectFailed):
+        await sms.send(TO, body, idempotency_key="k")
+    state.release_hung()
+    found = await sms.find_sent(TO, body, since=since)
+    [message] = [m for m in state.messages.values() if m.body == body]
+    assert found is not None and found.sid == message.sid
+    assert await sms.find_sent("+12125550199", body, since=since) is None  # another recipient
+    assert await sms.find_sent(TO, body, since=since + timedelta(minutes=5)) is None  # created before the effect
+
+
+async def test_find_sent_failures_are_transient(simulator: tuple[MessagesState, str]) -> None:
+    state, url = simulator
+    state.fail_next(Fault.SERVER_ERROR)
+    with pytest.raises(EffectFailed) as failure:
+        await TwilioSMS(ACCOUNT, TOKEN, from_number=FROM, api_base_url=url).find_sent(TO, "x", since=datetime.now(UTC))
+    assert not failure.value.permanent and failure.value.code == "list_failed"

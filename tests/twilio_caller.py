@@ -28,6 +28,8 @@ class TwilioCaller:
         self.marks_received: list[str] = []
         self.marks_echoed: list[str] = []
         self.clears = 0
+        self.marks_at_clear: list[int] = []
+        """How many marks had arrived when each clear did."""
         self._play_end = 0.0
         self._echoes: dict[str, asyncio.Task[None]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -112,6 +114,7 @@ class TwilioCaller:
                     self._echoes[name] = asyncio.create_task(self._echo(name, self._play_end))
                 elif event == "clear":
                     self.clears += 1
+                    self.marks_at_clear.append(len(self.marks_received))
                     self._play_end = time.monotonic()
                     pending = [name for name, task in self._echoes.items() if not task.done()]
                     for name in pending:

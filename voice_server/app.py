@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import redis.asyncio as aioredis
 import structlog
@@ -17,21 +18,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from booking.business import load_business
+from booking.external_busy import ExternalBusyRefresher
 from booking.freebusy import FreeBusyIndex
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
 from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.outbox import RedisNotifier
 from booking.service import BookingService
-from booking.worker import Worker
 from voice_server import media_endpoint, sms_webhooks, twilio_webhooks
-from voice_server.api import bookings, health
+from voice_server.api import bookings, health, metrics
 from voice_server.api import calls as calls_api
 from voice_server.api import effects as effects_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
-from voice_server.effects import build_handlers
+from voice_server.effect_workers import effect_workers, effects_channel
 from voice_server.embedded_redis import EmbeddedRedis
+from voice_server.google_setup import load_google_calendar
 from voice_server.ports import VoicePorts
 from voice_server.providers import build_voice
 from voice_server.settings import Settings
@@ -41,6 +43,21 @@ log = structlog.get_logger("voicebook.app")
 
 class StartupError(RuntimeError):
     pass
+
+
+async def _start_refresher(refresher: ExternalBusyRefresher, stack: contextlib.AsyncExitStack) -> None:
+    """Read every resource's Google free/busy once (a failure is logged and start-up goes on: queries
+    retry on demand), then keep it fresh on a schedule until shutdown."""
+    failed = await refresher.refresh_all()
+    if failed:
+        log.warning("external_busy_not_loaded", resources=list(failed), hint="retried on demand and on schedule")
+    task = asyncio.get_running_loop().create_task(refresher.run(), name="freebusy-schedule")
+
+    async def stop() -> None:
+        await refresher.aclose()  # run() returns at once, even from the middle of a refresh
+        await task
+
+    stack.push_async_callback(stop)
 
 
 def create_app(
@@ -69,23 +86,29 @@ def create_app(
                 await migrate(database)
             elif await database.schema_revision() != head_revision():
                 raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
-            channel = f"{settings.redis_prefix}:effects"
-            ledger = Ledger(database, clock=clock, notify_effects=RedisNotifier(redis, channel))
-            service = BookingService(business, ledger, FreeBusyIndex(redis, prefix=settings.redis_prefix), clock=clock)
+            notify = RedisNotifier(redis, effects_channel(settings))
+            ledger = Ledger(database, clock=clock, notify_effects=notify)
+            refresh = timedelta(seconds=settings.calendar_refresh_seconds)
+            index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * refresh)
+            calendar = await load_google_calendar(settings, database)  # shared: effects and free/busy
+            if calendar is not None:
+                stack.callback(calendar.close)  # after the workers and the refresher, which use it
+            refresher = (
+                ExternalBusyRefresher(business, ledger, index, calendar, interval=refresh, clock=clock)
+                if calendar is not None
+                else None
+            )
+            service = BookingService(business, ledger, index, clock=clock, external=refresher)
             await service.start()
+            if refresher is not None:
+                await _start_refresher(refresher, stack)
             if settings.run_workers:
-                handlers = build_handlers(settings, business, database=database)
-                worker = Worker(database, redis, handlers, clock=clock, channel=channel)
-                worker_task = asyncio.get_running_loop().create_task(worker.run())
-
-                async def stop_worker() -> None:
-                    worker.stop()
-                    await worker_task
-
-                stack.push_async_callback(stop_worker)
+                await stack.enter_async_context(
+                    effect_workers(settings, business, database, redis, clock=clock, google=calendar)
+                )
             calls = CallLedger(database, clock=clock)
             ports = voice if voice is not None else await build_voice(settings, business, service, stack, clock=clock)
-            app.state.components = Components(settings, business, redis, database, service, calls, ports)
+            app.state.components = Components(settings, business, redis, database, service, calls, ports, clock=clock)
             if settings.skip_twilio_signature:
                 log.warning(
                     "twilio_signatures_disabled", hint="VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: local use only"
@@ -118,6 +141,7 @@ def create_app(
     app = Starlette(
         routes=[
             *health.routes,
+            *metrics.routes,
             *bookings.routes,
             *calls_api.routes,
             *effects_api.routes,

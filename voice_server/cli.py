@@ -1,4 +1,5 @@
-"""The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``, ``simulators``, ``call``."""
+"""The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``, ``simulators``, ``call``,
+``dlq``, ``worker``, ``google``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,6 +20,9 @@ from booking.errors import ConfigurationError
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
 from voice_server.logging import configure_logging
 from voice_server.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from integrations.google_oauth import GrantStatus
 
 log = structlog.get_logger("voicebook.cli")
 
@@ -248,7 +253,85 @@ def worker_command(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(dlq_cli.run_worker(settings, concurrency=args.concurrency))
+    concurrency = settings.worker_concurrency if args.concurrency is None else args.concurrency
+    return asyncio.run(dlq_cli.run_worker(settings, concurrency=concurrency))
+
+
+def reconcile_command(args: argparse.Namespace) -> int:
+    from voice_server import dlq_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(dlq_cli.reconcile(settings))
+
+
+def google_command(args: argparse.Namespace) -> int:
+    """``voicebook google connect|status``: 0 done, 1 the connection failed, 2 unusable configuration."""
+    from voice_server.google_setup import ConnectOptions, GoogleSetupError, connect_account, grant_statuses
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+
+    async def run() -> int:
+        database = Database.connect(settings.effective_database_url)
+        try:
+            if args.action == "connect" and settings.auto_migrate:
+                await migrate(database)
+            elif await database.schema_revision() != head_revision():
+                print("voicebook: the ledger's schema is not current: run `voicebook migrate` first", file=sys.stderr)
+                return 2
+            if args.action == "status":
+                return _print_google_status(await grant_statuses(settings, database), settings.google_oauth_account)
+            client_file = args.client_file or settings.google_oauth_client_file
+            if client_file is None:
+                print("voicebook: give --client-file (or set GOOGLE_OAUTH_CLIENT_FILE)", file=sys.stderr)
+                return 2
+            options = ConnectOptions(
+                client_file=Path(client_file),
+                account=args.account or settings.google_oauth_account,
+                redirect_uri=args.redirect_uri,
+                code=args.code,
+                timeout=args.timeout,
+            )
+            email = await connect_account(settings, database, options)
+            if options.code is not None or options.redirect_uri is None:
+                print(f"connected Google account {options.account!r}" + (f" ({email})" if email else ""))
+            return 0
+        finally:
+            await database.dispose()
+
+    try:
+        return asyncio.run(run())
+    except (GoogleSetupError, LedgerConfigurationError) as exc:
+        print(f"voicebook: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, GoogleSetupError) and args.action == "connect" else 2
+
+
+def _print_google_status(statuses: Sequence[GrantStatus], configured: str) -> int:
+    """One block per connected account, never a token. Exit 1 when the configured one is unusable."""
+    if not statuses:
+        print("no Google account is connected (voicebook google connect --client-file CLIENT.json)")
+        return 1
+    usable = False
+    for status in statuses:
+        marker = " (GOOGLE_OAUTH_ACCOUNT)" if status.account == configured else ""
+        expiry = status.access_expires_at.isoformat() if status.access_expires_at else "none held"
+        state = f"revoked {status.revoked_at.isoformat()}: connect again" if status.revoked_at else "connected"
+        if status.key == "unknown":
+            state = "cannot be decrypted with VOICEBOOK_SECRET_KEY"
+        print(f"account {status.account}{marker}: {state}")
+        print(f"  google account: {status.subject or 'not reported'}")
+        print(f"  client: {status.client_id}")
+        print(f"  scopes: {' '.join(status.scopes)}")
+        print(f"  access token expires: {expiry}")
+        print(f"  connected {status.connected_at.isoformat()}, updated {status.updated_at.isoformat()}")
+        print(f"  encrypted with: {'the first key' if status.key == 'current' else status.key + ' key'}")
+        if status.account == configured and status.revoked_at is None and status.key != "unknown":
+            usable = True
+    return 0 if usable else 1
 
 
 def _speed(text: str) -> float:
@@ -294,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_parser.set_defaults(handler=replay_command)
     _add_simulators_and_call(commands)
     _add_dlq_and_worker(commands)
+    _add_google(commands)
     return parser
 
 
@@ -336,8 +420,37 @@ def _add_dlq_and_worker(commands: argparse._SubParsersAction[argparse.ArgumentPa
         description="Runs effects until SIGINT/SIGTERM. Needs a shared Redis (REDIS_URL); run the server "
         "with VOICEBOOK_RUN_WORKERS=false alongside it.",
     )
-    worker.add_argument("--concurrency", type=int, default=4, help="effects run at once per integration")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="effects run at once per integration (default: VOICEBOOK_WORKER_CONCURRENCY)",
+    )
     worker.set_defaults(handler=worker_command)
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="enqueue the effects active bookings are missing and report stuck ones, once (prints JSON)",
+    )
+    reconcile.set_defaults(handler=reconcile_command)
+
+
+def _add_google(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    google = commands.add_parser("google", help="connect a Google account for the calendar, or show it")
+    actions = google.add_subparsers(dest="action", required=True)
+    connect = actions.add_parser(
+        "connect",
+        help="consent in a browser and keep the grant in the ledger, encrypted",
+        description="Prints Google's consent URL and waits on 127.0.0.1 for the browser to come back. On a "
+        "machine without a browser: run it with --redirect-uri http://127.0.0.1:1/ (the URL the browser will "
+        "fail to open), consent elsewhere, then run it again with --code and the URL the browser showed.",
+    )
+    connect.add_argument("--client-file", help="the OAuth client JSON (default GOOGLE_OAUTH_CLIENT_FILE)")
+    connect.add_argument("--account", help="the name to keep the grant under (default GOOGLE_OAUTH_ACCOUNT)")
+    connect.add_argument("--redirect-uri", help="headless: the redirect to consent with; no local listener")
+    connect.add_argument("--code", help="headless, second run: the code, or the whole URL the browser was sent to")
+    connect.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser")
+    actions.add_parser("status", help="connected accounts, scopes and expiry (never a token)")
+    google.set_defaults(handler=google_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from booking.business import Business
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
+from booking.ledger.repository import Clock, utc_now
 from booking.service import BookingService
 from voice_server.ports import VoicePorts
 from voice_server.settings import Settings
@@ -31,3 +32,5 @@ class Components:
     sessions: set[CallSession] = field(default_factory=set)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server is shutting down: calls in progress finish, new ones are turned away."""
+    clock: Clock = utc_now
+    """The server's clock (tests freeze it); everything that stamps or compares times reads this one."""

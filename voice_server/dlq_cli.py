@@ -27,9 +27,10 @@ from booking.business import load_business
 from booking.errors import ConfigurationError
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision
 from booking.outbox import Effect, Outbox, RedisNotifier
-from booking.worker import Worker
-from voice_server.api.effects import newest_dead_letters, render_effect
-from voice_server.effects import build_handlers
+from booking.reconciler import Reconciler
+from voice_server.api.effects import render_effect
+from voice_server.effect_workers import effect_workers, effects_channel
+from voice_server.google_setup import load_google_calendar
 from voice_server.settings import Settings
 
 log = structlog.get_logger("voicebook.worker_cli")
@@ -39,10 +40,6 @@ OK, NOT_FOUND, CONFIGURATION = 0, 1, 2
 
 class _Unusable(Exception):
     """The settings do not describe a usable ledger or Redis: exit 2 with this message."""
-
-
-def _channel(settings: Settings) -> str:
-    return f"{settings.redis_prefix}:effects"
 
 
 @contextlib.asynccontextmanager
@@ -109,7 +106,7 @@ async def dlq_list(settings: Settings, *, limit: int = 50, out: TextIO | None = 
     out, err = _streams(out, err)
     try:
         async with _ledger(settings) as database:
-            effects = await newest_dead_letters(database, limit)
+            effects = await Outbox(database).dead_letters(limit=limit, newest_first=True)
     except _Unusable as exc:
         print(f"voicebook dlq: {exc}", file=err)
         return CONFIGURATION
@@ -148,7 +145,7 @@ async def dlq_retry(settings: Settings, effect_id: int, *, out: TextIO | None = 
     out, err = _streams(out, err)
     try:
         async with _ledger(settings) as database, _shared_redis(settings) as redis:
-            notify = RedisNotifier(redis, _channel(settings)) if redis is not None else None
+            notify = RedisNotifier(redis, effects_channel(settings)) if redis is not None else None
             outbox = Outbox(database, notify=notify)
             effect = await outbox.retry(effect_id)
             if effect is None:
@@ -203,22 +200,51 @@ async def run_worker(settings: Settings, *, concurrency: int, err: TextIO | None
         print(f"voicebook worker: {exc.detail}", file=err)
         return CONFIGURATION
     try:
-        async with _ledger(settings) as database, _shared_redis(settings) as redis:
+        async with (
+            _ledger(settings) as database,
+            _shared_redis(settings) as redis,
+            contextlib.AsyncExitStack() as stack,
+        ):
             assert redis is not None
-            handlers = build_handlers(settings, business, database=database)
-            worker = Worker(database, redis, handlers, concurrency=concurrency, channel=_channel(settings))
+            google = await load_google_calendar(settings, database)
+            if google is not None:
+                stack.callback(google.close)  # after the workers, which use it
+            workers = await stack.enter_async_context(
+                effect_workers(settings, business, database, redis, google=google, concurrency=concurrency)
+            )
             loop = asyncio.get_running_loop()
             signals = (signal.SIGINT, signal.SIGTERM)
             for signum in signals:
-                loop.add_signal_handler(signum, worker.stop)
+                loop.add_signal_handler(signum, workers.stop)
             try:
-                log.info("worker_started", owner=worker.owner, concurrency=concurrency, kinds=sorted(handlers))
-                await worker.run()
+                worker = workers.worker
+                log.info("worker_started", owner=worker.owner, concurrency=concurrency, kinds=worker.kinds)
+                await workers.wait()
             finally:
                 for signum in signals:
                     loop.remove_signal_handler(signum)
-            log.info("worker_stopped", owner=worker.owner)
+            log.info("worker_stopped", owner=workers.worker.owner)
     except _Unusable as exc:
         print(f"voicebook worker: {exc}", file=err)
         return CONFIGURATION
+    return OK
+
+
+async def reconcile(settings: Settings, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """One reconciler pass; prints what it enqueued and what is stuck. Workers are woken when Redis is set."""
+    out, err = _streams(out, err)
+    try:
+        async with _ledger(settings) as database, _shared_redis(settings) as redis:
+            notify = RedisNotifier(redis, effects_channel(settings)) if redis is not None else None
+            report = await Reconciler(database, notify=notify).run_once()
+    except _Unusable as exc:
+        print(f"voicebook reconcile: {exc}", file=err)
+        return CONFIGURATION
+    summary = {
+        "checked": report.checked,
+        "enqueued": dict(report.enqueued),
+        "repaired_bookings": report.repaired_bookings,
+        "stuck": dict(report.stuck),
+    }
+    print(json.dumps(summary, indent=2), file=out)
     return OK

@@ -13,9 +13,9 @@ out at the carrier or at Twilio) adds the number to the list and the effect goes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -24,8 +24,12 @@ from booking.errors import EffectFailed
 from booking.ledger.database import Database
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import BookingView, MessageKind, render
-from booking.outbox import Effect, EffectKind, booking_from_payload
+from booking.outbox import SERIES, Effect, EffectKind, booking_from_payload
 from voice_server.settings import Settings
+
+if TYPE_CHECKING:
+    from integrations.google_calendar import GoogleCalendar
+    from integrations.twilio_sms import TwilioSMS
 
 log = structlog.get_logger("voicebook.effects")
 
@@ -48,41 +52,88 @@ def sms_body(effect: Effect, business: Business, locale: str) -> tuple[str, str]
     booking = booking_from_payload(effect.payload)
     previous = effect.payload.get("previous")
     previous_start = datetime.fromisoformat(previous["start"]) if isinstance(previous, Mapping) else None
-    view = BookingView.of(booking, business, previous_start=previous_start)
+    series = effect.payload.get(SERIES)
+    count = series.get("count", 1) if isinstance(series, Mapping) else 1
+    view = BookingView.of(booking, business, previous_start=previous_start, occurrences=int(count))
     return booking.customer.phone, render(_SMS_KINDS[effect.kind], locale, view)
 
 
 MESSAGE_STATUS_PATH = "/twilio/message-status"
+_OUTCOME_UNKNOWN = frozenset({"outcome_unknown", "unreachable"})
+"""Send failures after which the text may have gone out ("unreachable" includes a connection dropped
+mid-request), so the send mark stays and the next attempt looks before sending."""
 
 
-def build_handlers(settings: Settings, business: Business, *, database: Database) -> dict[str, Handler]:
+def build_twilio_sms(settings: Settings, *, threads: int) -> TwilioSMS | None:
+    """The Twilio sender the settings describe (a Messaging Service or a From number), paced by the
+    per-sender rate limit; None without one. ``threads`` bounds its requests in flight."""
+    sender = settings.twilio_messaging_service_sid or settings.twilio_sms_from
+    if not (sender and settings.twilio_account_sid and settings.twilio_auth_token):
+        return None
+    from integrations.twilio_sms import SenderRateLimiter, TwilioSMS
+
+    return TwilioSMS(
+        settings.twilio_account_sid,
+        settings.twilio_auth_token,
+        messaging_service_sid=settings.twilio_messaging_service_sid,
+        from_number=None if settings.twilio_messaging_service_sid else settings.twilio_sms_from,
+        api_base_url=settings.twilio_api_base_url,
+        status_callback_url=settings.effective_public_url + MESSAGE_STATUS_PATH,
+        rate_limiter=SenderRateLimiter(settings.sms_per_minute / 60, settings.sms_burst),
+        warn_above_segments=settings.sms_warn_segments,
+        threads=threads,
+    )
+
+
+def build_handlers(
+    settings: Settings,
+    business: Business,
+    *,
+    database: Database,
+    google: GoogleCalendar | None = None,
+    sms: TwilioSMS | None = None,
+) -> dict[str, Handler]:
     """The handler of every effect kind; ``database`` holds the opt-out list consulted before every text
-    and the record of what was sent."""
+    and the record of what was sent. ``google`` and ``sms`` are the process's shared provider clients;
+    without them the ledger is the calendar and texts are logged."""
     handlers: dict[str, Handler] = {}
     sms_ledger = SmsLedger(database)
 
     async def suppressed(effect: Effect, to: str) -> bool:
+        """No text when the customer declined texts with this booking, or has opted out since."""
+        consent = booking_from_payload(effect.payload).sms_consent
+        if not consent.allows_texts:
+            log.info("sms_not_consented", kind=effect.kind, booking_id=effect.booking_id, consent=consent.value)
+            return True
         if not await sms_ledger.is_suppressed(to):
             return False
         log.info("sms_suppressed", kind=effect.kind, booking_id=effect.booking_id, to=masked_phone(to))
         return True
 
-    if settings.google_service_account_file is not None:
-        from integrations.google_calendar import GoogleCalendar
+    calendar = google
+    if calendar is not None:
+        from integrations.google_calendar import Occurrence
 
-        info = json.loads(settings.google_service_account_file.read_text(encoding="utf-8"))
-        calendar = GoogleCalendar.from_service_account(
-            info, subject=settings.google_delegated_subject, api_endpoint=settings.google_calendar_api_url
-        )
+        def occurrence_of(effect: Effect) -> Occurrence | None:
+            series = effect.payload.get(SERIES)
+            if not isinstance(series, Mapping) or "original_start" not in series:
+                return None
+            return Occurrence(str(series["id"]), datetime.fromisoformat(series["original_start"]))
 
         async def create(effect: Effect) -> None:
-            await calendar.create(booking_from_payload(effect.payload), business)
+            series = effect.payload.get(SERIES)
+            rule = series.get("rrule") if isinstance(series, Mapping) else None
+            await calendar.create(booking_from_payload(effect.payload), business, recurrence=rule)
 
         async def update(effect: Effect) -> None:
-            await calendar.update(booking_from_payload(effect.payload), business)
+            booking = booking_from_payload(effect.payload)
+            previous = effect.payload.get("previous")
+            moved_from = previous.get("resource_id") if isinstance(previous, Mapping) else None
+            await calendar.update(booking, business, occurrence=occurrence_of(effect), previous_resource_id=moved_from)
 
         async def delete(effect: Effect) -> None:
-            await calendar.delete(booking_from_payload(effect.payload), business)
+            booking = booking_from_payload(effect.payload)
+            await calendar.delete(booking, business, occurrence=occurrence_of(effect))
 
         handlers |= {EffectKind.CALENDAR_CREATE: create, EffectKind.CALENDAR_UPDATE: update}
         handlers[EffectKind.CALENDAR_DELETE] = delete
@@ -94,30 +145,28 @@ def build_handlers(settings: Settings, business: Business, *, database: Database
         for kind in (EffectKind.CALENDAR_CREATE, EffectKind.CALENDAR_UPDATE, EffectKind.CALENDAR_DELETE):
             handlers[kind] = ledger_is_the_calendar
 
-    sender = settings.twilio_messaging_service_sid or settings.twilio_sms_from
-    if sender and settings.twilio_account_sid and settings.twilio_auth_token:
-        from integrations.twilio_sms import TwilioSMS
+    if sms is not None:
+        from integrations.twilio_sms import SentMessage
 
-        sms = TwilioSMS(
-            settings.twilio_account_sid,
-            settings.twilio_auth_token,
-            messaging_service_sid=settings.twilio_messaging_service_sid,
-            from_number=None if settings.twilio_messaging_service_sid else settings.twilio_sms_from,
-            api_base_url=settings.twilio_api_base_url,
-            status_callback_url=settings.effective_public_url + MESSAGE_STATUS_PATH,
-        )
+        async def already_sent(effect: Effect, to: str, body: str) -> bool:
+            """Whether an earlier attempt of this effect got the text out although its outcome was lost
+            (a timeout, a worker killed between Twilio's 201 and the outbox's record, a dead letter
+            replayed after either). Twilio's list is read only when an earlier attempt's send mark is
+            still there: a first attempt, or one after Twilio refused, costs one ledger read."""
+            known = await sms_ledger.message_for_effect(effect.idempotency_key)
+            if known is not None:
+                log.info("sms_already_sent", booking_id=effect.booking_id, message_sid=known.message_sid, via="ledger")
+                return True
+            if not await sms_ledger.begin_send(effect.idempotency_key, to):
+                return False
+            found = await sms.find_sent(to, body, since=effect.created_at)
+            if found is None:
+                return False
+            await record(effect, to, found)
+            log.info("sms_already_sent", booking_id=effect.booking_id, message_sid=found.sid, via="twilio")
+            return True
 
-        async def text(effect: Effect) -> None:
-            to, body = sms_body(effect, business, settings.sms_locale)
-            if await suppressed(effect, to):
-                return
-            try:
-                sent = await sms.send(to, body, idempotency_key=effect.idempotency_key)
-            except EffectFailed as error:
-                if error.code == "opted_out":
-                    await sms_ledger.set_opted_out(to, True, keyword=None, source=SuppressionSource.SEND_REFUSED)
-                    log.info("sms_recipient_opted_out", booking_id=effect.booking_id, to=masked_phone(to))
-                raise
+        async def record(effect: Effect, to: str, sent: SentMessage) -> None:
             await sms_ledger.record_sent(
                 message_sid=sent.sid,
                 to_number=to,
@@ -126,6 +175,22 @@ def build_handlers(settings: Settings, business: Business, *, database: Database
                 effect_key=effect.idempotency_key,
                 booking_id=effect.booking_id,
             )
+
+        async def text(effect: Effect) -> None:
+            to, body = sms_body(effect, business, settings.sms_locale)
+            if await suppressed(effect, to) or await already_sent(effect, to, body):
+                return
+            try:
+                sent = await sms.send(to, body, idempotency_key=effect.idempotency_key)
+            except EffectFailed as error:
+                if error.code not in _OUTCOME_UNKNOWN:
+                    # Twilio answered with a refusal: nothing left, so the next attempt need not look.
+                    await sms_ledger.abandon_send(effect.idempotency_key)
+                if error.code == "opted_out":
+                    await sms_ledger.set_opted_out(to, True, keyword=None, source=SuppressionSource.SEND_REFUSED)
+                    log.info("sms_recipient_opted_out", booking_id=effect.booking_id, to=masked_phone(to))
+                raise
+            await record(effect, to, sent)
             log.info("sms_sent", kind=effect.kind, booking_id=effect.booking_id, message_sid=sent.sid)
 
     else:

@@ -39,3 +39,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # uvicorn's access log duplicates what our middleware would say; keep its errors.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # twilio's client logs every request at INFO with its parameters: recipients' phone numbers included.
+    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)

@@ -6,7 +6,10 @@ start-up with a message an operator can act on. Nothing below the app factory re
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +79,39 @@ class Settings:
     openai_timeout_seconds: float = 8.0
     run_workers: bool = True
     """Run the outbox's effect workers inside the server (``voicebook worker`` runs them on their own)."""
+    worker_concurrency: int = 32
+    """Effects one worker runs at once per integration (calendar, SMS): its backpressure bound."""
+    effect_lease_seconds: int = 120
+    """How long a claimed effect stays leased; a worker that dies holds its effects this long at most."""
+    reconcile_seconds: int = 300
+    """How often the reconciler looks for bookings whose effects are missing or stuck."""
+    effect_backoff_scale: float = 1.0
+    """Multiplies every retry policy's base and cap (below 1 retries sooner, e.g. in staging)."""
     google_service_account_file: Path | None = None
     google_delegated_subject: str | None = None
     google_calendar_api_url: str | None = None
     """Where the Calendar API lives (a simulator in tests); None is Google itself."""
+    calendar_refresh_seconds: int = 300
+    """How often each resource's Google free/busy is read into the index; the data expires after three
+    times this, and an availability query refreshes data older than this first."""
+    google_oauth_client_file: Path | None = None
+    """An OAuth client (Google's "installed" JSON): the calendar acts as the account connected with
+    ``voicebook google connect``, whose tokens the ledger keeps encrypted."""
+    google_oauth_account: str = "default"
+    """Which connected grant to use (``voicebook google connect --account NAME``)."""
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Fernet keys that encrypt stored tokens: the first encrypts, all decrypt (rotation). Empty in
+    development means a key generated once into ``data_dir/secret-key``."""
     twilio_sms_from: str | None = None
     twilio_messaging_service_sid: str | None = None
     sms_locale: str = "en"
+    sms_per_minute: int = 60
+    """Texts one sender may send per minute (a US long code: about one a second; raise it for a short
+    code, toll-free number or a Messaging Service with a pool of numbers)."""
+    sms_burst: int = 5
+    sms_warn_segments: int = 3
+    """A text longer than this many segments is logged as a warning (each segment is billed)."""
+    """Texts that may go at once before the per-minute pace applies."""
 
     @property
     def stt(self) -> Literal["deepgram", "sphinx"]:
@@ -165,15 +194,30 @@ class Settings:
             openai_model=reader.text("OPENAI_MODEL", "gpt-4.1-mini"),
             openai_timeout_seconds=float(reader.integer("OPENAI_TIMEOUT_SECONDS", 8, low=1, high=120)),
             run_workers=reader.boolean("VOICEBOOK_RUN_WORKERS", True),
+            worker_concurrency=reader.integer("VOICEBOOK_WORKER_CONCURRENCY", 32, low=1, high=256),
+            effect_lease_seconds=reader.integer("VOICEBOOK_EFFECT_LEASE_SECONDS", 120, low=2, high=3600),
+            reconcile_seconds=reader.integer("VOICEBOOK_RECONCILE_SECONDS", 300, low=5, high=86_400),
+            effect_backoff_scale=reader.integer("VOICEBOOK_EFFECT_BACKOFF_PERCENT", 100, low=1, high=10_000) / 100,
             google_service_account_file=reader.optional_path("GOOGLE_SERVICE_ACCOUNT_FILE"),
             google_delegated_subject=reader.text("GOOGLE_DELEGATED_SUBJECT", "") or None,
             google_calendar_api_url=reader.url("GOOGLE_CALENDAR_API_URL", ("http", "https")),
+            calendar_refresh_seconds=reader.integer("VOICEBOOK_CALENDAR_REFRESH_SECONDS", 300, low=10, high=86_400),
+            google_oauth_client_file=reader.optional_path("GOOGLE_OAUTH_CLIENT_FILE"),
+            google_oauth_account=reader.text(
+                "GOOGLE_OAUTH_ACCOUNT",
+                "default",
+                pattern_ok=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None,
+            ),
+            secret_keys=reader.fernet_keys("VOICEBOOK_SECRET_KEY"),
             twilio_sms_from=reader.text("TWILIO_SMS_FROM", "") or None,
             twilio_messaging_service_sid=reader.text(
                 "TWILIO_MESSAGING_SERVICE_SID", "", pattern_ok=lambda v: v.startswith("MG") and len(v) == 34
             )
             or None,
             sms_locale=reader.choice("VOICEBOOK_SMS_LOCALE", ("en", "es"), "en"),
+            sms_per_minute=reader.integer("VOICEBOOK_SMS_PER_MINUTE", 60, low=1, high=60_000),
+            sms_burst=reader.integer("VOICEBOOK_SMS_BURST", 5, low=1, high=1000),
+            sms_warn_segments=reader.integer("VOICEBOOK_SMS_WARN_SEGMENTS", 3, low=1, high=10),
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),
@@ -185,6 +229,13 @@ class Settings:
         if environment == "production" and settings.skip_twilio_signature:
             reader.problems.append(
                 "VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: never allowed when VOICEBOOK_ENV=production"
+            )
+        if settings.google_service_account_file is not None and settings.google_oauth_client_file is not None:
+            reader.problems.append("GOOGLE_OAUTH_CLIENT_FILE: set either it or GOOGLE_SERVICE_ACCOUNT_FILE, not both")
+        if environment == "production" and settings.google_oauth_client_file is not None and not settings.secret_keys:
+            reader.problems.append(
+                "VOICEBOOK_SECRET_KEY: required with GOOGLE_OAUTH_CLIENT_FILE when VOICEBOOK_ENV=production "
+                "(it encrypts the stored Google tokens)"
             )
         if environment == "production" and admin_token is None:
             reader.problems.append("VOICEBOOK_ADMIN_TOKEN: required when VOICEBOOK_ENV=production")
@@ -289,6 +340,22 @@ class _Reader:
             return raw
 
         return self._parse(name, None, parse)
+
+    def fernet_keys(self, name: str) -> tuple[str, ...]:
+        """Comma-separated Fernet keys (each 32 bytes, url-safe base64) from ``NAME`` or ``NAME_FILE``."""
+        raw = self.secret(name)
+        if raw is None:
+            return ()
+        keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+        for position, key in enumerate(keys, start=1):
+            try:
+                valid = len(base64.urlsafe_b64decode(key.encode())) == 32
+            except (ValueError, binascii.Error):
+                valid = False
+            if not valid:
+                self.problems.append(f"{name}: key {position} is not a Fernet key (32 bytes, url-safe base64)")
+                return ()
+        return keys
 
     def secret(self, name: str) -> str | None:
         """A secret from ``NAME`` or, for container secrets, from the file named by ``NAME_FILE``."""

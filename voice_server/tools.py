@@ -19,7 +19,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from booking.business import Business, Resource, Service
-from booking.domain import Booking, Interval, Slot, ensure_utc
+from booking.domain import Booking, Interval, Slot, SmsConsent, ensure_utc
 from booking.errors import BookingError, InvalidRequest, NotFound
 from booking.ledger.repository import CustomerDetails, utc_now
 from booking.service import Booked, BookingService, BookRequest, Held
@@ -82,6 +82,11 @@ class BookAppointment(_Arguments):
     customer_name: str = Field(min_length=1, max_length=120, description="The caller's name as they gave it.")
     resource: str | None = Field(default=None, description="The staff member offered, if any.")
     notes: str | None = Field(default=None, max_length=500)
+    texts_ok: bool | None = Field(
+        default=None,
+        description="Whether the caller agreed to a text confirmation and reminder: true if they said yes, "
+        "false if they declined; leave out when it was not discussed.",
+    )
 
     _start = field_validator("start")(_local_minute)
 
@@ -315,6 +320,8 @@ class BookingTools:
             if isinstance(outcome, Held):
                 self._remember(info.call_sid, outcome)
                 answer.update(requested_available=True, held=True, slots=[self._slot_view(outcome.slot)])
+                if outcome.warnings:  # soft policy: the time is bookable, but the calendar shows it busy
+                    answer["warnings"] = list(outcome.warnings)
             else:
                 answer["requested_available"] = False
                 answer["slots"] = [self._slot_view(slot) for slot in outcome.alternatives[:MAX_OFFERED]]
@@ -369,12 +376,14 @@ class BookingTools:
             notes=args.notes,
             source="phone",
             actor=f"call:{info.call_sid}",
+            # Calling from the number and booking: texts about this booking are implied unless discussed.
+            sms_consent=SmsConsent.from_answer(args.texts_ok),
         )
         outcome = await self._service.book(request)
         if isinstance(outcome, Booked):
             booking = outcome.booking
             log.info("tool_booked", call_sid=info.call_sid, booking_id=booking.id)
-            return {**self._booking_view(booking), "status": "booked"}
+            return {**self._booking_view(booking), "status": "booked", **_warnings(outcome)}
         return {
             "status": "unavailable",
             "start": args.start,
@@ -396,7 +405,7 @@ class BookingTools:
             booking.id, self._local(args.new_start), resource_id=resource_id, actor=f"call:{info.call_sid}"
         )
         if isinstance(outcome, Booked):
-            return {**self._booking_view(outcome.booking), "status": "rescheduled"}
+            return {**self._booking_view(outcome.booking), "status": "rescheduled", **_warnings(outcome)}
         return {
             "status": "unavailable",
             "start": args.new_start,
@@ -427,6 +436,11 @@ class BookingTools:
             return {"appointments": []}  # a withheld or unparseable number has no bookings we can show
         upcoming = sorted(bookings, key=lambda b: b.start)
         return {"appointments": [self._booking_view(b) for b in upcoming[:10]]}
+
+
+def _warnings(outcome: Booked) -> dict[str, Any]:
+    """The booking's warnings for the agent, only when there are some (soft external conflicts)."""
+    return {"warnings": list(outcome.warnings)} if outcome.warnings else {}
 
 
 def _simplify(text: str) -> str:

@@ -29,6 +29,7 @@ from booking.domain import (
     BookingStatus,
     Customer,
     Interval,
+    SmsConsent,
     new_id,
 )
 from booking.errors import InvalidTransition, NotFound, VersionConflict
@@ -121,7 +122,7 @@ def _is_idempotency_clash(error: IntegrityError) -> bool:
     )
 
 
-_BOOKING_COLUMNS = (
+BOOKING_COLUMNS = (
     t.bookings,
     t.customers.c.phone,
     t.customers.c.name.label("customer_name"),
@@ -135,7 +136,7 @@ _INSERT_SERIES = insert(t.booking_series)
 _INSERT_BOOKING = insert(t.bookings)
 
 
-def _booking_from_row(row: Row[Any]) -> Booking:
+def booking_from_row(row: Row[Any]) -> Booking:
     m = row._mapping
     return Booking(
         id=m["id"],
@@ -158,6 +159,7 @@ def _booking_from_row(row: Row[Any]) -> Booking:
         series_id=m["series_id"],
         source=m["source"],
         notes=m["notes"],
+        sms_consent=SmsConsent(m["sms_consent"]),
     )
 
 
@@ -263,6 +265,7 @@ class Ledger:
         series: SeriesSpec | None = None,
         source: str = "api",
         notes: str | None = None,
+        sms_consent: SmsConsent = SmsConsent.IMPLIED,
         actor: str = "api",
     ) -> CreateResult:
         """Insert one booking, or every occurrence of a series, in one transaction: all or nothing."""
@@ -305,6 +308,7 @@ class Ledger:
                         "block_end": b.block.end,
                         "source": source,
                         "notes": notes,
+                        "sms_consent": sms_consent.value,
                         "version": 1,
                         "created_at": now,
                         "updated_at": now,
@@ -332,11 +336,12 @@ class Ledger:
                     series_id=series_id,
                     source=source,
                     notes=notes,
+                    sms_consent=sms_consent,
                 )
                 for b in new
             )
             # The calendar event and SMS exist if and only if these bookings commit.
-            outbox.record_created(conn, bookings, now)
+            outbox.record_created(conn, bookings, now, series_rule=series.rrule if series is not None else None)
             return bookings
 
         try:
@@ -465,13 +470,13 @@ class Ledger:
             await self._notify_effects()
 
     def _current(self, conn: Connection, booking_id: str) -> Booking:
-        query = select(*_BOOKING_COLUMNS).join(t.customers).where(t.bookings.c.id == booking_id)
+        query = select(*BOOKING_COLUMNS).join(t.customers).where(t.bookings.c.id == booking_id)
         if self._db.dialect == "postgresql":
             query = query.with_for_update(of=t.bookings)
         row = conn.execute(query).first()
         if row is None:
             raise NotFound(f"no booking {booking_id}", booking_id=booking_id)
-        return _booking_from_row(row)
+        return booking_from_row(row)
 
     # -- reads -----------------------------------------------------------------------------------
     async def get_booking(self, booking_id: str) -> Booking | None:
@@ -486,29 +491,29 @@ class Ledger:
 
     async def get_bookings(self, booking_ids: Sequence[str]) -> list[Booking]:
         query = (
-            select(*_BOOKING_COLUMNS)
+            select(*BOOKING_COLUMNS)
             .join(t.customers)
             .where(t.bookings.c.id.in_(list(booking_ids)))
             .order_by(t.bookings.c.start_at)
         )
         async with self._db.reader.connect() as conn:
-            return [_booking_from_row(row) for row in await conn.execute(query)]
+            return [booking_from_row(row) for row in await conn.execute(query)]
 
     async def bookings_for_phone(
         self, phone: str, *, since: datetime | None = None, active_only: bool = False
     ) -> list[Booking]:
-        query = select(*_BOOKING_COLUMNS).join(t.customers).where(t.customers.c.phone == phone)
+        query = select(*BOOKING_COLUMNS).join(t.customers).where(t.customers.c.phone == phone)
         if since is not None:
             query = query.where(t.bookings.c.end_at > since)
         if active_only:
             query = query.where(t.bookings.c.status.in_(ACTIVE_STATUSES))
         async with self._db.reader.connect() as conn:
-            return [_booking_from_row(row) for row in await conn.execute(query.order_by(t.bookings.c.start_at))]
+            return [booking_from_row(row) for row in await conn.execute(query.order_by(t.bookings.c.start_at))]
 
     async def overlapping(self, resource_id: str, block: Interval) -> list[Booking]:
         """Active bookings of ``resource_id`` whose blocks overlap ``block``."""
         query = (
-            select(*_BOOKING_COLUMNS)
+            select(*BOOKING_COLUMNS)
             .join(t.customers)
             .where(
                 t.bookings.c.resource_id == resource_id,
@@ -520,7 +525,7 @@ class Ledger:
             .order_by(t.bookings.c.start_at)
         )
         async with self._db.reader.connect() as conn:
-            return [_booking_from_row(row) for row in await conn.execute(query)]
+            return [booking_from_row(row) for row in await conn.execute(query)]
 
     async def active_blocks(self, resource_id: str, window: Interval) -> list[tuple[str, Interval]]:
         """(booking id, block) of every active booking of a resource touching ``window``: what the Redis

@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -146,6 +147,8 @@ bookings = Table(
     Column("block_end", UTCDateTime, nullable=False),
     Column("source", String(32), nullable=False),
     Column("notes", Text),
+    # What the customer said about texts when booking (booking.domain.SmsConsent).
+    Column("sms_consent", String(16), nullable=False, server_default="implied"),
     Column("version", Integer, nullable=False),
     # The request that created a single booking (a series keeps its key on booking_series).
     Column("idempotency_key", String(255), unique=True),
@@ -293,3 +296,61 @@ sms_suppressions = Table(
     Column("changed_at", UTCDateTime, nullable=False),
     Column("source", String(32), nullable=False),
 )
+
+# A text on its way: written just before the request to Twilio, removed when Twilio refused it. A mark
+# with no message recorded for its effect means an earlier attempt's outcome is unknown (its answer was
+# lost, its worker died), so the next attempt looks for the text at Twilio before sending it again.
+sms_sends = Table(
+    "sms_sends",
+    metadata,
+    Column("effect_key", String(255), primary_key=True),
+    Column("to_number", String(32), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+)
+
+# OAuth grants a provider gave this deployment (Google Calendar through a user's own account), one per
+# (provider, account name). The tokens are ciphertext: integrations encrypt them before they reach the
+# ledger, so a copy of the database alone never yields a usable token.
+oauth_tokens = Table(
+    "oauth_tokens",
+    metadata,
+    Column("provider", String(32), primary_key=True),
+    Column("account", String(64), primary_key=True),  # the operator's name for the grant ("default")
+    Column("client_id", String(255), nullable=False),  # a refresh token only works with its own client
+    Column("subject", String(320)),  # the provider's account (an email) when it said which
+    Column("refresh_token", LargeBinary, nullable=False),
+    Column("access_token", LargeBinary),
+    Column("expires_at", UTCDateTime),  # of the access token
+    Column("scopes", Text, nullable=False),  # space-separated, as granted
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),  # the provider refused the refresh token (invalid_grant)
+)
+
+# End-of-call reports, one immutable row per version: a regeneration adds a version, nothing is updated.
+call_reports = Table(
+    "call_reports",
+    metadata,
+    Column("call_sid", String(64), ForeignKey("calls.call_sid"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("schema_version", Integer, nullable=False),
+    Column("body", JSONDocument, nullable=False),
+    Column("produced_by", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# Who did what to sensitive records (a report generated, edited, exported, a transcript read), append only.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("subject_kind", String(32), nullable=False),
+    Column("subject_id", String(255), nullable=False),
+    Column("details", JSONDocument, nullable=False),
+    Index("ix_audit_events_subject", "subject_kind", "subject_id", "id"),
+)
+

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -209,6 +209,32 @@ class SmsLedger:
 
     async def get_message(self, message_sid: str) -> SmsMessage | None:
         query = select(t.sms_messages).where(t.sms_messages.c.message_sid == message_sid)
+        async with self._db.reader.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return _message(row) if row is not None else None
+
+    async def begin_send(self, effect_key: str, to_number: str) -> bool:
+        """Mark the effect's text as on its way. Returns whether an earlier attempt had already marked it
+        (and so may have sent it): then the caller must look for that text before sending again."""
+        now = self._clock()
+        stmt = (
+            self._insert(t.sms_sends)
+            .values(effect_key=effect_key, to_number=to_number, started_at=now)
+            .on_conflict_do_nothing(index_elements=["effect_key"])
+        )
+        inserted = await self._db.write(lambda conn: conn.execute(stmt).rowcount)
+        return inserted == 0
+
+    async def abandon_send(self, effect_key: str) -> None:
+        """Twilio refused the text (an error answer, or no connection at all): nothing was sent, so the
+        next attempt may send without looking first."""
+        statement = delete(t.sms_sends).where(t.sms_sends.c.effect_key == effect_key)
+        await self._db.write(lambda conn: conn.execute(statement))
+
+    async def message_for_effect(self, effect_key: str) -> SmsMessage | None:
+        """The message an effect sent, known from the send's answer or from a delivery receipt naming the
+        effect in its callback URL; None when neither reached us."""
+        query = select(t.sms_messages).where(t.sms_messages.c.effect_key == effect_key).limit(1)
         async with self._db.reader.connect() as conn:
             row = (await conn.execute(query)).first()
         return _message(row) if row is not None else None

@@ -1,8 +1,10 @@
 """Google Calendar v3 on loopback, as much of it as voicebook uses: events insert/get/patch/delete/list,
-freeBusy, and the OAuth token endpoint that service-account (JWT bearer) and user (refresh token)
-credentials call. Strict where Google is: a client-chosen event id must be base32hex (``a-v``, ``0-9``,
-5 to 1024 long), a reused id answers 409 ``duplicate`` (even after the event was deleted), deleting a
-deleted event answers 410, every API call needs a live ``Authorization: Bearer`` token, and errors use
+freeBusy, and OAuth: the token endpoint that service-account (JWT bearer) and user (refresh token)
+credentials call, and the installed-app consent flow (an authorization endpoint that consents at once
+and redirects with a code, then the ``authorization_code`` grant with PKCE verification). Strict where
+Google is: a client-chosen event id must be base32hex (``a-v``, ``0-9``, 5 to 1024 long), a reused id
+answers 409 ``duplicate`` (even after the event was deleted), deleting a deleted event answers 410,
+every API call needs a live ``Authorization: Bearer`` token, the consent flow needs PKCE, and errors use
 Google's body ``{"error": {"errors": [{domain, reason, message}], code, message}}``.
 
 Faults come from :class:`CalendarFaults`: "the next N requests" (a list consumed in order) or a seeded
@@ -16,31 +18,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import random
 import re
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from dateutil.rrule import rrulestr
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+from integrations.simulators.calendar_recurrence import busy_spans, materialise_instance, parse_instant
 
 API = "/calendar/v3"
 TOKEN_PATH = "/token"
+AUTH_PATH = "/o/oauth2/auth"
 GOOGLE_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 EVENT_ID = re.compile(r"^[a-v0-9]{5,1024}$")
+SIMULATED_SCOPES = ("https://www.googleapis.com/auth/calendar", "https://www.googleapis.com/auth/calendar.events")
 
 FaultKind = Literal["429", "403", "403user", "500", "503", "timeout"]
 
@@ -97,6 +104,9 @@ class CalendarState:
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of API calls
     token_grants: list[str] = field(default_factory=list)  # grant_type of every token request
     subjects: list[str | None] = field(default_factory=list)  # "sub" of every JWT grant (delegation)
+    consent_email: str = "frontdesk@riverside-clinic.example"  # the account that consents in the browser
+    deny_consent: bool = False  # the user clicks "Cancel": the redirect carries error=access_denied
+    codes: dict[str, dict[str, str]] = field(default_factory=dict)  # unused authorization codes
 
     def add_calendar(self, calendar_id: str) -> dict[str, dict[str, Any]]:
         return self.calendars.setdefault(calendar_id, {})
@@ -111,12 +121,66 @@ class CalendarState:
         self.clients[client_id] = client_secret
         self.refresh_tokens[refresh_token] = client_id
 
+    def add_client(self, client_id: str, client_secret: str) -> None:
+        """An OAuth client that may run the consent flow (its refresh tokens come from the code grant)."""
+        self.clients[client_id] = client_secret
+
+    def revoke_grant(self, refresh_token: str) -> None:
+        """The user removed the app's access: the refresh token answers ``invalid_grant`` from now on."""
+        self.refresh_tokens.pop(refresh_token, None)
+
+    def client_file(self, client_id: str, base_url: str) -> dict[str, Any]:
+        """The client as Google's console downloads it, pointing at this simulator."""
+        return {
+            "installed": {
+                "client_id": client_id,
+                "project_id": "voicebook-test",
+                "auth_uri": f"{base_url}{AUTH_PATH}",
+                "token_uri": f"{base_url}{TOKEN_PATH}",
+                "client_secret": self.clients[client_id],
+                "redirect_uris": ["http://localhost"],
+            }
+        }
+
     def expire_tokens(self) -> None:
         """Every access token handed out so far stops working (the client still believes it valid)."""
         self.tokens.clear()
 
     def live_events(self, calendar_id: str) -> list[dict[str, Any]]:
         return [event for event in self.calendars.get(calendar_id, {}).values() if event["status"] != "cancelled"]
+
+    def busy_times(
+        self, calendar_id: str, until: datetime = datetime(2100, 1, 1, tzinfo=UTC)
+    ) -> list[tuple[datetime, datetime]]:
+        """Every busy span of the calendar's events, series expanded with their exceptions, in order."""
+        return sorted(busy_spans(self.calendars.get(calendar_id, {}), until))
+
+
+SERVICE_ACCOUNT_EMAIL = "voicebook@voicebook-test.iam.gserviceaccount.com"
+
+
+def new_private_key_pem() -> str:
+    """A fresh RSA key (PKCS#8 PEM) for a simulated service account."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def service_account_info(
+    simulator_url: str, private_key_pem: str, client_email: str = SERVICE_ACCOUNT_EMAIL
+) -> dict[str, Any]:
+    """A service-account key file's contents, as Google's console downloads it, whose token endpoint is the
+    simulator's (register the key with :meth:`CalendarState.add_service_account` first)."""
+    return {
+        "type": "service_account",
+        "project_id": "voicebook-test",
+        "private_key_id": "0123456789abcdef",
+        "private_key": private_key_pem,
+        "client_email": client_email,
+        "client_id": "1234567890",
+        "token_uri": f"{simulator_url}{TOKEN_PATH}",
+    }
 
 
 def google_error(
@@ -134,13 +198,6 @@ def google_error(
 
 def _rfc3339(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
-def _parse_instant(text: str) -> datetime:
-    value = datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        raise ValueError(f"{text!r} has no offset")
-    return value
 
 
 class _Invalid(Exception):
@@ -163,7 +220,7 @@ def _event_time(event: dict[str, Any], key: str, *, recurring: bool) -> datetime
     elif recurring:
         raise _Invalid("required", f"Missing time zone definition for {key} time.")
     try:
-        return _parse_instant(str(value["dateTime"]))
+        return parse_instant(str(value["dateTime"]))
     except ValueError:
         raise _Invalid("invalid", f"Invalid {key} time.") from None
 
@@ -193,24 +250,6 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
             target[key] = value
 
 
-def _occurrences(
-    event: dict[str, Any], window_start: datetime, window_end: datetime
-) -> Iterable[tuple[datetime, datetime]]:
-    start = _parse_instant(event["start"]["dateTime"])
-    end = _parse_instant(event["end"]["dateTime"])
-    rules = [line for line in event.get("recurrence") or [] if line.startswith("RRULE:")]
-    if not rules:
-        yield start, end
-        return
-    zone = ZoneInfo(event["start"]["timeZone"])
-    local_start = start.astimezone(zone).replace(tzinfo=None)
-    for local in rrulestr(rules[0][len("RRULE:") :], dtstart=local_start):
-        occurrence = local.replace(tzinfo=zone)
-        if occurrence >= window_end:
-            return
-        yield occurrence, occurrence + (end - start)
-
-
 def _verify_jwt(assertion: str, state: CalendarState, audience: str) -> dict[str, Any]:
     try:
         header_b64, claims_b64, signature_b64 = assertion.split(".")
@@ -236,30 +275,116 @@ def _verify_jwt(assertion: str, state: CalendarState, audience: str) -> dict[str
     return claims
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _id_token(email: str, client_id: str, client_secret: str) -> str:
+    """An ID token naming ``email``, signed HS256 with the client secret (OpenID Connect allows that
+    for confidential clients; Google signs RS256, which voicebook does not check either way)."""
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    now = int(time.time())
+    claims = {
+        "iss": "https://accounts.google.com",
+        "aud": client_id,
+        "sub": hashlib.sha256(email.encode()).hexdigest()[:21],
+        "email": email,
+        "email_verified": True,
+        "iat": now,
+        "exp": now + 3600,
+    }
+    payload = _b64url(json.dumps(claims).encode())
+    signature = hmac.new(client_secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def _loopback(redirect_uri: str) -> bool:
+    """Installed apps redirect to the loopback interface on any port (Google's rule for desktop clients)."""
+    parts = urlsplit(redirect_uri)
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
 def create_google_calendar_simulator(state: CalendarState) -> Starlette:
-    def issue_token() -> JSONResponse:
+    def issue_token() -> dict[str, Any]:
         token = "ya29.sim-" + secrets.token_urlsafe(24)
         state.tokens[token] = time.monotonic() + state.token_lifetime
-        return JSONResponse({"access_token": token, "expires_in": int(state.token_lifetime), "token_type": "Bearer"})
+        return {"access_token": token, "expires_in": int(state.token_lifetime), "token_type": "Bearer"}
+
+    async def authorize(request: Request) -> Response:
+        """The consent screen, consenting at once: a redirect to ``redirect_uri`` with a code (or, when
+        the user refuses, ``error=access_denied``). Invalid requests are answered here, not redirected,
+        as Google does when it cannot trust the redirect."""
+        params = request.query_params
+        client_id = params.get("client_id", "")
+        redirect_uri = params.get("redirect_uri", "")
+        if client_id not in state.clients:
+            return JSONResponse(
+                {"error": "invalid_client", "error_description": "The OAuth client was not found."}, 401
+            )
+        if not _loopback(redirect_uri):
+            return JSONResponse({"error": "redirect_uri_mismatch", "error_description": redirect_uri}, 400)
+        answer: dict[str, str] = {}
+        if params.get("response_type") != "code":
+            answer = {"error": "unsupported_response_type"}
+        elif params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
+            answer = {"error": "invalid_request", "error_description": "code_challenge (S256) is required"}
+        elif not set(SIMULATED_SCOPES).intersection(params.get("scope", "").split()):
+            answer = {"error": "invalid_scope"}
+        elif state.deny_consent:
+            answer = {"error": "access_denied"}
+        else:
+            code = "4/sim-" + secrets.token_urlsafe(24)
+            state.codes[code] = {
+                "client_id": client_id,
+                "redirect_uri": redirect_uri,
+                "challenge": params["code_challenge"],
+                "scope": params.get("scope", ""),
+            }
+            answer = {"code": code, "scope": params.get("scope", "")}
+        if "state" in params:
+            answer["state"] = params["state"]
+        separator = "&" if "?" in redirect_uri else "?"
+        return RedirectResponse(f"{redirect_uri}{separator}{urlencode(answer)}", status_code=302)
+
+    def exchange(form: Any) -> JSONResponse:
+        """The ``authorization_code`` grant: a code is good once, for its client and redirect, with the
+        verifier whose S256 hash was the challenge."""
+        client_id = str(form.get("client_id", ""))
+        pending = state.codes.pop(str(form.get("code", "")), None)
+        if pending is None or pending["client_id"] != client_id:
+            raise _Invalid("invalid_grant", "Malformed auth code.")
+        if pending["redirect_uri"] != form.get("redirect_uri"):
+            raise _Invalid("redirect_uri_mismatch", "Bad Request")
+        verifier = str(form.get("code_verifier", ""))
+        if not verifier or _b64url(hashlib.sha256(verifier.encode()).digest()) != pending["challenge"]:
+            raise _Invalid("invalid_grant", "Invalid code verifier.")
+        refresh_token = "1//sim-" + secrets.token_urlsafe(32)
+        state.refresh_tokens[refresh_token] = client_id
+        body = issue_token() | {"refresh_token": refresh_token, "scope": pending["scope"]}
+        if "openid" in pending["scope"].split():
+            body["id_token"] = _id_token(state.consent_email, client_id, state.clients[client_id])
+        return JSONResponse(body)
 
     async def token(request: Request) -> Response:
         form = await request.form()
         grant = str(form.get("grant_type", ""))
         state.token_grants.append(grant)
         try:
+            if grant in ("refresh_token", "authorization_code") and state.clients.get(
+                str(form.get("client_id", ""))
+            ) != form.get("client_secret"):
+                return JSONResponse({"error": "invalid_client", "error_description": "Unauthorized"}, status_code=401)
+            if grant == "authorization_code":
+                return exchange(form)
             if grant == JWT_BEARER:
                 claims = _verify_jwt(str(form.get("assertion", "")), state, str(request.url))
                 state.subjects.append(claims.get("sub"))
-                return issue_token()
+                return JSONResponse(issue_token())
             if grant == "refresh_token":
                 client_id = str(form.get("client_id", ""))
-                if state.clients.get(client_id) != form.get("client_secret"):
-                    return JSONResponse(
-                        {"error": "invalid_client", "error_description": "Unauthorized"}, status_code=401
-                    )
                 if state.refresh_tokens.get(str(form.get("refresh_token", ""))) != client_id:
                     raise _Invalid("invalid_grant", "Token has been expired or revoked.")
-                return issue_token()
+                return JSONResponse(issue_token())
         except _Invalid as invalid:
             return JSONResponse({"error": invalid.reason, "error_description": invalid.message}, status_code=400)
         return JSONResponse({"error": "unsupported_grant_type", "error_description": grant}, status_code=400)
@@ -373,7 +498,9 @@ def create_google_calendar_simulator(state: CalendarState) -> Starlette:
         events = calendar_or_404(request.path_params["calendar_id"])
         if isinstance(events, Response):
             return events
-        event = events.get(request.path_params["event_id"])
+        event = events.get(request.path_params["event_id"]) or materialise_instance(
+            events, request.path_params["event_id"]
+        )
         if event is None:
             return google_error(404, "notFound", "Not Found")
         if request.method == "GET":
@@ -397,13 +524,33 @@ def create_google_calendar_simulator(state: CalendarState) -> Starlette:
         events[event["id"]] = patched
         return JSONResponse(patched)
 
+    async def move_event(request: Request) -> Response:
+        """events.move: the event leaves this calendar for ``destination``, keeping its id."""
+        if (refused := await guard(request)) is not None:
+            return refused
+        events = calendar_or_404(request.path_params["calendar_id"])
+        if isinstance(events, Response):
+            return events
+        destination = state.calendars.get(request.query_params.get("destination", ""))
+        if destination is None:
+            return google_error(404, "notFound", "Not Found")
+        event = events.get(request.path_params["event_id"])
+        if event is None or event["status"] == "cancelled" or event.get("recurringEventId"):
+            return google_error(404, "notFound", "Not Found")
+        if event["id"] in destination:
+            return google_error(409, "duplicate", "The requested identifier already exists.")
+        del events[event["id"]]
+        event["updated"] = _rfc3339(datetime.now(UTC))
+        destination[event["id"]] = event
+        return JSONResponse(event)
+
     async def free_busy(request: Request) -> Response:
         if (refused := await guard(request)) is not None:
             return refused
         try:
             body = await json_body(request)
-            window_start = _parse_instant(str(body["timeMin"]))
-            window_end = _parse_instant(str(body["timeMax"]))
+            window_start = parse_instant(str(body["timeMin"]))
+            window_end = parse_instant(str(body["timeMax"]))
         except _Invalid as invalid:
             return google_error(400, invalid.reason, invalid.message)
         except (KeyError, ValueError):
@@ -417,9 +564,7 @@ def create_google_calendar_simulator(state: CalendarState) -> Starlette:
                 calendars[calendar_id] = {"errors": [{"domain": "global", "reason": "notFound"}], "busy": []}
                 continue
             spans = list(state.external_busy.get(calendar_id, []))
-            for event in state.live_events(calendar_id):
-                if event.get("transparency") != "transparent":
-                    spans.extend(_occurrences(event, window_start, window_end))
+            spans.extend(busy_spans(state.calendars[calendar_id], window_end))
             clipped = sorted(
                 (max(start, window_start), min(end, window_end))
                 for start, end in spans
@@ -444,10 +589,12 @@ def create_google_calendar_simulator(state: CalendarState) -> Starlette:
     return Starlette(
         routes=[
             Route(TOKEN_PATH, token, methods=["POST"]),
+            Route(AUTH_PATH, authorize, methods=["GET"]),
             Route(f"{API}/freeBusy", free_busy, methods=["POST"]),
             Route(f"{API}/calendars/{{calendar_id}}/events", events_collection, methods=["GET", "POST"]),
             Route(
                 f"{API}/calendars/{{calendar_id}}/events/{{event_id}}", event_item, methods=["GET", "PATCH", "DELETE"]
             ),
+            Route(f"{API}/calendars/{{calendar_id}}/events/{{event_id}}/move", move_event, methods=["POST"]),
         ]
     )

@@ -297,7 +297,45 @@ def message_routes(state: MessagesState) -> list[Route]:
                 await asyncio.wait_for(state._release.wait(), state.hang_seconds)
         return JSONResponse(_resource(state, message), status_code=201)
 
-    return [Route(MESSAGES_PATH, create_message, methods=["POST"])]
+    async def list_messages(request: Request) -> Response:
+        """Newest first, filtered by ``To`` and ``From`` like Twilio's list; one page of ``PageSize``."""
+        state.requests += 1
+        if state.latency:
+            await asyncio.sleep(state.latency)
+        if not _authorised(request, credentials):
+            return _error(401, 20003, "Authentication Error - invalid username")
+        fault = state.next_fault()
+        if fault is not None and fault is not Fault.TIMEOUT:
+            return _fault_response(state, fault)
+        to, sender = request.query_params.get("To"), request.query_params.get("From")
+        try:
+            page_size = min(max(int(request.query_params.get("PageSize", "50")), 1), 1000)
+        except ValueError:
+            return _error(400, 20001, "PageSize must be a number")
+        found = [
+            message
+            for message in sorted(state.messages.values(), key=lambda m: m.date_created, reverse=True)
+            if (to is None or message.to == to) and (sender is None or message.from_number == sender)
+        ][:page_size]
+        uri = str(request.url.path)
+        return JSONResponse(
+            {
+                "messages": [_resource(state, message) for message in found],
+                "page": 0,
+                "page_size": page_size,
+                "start": 0,
+                "end": max(len(found) - 1, 0),
+                "uri": uri,
+                "first_page_uri": uri,
+                "next_page_uri": None,
+                "previous_page_uri": None,
+            }
+        )
+
+    async def messages(request: Request) -> Response:
+        return await (list_messages(request) if request.method == "GET" else create_message(request))
+
+    return [Route(MESSAGES_PATH, messages, methods=["GET", "POST"])]
 
 
 def add_message_routes(app: Starlette, state: MessagesState) -> None:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from booking.domain import BookingStatus, Interval
+from booking.domain import BookingStatus, Interval, SmsConsent
 from booking.errors import BookingError, InvalidRequest
 from booking.ledger.repository import CustomerDetails
 from booking.service import Booked, BookRequest, SlotUnavailable
@@ -180,6 +180,7 @@ def _booked(outcome: Booked, components: Components, status: int) -> Response:
         }
     else:
         body = render_booking(outcome.booking, business)
+    body["warnings"] = list(outcome.warnings)  # external calendar busy time overlapped (soft policy)
     response = JSONResponse(body, status_code=200 if outcome.replayed else status)
     response.headers["Location"] = f"/api/bookings/{outcome.booking.id}"
     if outcome.replayed:
@@ -208,6 +209,7 @@ async def create_booking(request: Request, components: Components) -> Response:
             notes=body.notes,
             source="api",
             actor="api",
+            sms_consent=SmsConsent.from_answer(body.sms_consent),
         )
     )
     if isinstance(outcome, SlotUnavailable):
@@ -285,6 +287,7 @@ async def create_hold(request: Request, components: Components) -> Response:
             "token": outcome.token,
             "expires_at": outcome.expires_at.isoformat().replace("+00:00", "Z"),
             "slot": render_slot(outcome.slot, components.business, caller_tz),
+            "warnings": list(outcome.warnings),
         },
         status_code=201,
     )

@@ -10,15 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from booking.errors import InvalidRequest
-from booking.ledger import schema as t
-from booking.ledger.database import Database
-from booking.outbox import Effect, EffectStatus, Outbox, RedisNotifier, _effect_from_row
+from booking.outbox import Effect, Outbox, RedisNotifier
 from voice_server.api.bookings import _json_body, _query_int, endpoint
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.api.schemas import parse_body
@@ -64,23 +61,10 @@ def masked_payload(payload: dict[str, Any]) -> dict[str, Any]:
     return payload | {"customer": customer | {"phone": masked_phone(customer["phone"])}}
 
 
-async def newest_dead_letters(database: Database, limit: int) -> list[Effect]:
-    """Dead effects, most recently failed first (``Outbox.dead_letters`` lists the oldest first)."""
-    e = t.effects.c
-    query = (
-        select(t.effects)
-        .where(e.status == EffectStatus.DEAD.value)
-        .order_by(e.updated_at.desc(), e.id.desc())
-        .limit(limit)
-    )
-    async with database.reader.connect() as conn:
-        return [_effect_from_row(row) for row in await conn.execute(query)]
-
-
 def _outbox(components: Components) -> Outbox:
     # The same channel the server's ledger notifies on, so a retried effect wakes idle workers at once.
     notify = RedisNotifier(components.redis, f"{components.settings.redis_prefix}:effects")
-    return Outbox(components.database, notify=notify)
+    return Outbox(components.database, clock=components.clock, notify=notify)
 
 
 def _effect_id(request: Request) -> int:
@@ -106,7 +90,7 @@ def _not_dead(effect: Effect) -> Response:
 
 async def list_dead(request: Request, components: Components) -> Response:
     limit = _query_int(request, "limit", 100, 1, MAX_LIST)
-    effects = await newest_dead_letters(components.database, limit)
+    effects = await _outbox(components).dead_letters(limit=limit, newest_first=True)
     return JSONResponse({"effects": [render_effect(effect) for effect in effects]})
 
 

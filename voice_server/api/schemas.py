@@ -48,6 +48,9 @@ class BookingBody(WhenBody):
     hold_token: str | None = Field(default=None, max_length=200)
     rrule: str | None = Field(default=None, max_length=500)
     notes: str | None = Field(default=None, max_length=2000)
+    sms_consent: bool | None = None
+    """True: the customer agreed to texts; False: declined (no texts at all); absent: they gave their
+    number for this booking, so confirmations and reminders go to it (implied)."""
 
 
 class HoldBody(WhenBody):
@@ -110,6 +113,7 @@ def render_booking(booking: Booking, business: Business) -> dict[str, Any]:
         "series_id": booking.series_id,
         "source": booking.source,
         "notes": booking.notes,
+        "sms_consent": booking.sms_consent.value,
         "version": booking.version,
         "created_at": booking.created_at.isoformat().replace("+00:00", "Z"),
         "updated_at": booking.updated_at.isoformat().replace("+00:00", "Z"),

@@ -1,0 +1,69 @@
+"""Prometheus instruments of the booking side: effects (attempts, outcomes, time to done, work in flight),
+the outbox's queue and dead letters, and SMS delivery.
+
+They live in the default registry, which ``/metrics`` exposes. Instruments are module-level singletons,
+as prometheus_client expects; tests read them through :func:`sample`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+EFFECT_ATTEMPTS = Counter(
+    "voicebook_effect_attempts_total",
+    "Effect attempts by integration, kind and outcome (done, retry, dead, lease_lost).",
+    ["integration", "kind", "outcome"],
+)
+EFFECT_DURATION = Histogram(
+    "voicebook_effect_duration_seconds",
+    "Time one effect attempt spent in its handler (the provider's round trips), by integration.",
+    ["integration"],
+    buckets=(0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+EFFECT_DELAY = Histogram(
+    "voicebook_effect_delay_seconds",
+    "From the booking change that enqueued an effect (or its due time, for reminders) to the effect done.",
+    ["integration"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 2.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0),
+)
+EFFECTS_IN_FLIGHT = Gauge(
+    "voicebook_effects_in_flight",
+    "Effects running now in this process, by integration; at the limit the integration is saturated.",
+    ["integration"],
+    multiprocess_mode="livesum",
+)
+EFFECTS_CONCURRENCY_LIMIT = Gauge(
+    "voicebook_effects_concurrency_limit",
+    "How many effects of an integration one worker runs at once (its backpressure bound).",
+    ["integration"],
+    multiprocess_mode="livemax",
+)
+EFFECT_QUEUE_DEPTH = Gauge(
+    "voicebook_effect_queue_depth",
+    "Effects due now and waiting for a worker, by kind (sampled from the ledger).",
+    ["kind"],
+    multiprocess_mode="livemax",
+)
+EFFECT_OLDEST_DUE_SECONDS = Gauge(
+    "voicebook_effect_oldest_due_seconds",
+    "How long the longest-waiting due effect has waited, by integration (0 when none waits).",
+    ["integration"],
+    multiprocess_mode="livemax",
+)
+DEAD_LETTERS = Gauge(
+    "voicebook_effect_dead_letters",
+    "Effects in the dead letters, waiting for an operator, by integration (sampled from the ledger).",
+    ["integration"],
+    multiprocess_mode="livemax",
+)
+SMS_DELIVERY_RATE = Gauge(
+    "voicebook_sms_delivery_rate",
+    "Share of texts settled in the last 24 hours that were delivered (delivered / delivered+undelivered+failed).",
+    multiprocess_mode="livemax",
+)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """The current value of one sample of the default registry (0 when absent), for tests and the CLI."""
+    value = REGISTRY.get_sample_value(name, labels or {})
+    return float(value) if value is not None else 0.0
