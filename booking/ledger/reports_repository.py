@@ -1,0 +1,189 @@
+"""End-of-call reports in the ledger, and the audit trail around them.
+
+A report is never updated: each generation (the first at hang-up, any regeneration, an operator's edit)
+is a new version of the call's report, numbered from 1, and the newest is the call's report. Every
+generation, edit, export and read of a report or transcript is written to ``audit_events`` in the same
+transaction as what it records, so the trail cannot miss an action that happened.
+
+Usage::
+
+    reports = ReportLedger(database)
+    version = await reports.add_version(call_sid, body, schema_version=1, produced_by="report-builder/1",
+                                        reason="hang-up", actor="worker")
+    current = await reports.latest(call_sid, actor="admin-api")   # audited as a read
+    trail = await reports.audit_trail("call", call_sid)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, func, insert, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from booking.ledger import schema as t
+from booking.ledger.database import Database
+from booking.ledger.repository import Clock, utc_now
+
+
+class AuditAction(enum.StrEnum):
+    GENERATED = "generated"
+    EDITED = "edited"
+    EXPORTED = "exported"
+    READ = "read"
+    DELETED = "deleted"  # a transcript or recording removed by retention
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReport:
+    call_sid: str
+    version: int
+    schema_version: int
+    body: dict[str, Any]
+    produced_by: str
+    reason: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    at: datetime
+    actor: str
+    action: AuditAction
+    subject_kind: str
+    subject_id: str
+    details: dict[str, Any]
+
+
+def _report(row: Row[Any]) -> StoredReport:
+    m = row._mapping
+    return StoredReport(
+        call_sid=m["call_sid"],
+        version=m["version"],
+        schema_version=m["schema_version"],
+        body=dict(m["body"]),
+        produced_by=m["produced_by"],
+        reason=m["reason"],
+        created_at=m["created_at"],
+    )
+
+
+class ReportLedger:
+    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+        self._db = database
+        self._clock = clock
+
+    def _audit(
+        self,
+        conn: Connection,
+        action: AuditAction,
+        subject_kind: str,
+        subject_id: str,
+        actor: str,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        conn.execute(
+            insert(t.audit_events).values(
+                at=self._clock(),
+                actor=actor,
+                action=action.value,
+                subject_kind=subject_kind,
+                subject_id=subject_id,
+                details=dict(details or {}),
+            )
+        )
+
+    async def add_version(
+        self,
+        call_sid: str,
+        body: Mapping[str, Any],
+        *,
+        schema_version: int,
+        produced_by: str,
+        reason: str,
+        actor: str,
+        action: AuditAction = AuditAction.GENERATED,
+    ) -> int:
+        """Store ``body`` as the call's next report version and audit it; returns the version number.
+        Two writers racing for the same number: the primary key refuses the second, which retries with
+        the next number."""
+        r = t.call_reports.c
+        for _ in range(5):
+
+            def work(conn: Connection) -> int:
+                current = conn.execute(select(func.max(r.version)).where(r.call_sid == call_sid)).scalar_one()
+                version = int(current or 0) + 1
+                conn.execute(
+                    insert(t.call_reports).values(
+                        call_sid=call_sid,
+                        version=version,
+                        schema_version=schema_version,
+                        body=dict(body),
+                        produced_by=produced_by,
+                        reason=reason,
+                        created_at=self._clock(),
+                    )
+                )
+                self._audit(conn, action, "call", call_sid, actor, {"version": version, "reason": reason})
+                return version
+
+            try:
+                return await self._db.write(work)
+            except IntegrityError:
+                continue  # another writer took this version number first
+        raise RuntimeError(f"could not store a report version for {call_sid}: too many concurrent writers")
+
+    async def latest(self, call_sid: str, *, actor: str) -> StoredReport | None:
+        """The call's current report (its newest version); the read is audited."""
+        r = t.call_reports.c
+        query = select(t.call_reports).where(r.call_sid == call_sid).order_by(r.version.desc()).limit(1)
+        async with self._db.reader.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        report = _report(row)
+        await self.record(AuditAction.READ, "call", call_sid, actor, {"version": report.version})
+        return report
+
+    async def versions(self, call_sid: str) -> list[StoredReport]:
+        """Every version of the call's report, oldest first (not audited: for the ledger's own use)."""
+        r = t.call_reports.c
+        query = select(t.call_reports).where(r.call_sid == call_sid).order_by(r.version)
+        async with self._db.reader.connect() as conn:
+            return [_report(row) for row in await conn.execute(query)]
+
+    async def record(
+        self,
+        action: AuditAction,
+        subject_kind: str,
+        subject_id: str,
+        actor: str,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Audit an action that writes nothing else here (a read, an export, a deletion elsewhere)."""
+        await self._db.write(lambda conn: self._audit(conn, action, subject_kind, subject_id, actor, details))
+
+    async def audit_trail(self, subject_kind: str, subject_id: str) -> list[AuditEvent]:
+        a = t.audit_events.c
+        query = (
+            select(t.audit_events)
+            .where(a.subject_kind == subject_kind, a.subject_id == subject_id)
+            .order_by(a.id)
+        )
+        async with self._db.reader.connect() as conn:
+            return [
+                AuditEvent(
+                    at=row.at,
+                    actor=row.actor,
+                    action=AuditAction(row.action),
+                    subject_kind=row.subject_kind,
+                    subject_id=row.subject_id,
+                    details=dict(row.details),
+                )
+                for row in await conn.execute(query)
+            ]
