@@ -8,6 +8,7 @@ location (``resources[1].hours.mon[0]: ...``), so an operator fixes them in one 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import itertools
 import re
 import tomllib
@@ -16,6 +17,7 @@ from datetime import time, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -28,7 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from booking.errors import ConfigurationError
+from booking.errors import ConfigurationError, InvalidRequest
+from booking.phone import normalise_phone
 from booking.reports.vocabulary import LifecycleStage, check_condition
 
 WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -266,6 +269,132 @@ DEFAULT_LIFECYCLE_RULES: tuple[LifecycleRule, ...] = (
 )
 
 
+HIGH_SCORE_CONDITION = "high_score"
+"""A trigger condition: the lead score is at least ``[crm] high_score``."""
+_SCORE_AT_LEAST = re.compile(r"^score\s*>=\s*(\d{1,3})$")
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+def score_threshold(text: str, *, high_score: int) -> int | None:
+    """The lowest lead score a score condition (``score>=N``, ``high_score``) asks for; None for a report
+    fact such as ``tag:complaint``. ``text`` is a checked condition (:func:`check_trigger_condition`)."""
+    if text == HIGH_SCORE_CONDITION:
+        return high_score
+    match = _SCORE_AT_LEAST.match(text)
+    return int(match.group(1)) if match else None
+
+
+def check_trigger_condition(text: str) -> str:
+    """A report fact (:func:`~booking.reports.vocabulary.check_condition`) or a lead-score condition:
+    ``score>=N`` (N in 0..100, written back without spaces) or ``high_score``. Score conditions are for
+    triggers only: a score rule that looked at the score would depend on itself."""
+    if text == HIGH_SCORE_CONDITION:
+        return text
+    match = _SCORE_AT_LEAST.match(text)
+    if match is not None:
+        points = int(match.group(1))
+        if points > 100:
+            raise ValueError(f"{text!r}: a lead score is at most 100")
+        return f"score>={points}"
+    if text.startswith("score"):
+        raise ValueError(f"{text!r} is not a score condition like 'score>=60' or {HIGH_SCORE_CONDITION!r}")
+    try:
+        return check_condition(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or a lead score: 'score>=60', {HIGH_SCORE_CONDITION!r}") from None
+
+
+class TriggerAction(enum.StrEnum):
+    """What a fired trigger does."""
+
+    FOLLOW_UP = "follow_up"
+    """Create a follow-up record in the CRM for someone at the business to act on."""
+    WEBHOOK = "webhook"
+    """POST the report's summary (never the transcript), signed, to the rule's ``webhook_url``."""
+    SMS = "sms"
+    """Text the rule's ``notify_number`` (a member of staff)."""
+
+
+class TriggerRule(_Frozen):
+    """Actions to take for a call whose report shows any of ``when``: report facts as in score rules,
+    or the lead score (``score>=N``, ``high_score``). With ``review`` the actions wait for a person to
+    approve them."""
+
+    name: Identifier
+    """Unique among the triggers; part of each action's idempotency key, so renaming one re-fires it."""
+    when: tuple[Condition, ...] = Field(min_length=1)
+    actions: tuple[TriggerAction, ...] = Field(min_length=1)
+    webhook_url: str | None = None
+    """Where the ``webhook`` action posts: http or https, needed by and only by that action."""
+    notify_number: str | None = None
+    """Who the ``sms`` action texts, in E.164 (``+12125550123``), needed by and only by that action."""
+    review: bool = False
+
+    @field_validator("when")
+    @classmethod
+    def _conditions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        checked = tuple(check_trigger_condition(item) for item in value)
+        duplicates = sorted({item for item in checked if checked.count(item) > 1})
+        if duplicates:
+            raise ValueError(f"condition(s) listed twice: {', '.join(duplicates)}")
+        return checked
+
+    @field_validator("actions")
+    @classmethod
+    def _distinct_actions(cls, value: tuple[TriggerAction, ...]) -> tuple[TriggerAction, ...]:
+        duplicates = sorted({item.value for item in value if value.count(item) > 1})
+        if duplicates:
+            raise ValueError(f"action(s) listed twice: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            usable = (
+                parts.scheme in ("http", "https")
+                and bool(parts.hostname)
+                and parts.port != 0
+                and not any(char.isspace() for char in value)
+            )
+        except ValueError as exc:  # an unreadable port or host
+            raise ValueError(f"{value!r} is not a URL: {exc}") from None
+        if not usable:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("notify_number")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _E164.match(value):
+            raise ValueError(f"{value!r} is not an E.164 number like '+12125550123'")
+        try:
+            normalise_phone(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.detail) from None
+        return value
+
+    @model_validator(mode="after")
+    def _action_settings(self) -> TriggerRule:
+        problems = []
+        for action, setting, value in (
+            (TriggerAction.WEBHOOK, "webhook_url", self.webhook_url),
+            (TriggerAction.SMS, "notify_number", self.notify_number),
+        ):
+            if action in self.actions and value is None:
+                problems.append(f"the {action.value} action needs '{setting}'")
+            elif action not in self.actions and value is not None:
+                problems.append(f"'{setting}' is only used by the {action.value} action, which is not listed")
+        if problems:
+            raise ValueError(f"trigger {self.name!r}: " + "; ".join(problems))
+        return self
+
+
 class CrmRules(_Frozen):
     """Lead scoring and lifecycle rules (``[crm]``). Each list replaces its default when given. A score
     is the sum of the matching rules' points, kept within 0..100."""
@@ -276,6 +405,19 @@ class CrmRules(_Frozen):
     """The stage when no lifecycle rule matches."""
     high_score: int = Field(default=60, ge=0, le=100)
     """A score at or above this is a high-value lead (for triggers and manual review)."""
+    triggers: tuple[TriggerRule, ...] = ()
+    """What to do after a call, tried in order; every trigger whose conditions hold fires. None by default."""
+    review_high_value: bool = False
+    """Hold every trigger fired for a high-value lead (score >= ``high_score``) for manual review."""
+
+    @field_validator("triggers")
+    @classmethod
+    def _unique_trigger_names(cls, value: tuple[TriggerRule, ...]) -> tuple[TriggerRule, ...]:
+        names = [rule.name for rule in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate trigger name(s): {', '.join(duplicates)}")
+        return value
 
 
 class Business(_Frozen):

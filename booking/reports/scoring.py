@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from booking.business import CrmRules
 from booking.reports.provenance import rules
-from booking.reports.schema import Automated, LeadScore, Lifecycle, ScoreReason, SentimentScore
+from booking.reports.schema import Automated, CallReport, LeadScore, Lifecycle, ScoreReason, SentimentScore
 from booking.reports.vocabulary import Intent, Outcome, Tag, condition
 
 Evidence = Mapping[str, float]
@@ -33,6 +33,11 @@ def gather_evidence(
     if sentiment.confidence > 0:  # a caller who said nothing has no mood to score
         evidence[condition("sentiment", sentiment.value.label.value)] = sentiment.confidence
     return evidence
+
+
+def report_evidence(report: CallReport) -> dict[str, float]:
+    """The evidence a finished report shows: the same conditions the report's own score was built from."""
+    return gather_evidence(outcome=report.outcome, intents=report.intents, tags=report.tags, sentiment=report.sentiment)
 
 
 def score_lead(evidence: Evidence, crm: CrmRules, *, outcome_confidence: float) -> Automated[LeadScore]:
