@@ -18,6 +18,10 @@ Decisions:
   workers together stay under the base's limit.
 * ``typecast`` is on: a status or outcome the base has no select option for yet gets one instead of
   failing the sync for good. Links are always record ids, found by upserting the linked rows first.
+* Changes people make in the base come back through :meth:`AirtableCRM.changed_appointments`: the
+  Appointments table's ``Last Modified`` field (computed by Airtable, on Airtable's clock) filtered with
+  ``IS_AFTER({Last Modified}, DATETIME_PARSE(...))``. Our own upserts move it too; telling those apart
+  is the caller's business (``booking.crm_pull``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import contextvars
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import requests
 from pyairtable import Api
-from pyairtable.formulas import match
+from pyairtable.formulas import IS_AFTER, Field, match
+from pyairtable.utils import datetime_from_iso_str
 from requests.adapters import HTTPAdapter
 
 from booking.errors import EffectFailed
@@ -43,6 +48,8 @@ from integrations.redis_rate_limit import RedisRateLimiter
 T = TypeVar("T")
 
 CONTACTS, APPOINTMENTS, CALLS, ACTIVITIES = "Contacts", "Appointments", "Calls", "Activities"
+LAST_MODIFIED = "Last Modified"
+"""The Appointments table's lastModifiedTime field: when any of a row's values last changed."""
 RATE_LIMIT = 5
 RATE_WINDOW = 1.2
 """Airtable allows 5 requests a second per base. The extra 0.2 s absorbs the network's jitter between the
@@ -197,6 +204,7 @@ SCHEMA: dict[str, tuple[FieldSpec, ...]] = {
         FieldSpec("End", "dateTime", _DATETIME),
         FieldSpec("Status", "singleSelect", {"choices": []}),
         FieldSpec("Notes", "multilineText"),
+        FieldSpec(LAST_MODIFIED, "lastModifiedTime"),
     ),
     CALLS: (
         FieldSpec("Call SID", "singleLineText"),
@@ -270,6 +278,26 @@ class _RateLimitedAdapter(HTTPAdapter):
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         self._before_request()
         return super().send(request, *args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentChange:
+    """An Appointments row as it stands after a change: what someone edited, or what we last pushed."""
+
+    record_id: str
+    booking_id: str | None
+    """None for a row someone added by hand (no ``Booking ID``)."""
+    status: str | None
+    notes: str | None
+    modified_at: datetime
+    """Airtable's ``Last Modified``, on Airtable's clock (milliseconds)."""
+
+
+_CHANGE_FIELDS = ["Booking ID", "Status", "Notes", LAST_MODIFIED]
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value != "" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +453,37 @@ class AirtableCRM:
             ACTIVITIES, "Activity ID", (activity_fields(row, contact_ids[row.contact_phone]) for row in activities)
         )
         return SyncResult(contact_ids, appointment_ids, call_ids, activity_ids)
+
+    async def changed_appointments(self, since: datetime) -> list[AppointmentChange]:
+        """The Appointments rows whose values changed after ``since`` (an aware instant), oldest first."""
+        if since.tzinfo is None:
+            raise ValueError(f"naive datetime {since.isoformat()} given as an Airtable modification time")
+        formula = IS_AFTER(Field(LAST_MODIFIED), since.astimezone(UTC))
+        target = self._api.table(self.base_id, APPOINTMENTS)
+        records = await self._call(
+            functools.partial(target.all, formula=formula, fields=_CHANGE_FIELDS), "the read of changed appointments"
+        )
+        changes = []
+        for record in records:
+            fields = record["fields"]
+            modified = fields.get(LAST_MODIFIED)
+            if not isinstance(modified, str):
+                raise EffectFailed(
+                    f"Airtable returned appointment {record['id']} without its {LAST_MODIFIED!r}",
+                    permanent=True,
+                    code="rejected",
+                    base_id=self.base_id,
+                )
+            changes.append(
+                AppointmentChange(
+                    record_id=record["id"],
+                    booking_id=_text(fields.get("Booking ID")),
+                    status=_text(fields.get("Status")),
+                    notes=_text(fields.get("Notes")),
+                    modified_at=datetime_from_iso_str(modified).astimezone(UTC),
+                )
+            )
+        return sorted(changes, key=lambda change: change.modified_at)
 
     async def _find(self, table: str, key: str, values: set[str]) -> dict[str, str]:
         """Record ids of the rows whose ``key`` is one of ``values`` (one query per value)."""

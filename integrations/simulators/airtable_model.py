@@ -1,12 +1,18 @@
 """The Airtable simulator's data model: bases, tables, fields and records, how a value is checked
 against its field's type (or cast, with ``typecast``), the ``{Field}=value`` formulas it understands, and
 the Meta API's table and field creation. Pure: the app in :mod:`integrations.simulators.airtable` does the
-HTTP, the rate limit and the faults."""
+HTTP, the rate limit and the faults.
+
+A ``lastModifiedTime`` field is computed, never written: it shows when any other field of the record last
+changed value (a write that changes nothing leaves it alone; unverified against Airtable). Formulas are
+``{Field}=value`` terms and ``IS_AFTER({Field}, DATETIME_PARSE('<ISO 8601>'))`` terms (what pyairtable's
+``IS_AFTER(Field(name), datetime)`` writes), joined by ``AND``; anything else is refused."""
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -19,8 +25,12 @@ TEXT_TYPES = frozenset({"singleLineText", "multilineText", "richText", "email", 
 NUMBER_TYPES = frozenset({"number", "currency", "percent", "duration", "rating"})
 LINK = "multipleRecordLinks"
 SELECT_TYPES = frozenset({"singleSelect", "multipleSelects"})
-FIELD_TYPES = TEXT_TYPES | NUMBER_TYPES | SELECT_TYPES | {LINK, "checkbox", "date", "dateTime"}
+LAST_MODIFIED_TIME = "lastModifiedTime"
+COMPUTED_TYPES = frozenset({LAST_MODIFIED_TIME})
+DATE_TYPES = frozenset({"date", "dateTime", LAST_MODIFIED_TIME})
+FIELD_TYPES = TEXT_TYPES | NUMBER_TYPES | SELECT_TYPES | COMPUTED_TYPES | {LINK, "checkbox", "date", "dateTime"}
 _TERM = re.compile(r"""^\{([^{}]+)\}\s*=\s*(?:'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)"|(-?\d+(?:\.\d+)?))$""")
+_IS_AFTER = re.compile(r"""^IS_AFTER\(\s*\{([^{}]+)\}\s*,\s*DATETIME_PARSE\(\s*'([^'\\]*)'\s*\)\s*\)$""")
 
 
 class AirtableError(Exception):
@@ -36,6 +46,17 @@ class AirtableError(Exception):
 
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(7)[:14]
+
+
+def iso_time(value: datetime) -> str:
+    """An instant as Airtable writes one: UTC, milliseconds, ``Z``."""
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 @dataclass
@@ -57,6 +78,12 @@ class SimRecord:
     id: str
     created_time: str
     fields: dict[str, Any]
+    """What was written (computed fields are not stored here)."""
+    modified_time: str = ""
+    """When a written field last changed value (``created_time`` until then)."""
+
+    def __post_init__(self) -> None:
+        self.modified_time = self.modified_time or self.created_time
 
     def body(self) -> dict[str, Any]:
         return {"id": self.id, "createdTime": self.created_time, "fields": dict(self.fields)}
@@ -71,6 +98,21 @@ class SimTable:
 
     def field_named(self, name: str) -> SimField | None:
         return next((f for f in self.fields if f.name == name or f.id == name), None)
+
+    def values(self, record: SimRecord) -> dict[str, Any]:
+        """The record's fields as Airtable shows them: what was written, and the computed ones."""
+        values = dict(record.fields)
+        for spec in self.fields:
+            if spec.type == LAST_MODIFIED_TIME:
+                values[spec.name] = record.modified_time
+        return values
+
+    def record_body(self, record: SimRecord, only: list[str] | None = None) -> dict[str, Any]:
+        """The record as the API returns it; ``only`` names the fields asked for (``fields[]``)."""
+        values = self.values(record)
+        if only is not None:
+            values = {name: value for name, value in values.items() if name in only}
+        return {"id": record.id, "createdTime": record.created_time, "fields": values}
 
     def schema(self) -> dict[str, Any]:
         return {
@@ -107,9 +149,15 @@ def coerce(state_base: SimBase, table: SimTable, spec: SimField, value: Any, typ
             f'Field "{spec.name}" cannot accept the provided value: expected {expected}',
         )
 
+    kind = spec.type
+    if kind in COMPUTED_TYPES:
+        raise AirtableError(
+            422,
+            "INVALID_VALUE_FOR_COLUMN",
+            f'Field "{spec.name}" cannot accept a value because the field is computed',
+        )
     if value is None:
         return None
-    kind = spec.type
     if kind in TEXT_TYPES:
         if isinstance(value, str):
             return value
@@ -183,7 +231,10 @@ def checked_fields(base: SimBase, table: SimTable, fields: Any, typecast: bool) 
     return checked
 
 
-def apply_fields(record: SimRecord, fields: dict[str, Any], *, replace: bool) -> None:
+def apply_fields(record: SimRecord, fields: dict[str, Any], *, replace: bool, at: str) -> bool:
+    """Write ``fields``; when a value changed, the record's modification time becomes ``at``. Returns
+    whether anything changed."""
+    before = dict(record.fields)
     if replace:
         record.fields = {}
     for name, value in fields.items():
@@ -191,29 +242,60 @@ def apply_fields(record: SimRecord, fields: dict[str, Any], *, replace: bool) ->
             record.fields.pop(name, None)  # Airtable omits empty values
         else:
             record.fields[name] = value
+    changed = record.fields != before
+    if changed:
+        record.modified_time = at
+    return changed
 
 
-def matches_formula(formula: str, record: SimRecord) -> bool:
-    terms = _split_formula(formula.strip())
-    for term in terms:
-        match = _TERM.match(term)
-        if match is None:
-            raise AirtableError(
-                422, "INVALID_FILTER_BY_FORMULA", f"The formula for filtering records is invalid: {term}"
-            )
-        name, single, double, number = match.groups()
-        literal: Any = single if single is not None else double
-        if literal is not None:
-            literal = re.sub(r"\\(.)", r"\1", literal)
-        else:
-            literal = float(number)
-        actual = record.fields.get(name)
-        if isinstance(literal, float):
-            if not isinstance(actual, int | float) or float(actual) != literal:
-                return False
-        elif ("" if actual is None else str(actual)) != literal:
-            return False
-    return True
+def _invalid_formula(term: str) -> AirtableError:
+    return AirtableError(422, "INVALID_FILTER_BY_FORMULA", f"The formula for filtering records is invalid: {term}")
+
+
+def _is_after(table: SimTable, term: str, name: str, literal: str) -> Callable[[dict[str, Any]], bool]:
+    spec = table.field_named(name)
+    if spec is None:
+        raise AirtableError(422, "INVALID_FILTER_BY_FORMULA", f"Unknown field names: {name.lower()}")
+    if spec.type not in DATE_TYPES:
+        raise _invalid_formula(term)
+    try:
+        threshold = parse_time(literal)
+    except ValueError:
+        raise _invalid_formula(term) from None
+
+    def test(values: dict[str, Any]) -> bool:
+        actual = values.get(spec.name)
+        return isinstance(actual, str) and parse_time(actual) > threshold
+
+    return test
+
+
+def _equals(term: str) -> Callable[[dict[str, Any]], bool]:
+    match = _TERM.match(term)
+    if match is None:
+        raise _invalid_formula(term)
+    name, single, double, number = match.groups()
+    text = single if single is not None else double
+    if text is None:
+        wanted = float(number)
+        return lambda values: isinstance(values.get(name), int | float) and float(values[name]) == wanted
+    literal = re.sub(r"\\(.)", r"\1", text)
+    return lambda values: ("" if values.get(name) is None else str(values[name])) == literal
+
+
+def record_filter(formula: str, table: SimTable) -> Callable[[SimRecord], bool]:
+    """The test a ``filterByFormula`` makes of each record; the whole formula is checked first, so an
+    invalid one is refused whether or not the table has records."""
+    tests = []
+    for term in _split_formula(formula.strip()):
+        after = _IS_AFTER.match(term)
+        tests.append(_is_after(table, term, *after.groups()) if after is not None else _equals(term))
+
+    def matches(record: SimRecord) -> bool:
+        values = table.values(record)
+        return all(test(values) for test in tests)
+
+    return matches
 
 
 def _split_formula(formula: str) -> list[str]:
@@ -267,6 +349,20 @@ def field_from(base: SimBase, spec: Any, existing: list[SimField]) -> SimField:
         }
     elif kind == "checkbox":
         options = {"color": "greenBright", "icon": "check"}
+    elif kind == LAST_MODIFIED_TIME:
+        # Every other field counts (Airtable can limit it to some fields; the simulator does not).
+        options = {
+            "isValid": True,
+            "referencedFieldIds": [],
+            "result": {
+                "type": "dateTime",
+                "options": {
+                    "timeZone": "utc",
+                    "dateFormat": {"format": "YYYY-MM-DD", "name": "iso"},
+                    "timeFormat": {"format": "HH:mm", "name": "24hour"},
+                },
+            },
+        }
     else:
         options = {}
     return SimField(new_id("fld"), name, kind, options)
@@ -283,7 +379,7 @@ def create_table(base: SimBase, body: Any) -> SimTable:
     fields: list[SimField] = []
     for spec in specs:
         fields.append(field_from(base, spec, fields))
-    if fields[0].type in (LINK, "checkbox"):
+    if fields[0].type in (LINK, "checkbox", *COMPUTED_TYPES):
         raise AirtableError(422, "INVALID_PRIMARY_FIELD", f'Field type "{fields[0].type}" cannot be primary')
     table = SimTable(new_id("tbl"), body["name"], fields)
     base.tables.append(table)
