@@ -30,3 +30,9 @@ def _voicebook_version() -> str:
         return metadata.version("voicebook")
     except metadata.PackageNotFoundError:  # running from a source tree that was never installed
         return "0+unknown"
+
+
+def hosted_model(provider: str, model: str, served: str) -> Provenance:
+    """A model behind a provider's API: ``provider:model`` as requested, and as version the exact snapshot
+    that answered (``gpt-4o-mini-2024-07-18``), since the provider may move an alias to a new one at any time."""
+    return Provenance(component=f"{provider}:{model}", version=served)
