@@ -52,6 +52,8 @@ class CallRecord:
     refused_reason: str | None = None
     stream_sid: str | None = None
     end_reason: str | None = None
+    transcript_deleted_at: datetime | None = None
+    """When retention removed the call's transcript and recording."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import Integer, Row, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
 
@@ -73,6 +74,17 @@ class EffectKind(enum.StrEnum):
     SMS_REMINDER = "sms.reminder"
     SMS_RESCHEDULE = "sms.reschedule"
     SMS_CANCELLATION = "sms.cancellation"
+    # A call's effects (``call_sid`` set, no booking): the report at hang-up, then what it causes.
+    REPORT_BUILD = "report.build"
+    CRM_CALL = "crm.call"  # the contact, the call and the bookings it touched, into the CRM
+    TRIGGER_FOLLOW_UP = "trigger.follow_up"
+    TRIGGER_WEBHOOK = "trigger.webhook"
+    TRIGGER_SMS = "trigger.sms"
+    TRIGGER_REVIEW = "trigger.review"  # a trigger held for an operator's approval
+    # Housekeeping (neither booking nor call): scheduled by the workers.
+    CRM_PUSH = "crm.push"  # bookings changed since the last push (made online, by text, by staff)
+    CRM_PULL = "crm.pull"  # changes people made in the CRM (two-way sync)
+    RETENTION_SWEEP = "retention.sweep"
 
 
 def integration_of(kind: str) -> str:
@@ -102,6 +114,12 @@ DEFAULT_POLICIES: Mapping[str, RetryPolicy] = {
     "calendar": RetryPolicy(base=timedelta(seconds=2), cap=timedelta(minutes=10), max_attempts=12),
     # Twilio queues messages itself; our failures are outages, so wait longer between fewer attempts.
     "sms": RetryPolicy(base=timedelta(seconds=5), cap=timedelta(minutes=30), max_attempts=8),
+    # Building a report is local work; its failures are the ledger or the analyser's provider.
+    "report": RetryPolicy(base=timedelta(seconds=1), cap=timedelta(minutes=5), max_attempts=10),
+    # Airtable's 429 comes with a 30 s penalty (honoured through retry_after); outages last minutes.
+    "crm": RetryPolicy(base=timedelta(seconds=5), cap=timedelta(minutes=15), max_attempts=15),
+    # Receivers of webhooks and staff texts: outages of minutes to an hour.
+    "trigger": RetryPolicy(base=timedelta(seconds=5), cap=timedelta(minutes=30), max_attempts=10),
 }
 FALLBACK_POLICY = RetryPolicy(base=timedelta(seconds=5), cap=timedelta(minutes=15), max_attempts=10)
 
@@ -124,7 +142,7 @@ def policy_for(kind: str, policies: Mapping[str, RetryPolicy] = DEFAULT_POLICIES
 @dataclass(frozen=True, slots=True)
 class Effect:
     id: int
-    booking_id: str
+    booking_id: str | None
     kind: str
     payload: dict[str, Any]
     status: EffectStatus
@@ -138,6 +156,14 @@ class Effect:
     lease_expires_at: datetime | None = None
     last_error: str | None = None
     done_at: datetime | None = None
+    call_sid: str | None = None
+
+    @property
+    def subject(self) -> str:
+        """What the effect is about, for logs and the dead-letter list: its booking, call or kind."""
+        if self.booking_id is not None:
+            return self.booking_id
+        return f"call:{self.call_sid}" if self.call_sid is not None else self.kind
 
     @property
     def integration(self) -> str:
@@ -168,6 +194,7 @@ def effect_from_row(row: Row[Any]) -> Effect:
         lease_expires_at=m["lease_expires_at"],
         last_error=m["last_error"],
         done_at=m["done_at"],
+        call_sid=m["call_sid"],
     )
 
 
@@ -287,6 +314,58 @@ def insert_effects(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     if rows:
         conn.execute(insert(t.effects), list(rows))
     return len(rows)
+
+
+def standalone_effect_row(
+    kind: EffectKind,
+    now: datetime,
+    payload: Mapping[str, Any],
+    *,
+    key: str,
+    call_sid: str | None = None,
+    due_at: datetime | None = None,
+    policies: Mapping[str, RetryPolicy] = DEFAULT_POLICIES,
+) -> dict[str, Any]:
+    """An effect of a call (``call_sid``) or of nothing in particular (housekeeping). ``key`` is its
+    idempotency key: whatever enqueues it again (a retried hang-up, a second scheduler) enqueues nothing."""
+    body = dict(payload)
+    if due_at is not None:
+        body[SCHEDULED_FOR] = _iso(due_at)
+    return {
+        "booking_id": None,
+        "call_sid": call_sid,
+        "kind": kind.value,
+        "payload": body,
+        "status": EffectStatus.PENDING.value,
+        "attempts": 0,
+        "max_attempts": policy_for(kind.value, policies).max_attempts,
+        "due_at": due_at or now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "last_error": None,
+        "created_at": now,
+        "updated_at": now,
+        "done_at": None,
+        "idempotency_key": key,
+    }
+
+
+def insert_effects_once(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows whose idempotency key is new; returns how many were."""
+    if not rows:
+        return 0
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = dialect_insert(t.effects).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return sum(conn.execute(statement, [row]).rowcount for row in rows)
+
+
+def report_effect_row(call_sid: str, now: datetime, latencies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The report of a call that has just ended: enqueued with the call's transcript, so a crash after
+    hang-up loses neither. ``latencies`` are the turns' measured parts (only the live session knew them)."""
+    payload = {"call_sid": call_sid, "latencies": [dict(item) for item in latencies]}
+    return standalone_effect_row(
+        EffectKind.REPORT_BUILD, now, payload, key=f"call:{call_sid}:report.build", call_sid=call_sid
+    )
 
 
 def record_created(
@@ -530,8 +609,6 @@ class Outbox:
 
         return await self._db.write(work)
 
-        return await self._db.write(work)
-
     def _held(self, effect: Effect) -> Any:
         # The lease this worker was given: a row re-claimed after expiry has another owner or attempt.
         e = t.effects.c
@@ -592,6 +669,11 @@ class Outbox:
 
     async def for_booking(self, booking_id: str) -> list[Effect]:
         query = select(t.effects).where(t.effects.c.booking_id == booking_id).order_by(t.effects.c.id)
+        async with self._db.reader.connect() as conn:
+            return [effect_from_row(row) for row in await conn.execute(query)]
+
+    async def for_call(self, call_sid: str) -> list[Effect]:
+        query = select(t.effects).where(t.effects.c.call_sid == call_sid).order_by(t.effects.c.id)
         async with self._db.reader.connect() as conn:
             return [effect_from_row(row) for row in await conn.execute(query)]
 

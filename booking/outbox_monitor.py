@@ -64,4 +64,3 @@ class OutboxMonitor:
     async def run(self) -> None:
         """Sample every ``interval`` seconds until :meth:`stop`; a failed read is logged and retried."""
         await self._loop.run()
-

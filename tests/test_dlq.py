@@ -199,7 +199,7 @@ async def test_cli_lists_shows_retries_and_discards(
     out, err = io.StringIO(), io.StringIO()
     assert await dlq_cli.dlq_list(app_settings, limit=10, out=out, err=err) == 0
     header, row = out.getvalue().splitlines()
-    assert header.split()[:3] == ["ID", "KIND", "BOOKING"]
+    assert header.split()[:3] == ["ID", "KIND", "FOR"]
     assert row.split()[:3] == [str(first.id), "calendar.create", first.booking_id]
     assert "EffectFailed: calendar not found" in row
 

@@ -29,6 +29,7 @@ from voice_server import media_endpoint, sms_webhooks, twilio_webhooks
 from voice_server.api import bookings, health, metrics
 from voice_server.api import calls as calls_api
 from voice_server.api import effects as effects_api
+from voice_server.api import reports as reports_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
 from voice_server.effect_workers import effect_workers, effects_channel
@@ -36,6 +37,7 @@ from voice_server.embedded_redis import EmbeddedRedis
 from voice_server.google_setup import load_google_calendar
 from voice_server.ports import VoicePorts
 from voice_server.providers import build_voice
+from voice_server.reporting import build_reporting
 from voice_server.settings import Settings
 
 log = structlog.get_logger("voicebook.app")
@@ -102,13 +104,20 @@ def create_app(
             await service.start()
             if refresher is not None:
                 await _start_refresher(refresher, stack)
+            reporting = await stack.enter_async_context(
+                build_reporting(settings, business, database, redis, clock=clock, service=service)
+            )
             if settings.run_workers:
                 await stack.enter_async_context(
-                    effect_workers(settings, business, database, redis, clock=clock, google=calendar)
+                    effect_workers(
+                        settings, business, database, redis, clock=clock, google=calendar, reporting=reporting
+                    )
                 )
-            calls = CallLedger(database, clock=clock)
+            calls = CallLedger(database, clock=clock, notify_effects=notify)
             ports = voice if voice is not None else await build_voice(settings, business, service, stack, clock=clock)
-            app.state.components = Components(settings, business, redis, database, service, calls, ports, clock=clock)
+            app.state.components = Components(
+                settings, business, redis, database, service, calls, ports, reports=reporting.pipeline, clock=clock
+            )
             if settings.skip_twilio_signature:
                 log.warning(
                     "twilio_signatures_disabled", hint="VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE: local use only"
@@ -144,6 +153,7 @@ def create_app(
             *metrics.routes,
             *bookings.routes,
             *calls_api.routes,
+            *reports_api.routes,
             *effects_api.routes,
             *twilio_webhooks.routes,
             *sms_webhooks.routes,

@@ -257,6 +257,30 @@ def worker_command(args: argparse.Namespace) -> int:
     return asyncio.run(dlq_cli.run_worker(settings, concurrency=concurrency))
 
 
+def report_command(args: argparse.Namespace) -> int:
+    from voice_server import report_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if args.action == "show":
+        return asyncio.run(report_cli.report_show(settings, args.call_sid, version=args.version))
+    if args.action == "audit":
+        return asyncio.run(report_cli.report_audit(settings, args.call_sid))
+    return asyncio.run(report_cli.report_regenerate(settings, args.call_sid))
+
+
+def crm_command(args: argparse.Namespace) -> int:
+    from voice_server import report_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(report_cli.crm_check(settings, create=args.action == "create"))
+
+
 def reconcile_command(args: argparse.Namespace) -> int:
     from voice_server import dlq_cli
 
@@ -378,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulators_and_call(commands)
     _add_dlq_and_worker(commands)
     _add_google(commands)
+    _add_reports(commands)
     return parser
 
 
@@ -432,6 +457,22 @@ def _add_dlq_and_worker(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="enqueue the effects active bookings are missing and report stuck ones, once (prints JSON)",
     )
     reconcile.set_defaults(handler=reconcile_command)
+
+
+def _add_reports(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = commands.add_parser("report", help="a call's end-of-call report (every read is audited)")
+    actions = report.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="the report as JSON (the newest version unless --version)")
+    show.add_argument("call_sid")
+    show.add_argument("--version", type=int, help="an older version")
+    actions.add_parser("audit", help="who generated, edited, exported, read or deleted what").add_argument("call_sid")
+    actions.add_parser("regenerate", help="build a new version from the ledger as it is now").add_argument("call_sid")
+    report.set_defaults(handler=report_command)
+    crm = commands.add_parser("crm", help="the Airtable base: check its tables and fields, or create them")
+    crm_actions = crm.add_subparsers(dest="action", required=True)
+    crm_actions.add_parser("check", help="report the tables and fields the base lacks (exit 1 if any)")
+    crm_actions.add_parser("create", help="create the missing tables and fields (wrong types are only reported)")
+    crm.set_defaults(handler=crm_command)
 
 
 def _add_google(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -17,6 +17,7 @@ from voice_server.ports import VoicePorts
 from voice_server.settings import Settings
 
 if TYPE_CHECKING:
+    from booking.reports.pipeline import ReportPipeline
     from voice_server.session import CallSession
 
 
@@ -32,5 +33,7 @@ class Components:
     sessions: set[CallSession] = field(default_factory=set)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server is shutting down: calls in progress finish, new ones are turned away."""
+    reports: ReportPipeline | None = None
+    """Builds and regenerates end-of-call reports (None: a server that builds none)."""
     clock: Clock = utc_now
     """The server's clock (tests freeze it); everything that stamps or compares times reads this one."""

@@ -38,23 +38,23 @@ log = structlog.get_logger("voicebook.worker_cli")
 OK, NOT_FOUND, CONFIGURATION = 0, 1, 2
 
 
-class _Unusable(Exception):
+class Unusable(Exception):
     """The settings do not describe a usable ledger or Redis: exit 2 with this message."""
 
 
 @contextlib.asynccontextmanager
-async def _ledger(settings: Settings) -> AsyncIterator[Database]:
+async def open_ledger(settings: Settings) -> AsyncIterator[Database]:
     try:
         database = Database.connect(settings.effective_database_url)
     except LedgerConfigurationError as exc:
-        raise _Unusable(str(exc)) from None
+        raise Unusable(str(exc)) from None
     try:
         try:
             revision = await database.schema_revision()
         except (SQLAlchemyError, OSError) as exc:
-            raise _Unusable(f"cannot reach the ledger: {exc}") from None
+            raise Unusable(f"cannot reach the ledger: {exc}") from None
         if revision != head_revision():
-            raise _Unusable("the ledger's schema is not current: run `voicebook migrate` first")
+            raise Unusable("the ledger's schema is not current: run `voicebook migrate` first")
         yield database
     finally:
         await database.dispose()
@@ -72,7 +72,7 @@ async def _shared_redis(settings: Settings) -> AsyncIterator[aioredis.Redis | No
         await client.aclose()
 
 
-def _streams(out: TextIO | None, err: TextIO | None) -> tuple[TextIO, TextIO]:
+def streams(out: TextIO | None, err: TextIO | None) -> tuple[TextIO, TextIO]:
     return out or sys.stdout, err or sys.stderr
 
 
@@ -82,12 +82,12 @@ def _age(effect: Effect) -> str:
 
 def format_table(effects: list[Effect]) -> str:
     """The dead letters as a fixed-width table, one line each; the error is cut to its first line."""
-    header = ("ID", "KIND", "BOOKING", "ATTEMPTS", "FAILED AT", "LAST ERROR")
+    header = ("ID", "KIND", "FOR", "ATTEMPTS", "FAILED AT", "LAST ERROR")
     rows = [
         (
             str(e.id),
             e.kind,
-            e.booking_id,
+            e.subject,
             f"{e.attempts}/{e.max_attempts}",
             _age(e),
             (e.last_error or "").splitlines()[0][:80] if e.last_error else "",
@@ -103,11 +103,11 @@ def format_table(effects: list[Effect]) -> str:
 
 
 async def dlq_list(settings: Settings, *, limit: int = 50, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = _streams(out, err)
+    out, err = streams(out, err)
     try:
-        async with _ledger(settings) as database:
+        async with open_ledger(settings) as database:
             effects = await Outbox(database).dead_letters(limit=limit, newest_first=True)
-    except _Unusable as exc:
+    except Unusable as exc:
         print(f"voicebook dlq: {exc}", file=err)
         return CONFIGURATION
     if not effects:
@@ -118,11 +118,11 @@ async def dlq_list(settings: Settings, *, limit: int = 50, out: TextIO | None = 
 
 
 async def dlq_show(settings: Settings, effect_id: int, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = _streams(out, err)
+    out, err = streams(out, err)
     try:
-        async with _ledger(settings) as database:
+        async with open_ledger(settings) as database:
             effect = await Outbox(database).get(effect_id)
-    except _Unusable as exc:
+    except Unusable as exc:
         print(f"voicebook dlq: {exc}", file=err)
         return CONFIGURATION
     if effect is None:
@@ -142,15 +142,15 @@ async def _refused(outbox: Outbox, effect_id: int, err: TextIO) -> int:
 
 
 async def dlq_retry(settings: Settings, effect_id: int, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = _streams(out, err)
+    out, err = streams(out, err)
     try:
-        async with _ledger(settings) as database, _shared_redis(settings) as redis:
+        async with open_ledger(settings) as database, _shared_redis(settings) as redis:
             notify = RedisNotifier(redis, effects_channel(settings)) if redis is not None else None
             outbox = Outbox(database, notify=notify)
             effect = await outbox.retry(effect_id)
             if effect is None:
                 return await _refused(outbox, effect_id, err)
-    except _Unusable as exc:
+    except Unusable as exc:
         print(f"voicebook dlq: {exc}", file=err)
         return CONFIGURATION
     if redis is not None:
@@ -164,17 +164,17 @@ async def dlq_retry(settings: Settings, effect_id: int, *, out: TextIO | None = 
 async def dlq_discard(
     settings: Settings, effect_id: int, note: str, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    out, err = _streams(out, err)
+    out, err = streams(out, err)
     if not note.strip():
         print("voicebook dlq: --note must say why the effect is discarded", file=err)
         return CONFIGURATION
     try:
-        async with _ledger(settings) as database:
+        async with open_ledger(settings) as database:
             outbox = Outbox(database)
             effect = await outbox.discard(effect_id, note.strip())
             if effect is None:
                 return await _refused(outbox, effect_id, err)
-    except _Unusable as exc:
+    except Unusable as exc:
         print(f"voicebook dlq: {exc}", file=err)
         return CONFIGURATION
     print(f"effect {effect_id} ({effect.kind}) discarded", file=out)
@@ -201,7 +201,7 @@ async def run_worker(settings: Settings, *, concurrency: int, err: TextIO | None
         return CONFIGURATION
     try:
         async with (
-            _ledger(settings) as database,
+            open_ledger(settings) as database,
             _shared_redis(settings) as redis,
             contextlib.AsyncExitStack() as stack,
         ):
@@ -224,7 +224,7 @@ async def run_worker(settings: Settings, *, concurrency: int, err: TextIO | None
                 for signum in signals:
                     loop.remove_signal_handler(signum)
             log.info("worker_stopped", owner=workers.worker.owner)
-    except _Unusable as exc:
+    except Unusable as exc:
         print(f"voicebook worker: {exc}", file=err)
         return CONFIGURATION
     return OK
@@ -232,12 +232,12 @@ async def run_worker(settings: Settings, *, concurrency: int, err: TextIO | None
 
 async def reconcile(settings: Settings, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """One reconciler pass; prints what it enqueued and what is stuck. Workers are woken when Redis is set."""
-    out, err = _streams(out, err)
+    out, err = streams(out, err)
     try:
-        async with _ledger(settings) as database, _shared_redis(settings) as redis:
+        async with open_ledger(settings) as database, _shared_redis(settings) as redis:
             notify = RedisNotifier(redis, effects_channel(settings)) if redis is not None else None
             report = await Reconciler(database, notify=notify).run_once()
-    except _Unusable as exc:
+    except Unusable as exc:
         print(f"voicebook reconcile: {exc}", file=err)
         return CONFIGURATION
     summary = {

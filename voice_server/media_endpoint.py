@@ -162,8 +162,13 @@ async def _start_session(
         turns = [
             CallTurn(role=t.role, text=t.text, at=t.at, truncated=t.truncated, tool=t.tool) for t in session.transcript
         ]
+        latencies = [{"trigger": timing.trigger, "parts": dict(timing.parts())} for timing in session.turn_timings]
         await components.calls.finish_call(
-            info.call_sid, stream_sid=info.stream_sid, end_reason=session.end_reason or "unknown", turns=turns
+            info.call_sid,
+            stream_sid=info.stream_sid,
+            end_reason=session.end_reason or "unknown",
+            turns=turns,
+            latencies=latencies,
         )
         if isinstance(components.voice.tools, BookingTools):
             components.voice.tools.forget(info.call_sid)

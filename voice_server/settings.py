@@ -109,9 +109,34 @@ class Settings:
     """Texts one sender may send per minute (a US long code: about one a second; raise it for a short
     code, toll-free number or a Messaging Service with a pool of numbers)."""
     sms_burst: int = 5
+    """Texts that may go at once before the per-minute pace applies."""
     sms_warn_segments: int = 3
     """A text longer than this many segments is logged as a warning (each segment is billed)."""
-    """Texts that may go at once before the per-minute pace applies."""
+    storage_url: str | None = None
+    """Where transcripts and recordings are archived: None is the folder ``data_dir/storage``;
+    ``file:///path`` another folder; ``s3://bucket/prefix?endpoint_url=...&region=...`` S3 or any
+    S3-compatible store (credentials from the standard AWS variables)."""
+    retention_days: int = 365
+    """Transcripts and recordings older than this are deleted by the daily retention sweep (0: kept)."""
+    report_model: str | None = None
+    """The OpenAI model that analyses calls for their reports; None is ``openai_model``. Without an
+    OpenAI key the offline analysers run."""
+    airtable_api_key: str | None = field(default=None, repr=False)
+    airtable_base_id: str | None = None
+    airtable_api_url: str | None = None
+    """Where Airtable lives (a simulator in tests); None is Airtable itself."""
+    crm_push_seconds: int = 60
+    """How often bookings changed outside calls (online, by text, by staff) are pushed to Airtable."""
+    crm_two_way: bool = False
+    """Also pull Status and Notes edits people make in Airtable into the ledger (last writer wins)."""
+    crm_pull_seconds: int = 60
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    """HMAC keys that sign outbound trigger webhooks: the first signs; list the old one second while
+    receivers move to a new key."""
+
+    @property
+    def crm_enabled(self) -> bool:
+        return bool(self.airtable_api_key and self.airtable_base_id)
 
     @property
     def stt(self) -> Literal["deepgram", "sphinx"]:
@@ -218,6 +243,21 @@ class Settings:
             sms_per_minute=reader.integer("VOICEBOOK_SMS_PER_MINUTE", 60, low=1, high=60_000),
             sms_burst=reader.integer("VOICEBOOK_SMS_BURST", 5, low=1, high=1000),
             sms_warn_segments=reader.integer("VOICEBOOK_SMS_WARN_SEGMENTS", 3, low=1, high=10),
+            storage_url=reader.url("VOICEBOOK_STORAGE_URL", ("file", "s3")),
+            retention_days=reader.integer("VOICEBOOK_RETENTION_DAYS", 365, low=0, high=36_500),
+            report_model=reader.text("VOICEBOOK_REPORT_MODEL", "") or None,
+            airtable_api_key=reader.secret("AIRTABLE_API_KEY"),
+            airtable_base_id=reader.text(
+                "AIRTABLE_BASE_ID", "", pattern_ok=lambda v: re.fullmatch(r"app[A-Za-z0-9]{14}", v) is not None
+            )
+            or None,
+            airtable_api_url=reader.url("AIRTABLE_API_URL", ("http", "https")),
+            crm_push_seconds=reader.integer("VOICEBOOK_CRM_PUSH_SECONDS", 60, low=5, high=86_400),
+            crm_two_way=reader.boolean("VOICEBOOK_CRM_TWO_WAY", False),
+            crm_pull_seconds=reader.integer("VOICEBOOK_CRM_PULL_SECONDS", 60, low=5, high=86_400),
+            webhook_secrets=tuple(
+                key.strip() for key in (reader.secret("VOICEBOOK_WEBHOOK_SECRET") or "").split(",") if key.strip()
+            ),
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),
@@ -237,6 +277,12 @@ class Settings:
                 "VOICEBOOK_SECRET_KEY: required with GOOGLE_OAUTH_CLIENT_FILE when VOICEBOOK_ENV=production "
                 "(it encrypts the stored Google tokens)"
             )
+        if bool(settings.airtable_api_key) != bool(settings.airtable_base_id):
+            reader.problems.append("AIRTABLE_BASE_ID: set it together with AIRTABLE_API_KEY (both or neither)")
+        if settings.crm_two_way and not settings.crm_enabled:
+            reader.problems.append("VOICEBOOK_CRM_TWO_WAY: needs AIRTABLE_API_KEY and AIRTABLE_BASE_ID")
+        if any(len(key) < 16 for key in settings.webhook_secrets):
+            reader.problems.append("VOICEBOOK_WEBHOOK_SECRET: each key must be at least 16 characters")
         if environment == "production" and admin_token is None:
             reader.problems.append("VOICEBOOK_ADMIN_TOKEN: required when VOICEBOOK_ENV=production")
         for variable, chosen, needed, key in (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from booking.errors import NotFound
 from booking.ledger import schema as t
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
+from booking.outbox import insert_effects_once, report_effect_row
 
 
 def _record(row: Row[Any]) -> CallRecord:
@@ -33,13 +34,17 @@ def _record(row: Row[Any]) -> CallRecord:
         refused_reason=m["refused_reason"],
         stream_sid=m["stream_sid"],
         end_reason=m["end_reason"],
+        transcript_deleted_at=m["transcript_deleted_at"],
     )
 
 
 class CallLedger:
-    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, database: Database, *, clock: Clock = utc_now, notify_effects: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._db = database
         self._clock = clock
+        self._notify_effects = notify_effects  # wakes the workers for the report enqueued at hang-up
         self._insert: Callable[..., Any] = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
 
     async def record_call(
@@ -156,9 +161,18 @@ class CallLedger:
         async with self._db.reader.connect() as conn:
             return [(row.status, row.sequence, row.at) for row in await conn.execute(query)]
 
-    async def finish_call(self, call_sid: str, *, stream_sid: str, end_reason: str, turns: Sequence[CallTurn]) -> None:
-        """Persist a call's transcript and how it ended, in one transaction, the moment the stream ends.
-        Running it again (a retry) replaces the transcript rather than adding to it."""
+    async def finish_call(
+        self,
+        call_sid: str,
+        *,
+        stream_sid: str,
+        end_reason: str,
+        turns: Sequence[CallTurn],
+        latencies: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Persist a call's transcript and how it ended, and enqueue its report (with the turns'
+        ``latencies``), in one transaction, the moment the stream ends. Running it again (a retry)
+        replaces the transcript rather than adding to it, and enqueues no second report."""
         now = self._clock()
         rows = [
             {
@@ -187,7 +201,7 @@ class CallLedger:
             .on_conflict_do_nothing(index_elements=["call_sid"])
         )
 
-        def work(conn: Connection) -> None:
+        def work(conn: Connection) -> int:
             conn.execute(insert_call)  # a stream whose webhook we never saw still gets its record
             conn.execute(
                 update(t.calls)
@@ -197,8 +211,10 @@ class CallLedger:
             conn.execute(delete(t.call_turns).where(t.call_turns.c.call_sid == call_sid))
             if rows:
                 conn.execute(insert(t.call_turns), rows)
+            return insert_effects_once(conn, [report_effect_row(call_sid, now, latencies)])
 
-        await self._db.write(work)
+        if await self._db.write(work) and self._notify_effects is not None:
+            await self._notify_effects()
 
     async def transcript(self, call_sid: str) -> list[CallTurn]:
         query = select(t.call_turns).where(t.call_turns.c.call_sid == call_sid).order_by(t.call_turns.c.position)

@@ -17,7 +17,7 @@ Usage::
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,7 @@ class AuditAction(enum.StrEnum):
     EXPORTED = "exported"
     READ = "read"
     DELETED = "deleted"  # a transcript or recording removed by retention
+    APPROVED = "approved"  # an operator let a trigger held for review run its actions
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +109,10 @@ class ReportLedger:
         reason: str,
         actor: str,
         action: AuditAction = AuditAction.GENERATED,
+        also: Callable[[Connection, int], None] | None = None,
     ) -> int:
         """Store ``body`` as the call's next report version and audit it; returns the version number.
+        ``also`` runs in the same transaction with the new version (to enqueue what the report sets off).
         Two writers racing for the same number: the primary key refuses the second, which retries with
         the next number."""
         r = t.call_reports.c
@@ -130,6 +133,8 @@ class ReportLedger:
                     )
                 )
                 self._audit(conn, action, "call", call_sid, actor, {"version": version, "reason": reason})
+                if also is not None:
+                    also(conn, version)
                 return version
 
             try:
@@ -170,11 +175,7 @@ class ReportLedger:
 
     async def audit_trail(self, subject_kind: str, subject_id: str) -> list[AuditEvent]:
         a = t.audit_events.c
-        query = (
-            select(t.audit_events)
-            .where(a.subject_kind == subject_kind, a.subject_id == subject_id)
-            .order_by(a.id)
-        )
+        query = select(t.audit_events).where(a.subject_kind == subject_kind, a.subject_id == subject_id).order_by(a.id)
         async with self._db.reader.connect() as conn:
             return [
                 AuditEvent(

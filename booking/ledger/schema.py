@@ -163,6 +163,7 @@ bookings = Table(
     Index("ix_bookings_resource_block", "resource_id", "block_start"),
     Index("ix_bookings_customer", "customer_id", "start_at"),
     Index("ix_bookings_series", "series_id"),
+    Index("ix_bookings_updated_at", "updated_at"),  # what changed since the last CRM push
 )
 
 # Written only by database triggers (see the first migration), on every insert and every change of
@@ -179,6 +180,7 @@ booking_events = Table(
     Column("actor", Text, nullable=False),
     Column("details", JSONDocument, nullable=False),
     Index("ix_booking_events_booking", "booking_id", "id"),
+    Index("ix_booking_events_actor", "actor"),  # what one call ("call:<sid>") did to bookings
 )
 
 calls = Table(
@@ -197,6 +199,7 @@ calls = Table(
     Column("duration_seconds", Integer),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("transcript_deleted_at", UTCDateTime),  # retention removed the transcript and recording
     Index("ix_calls_from_number", "from_number", "created_at"),
 )
 
@@ -234,7 +237,9 @@ effects = Table(
     "effects",
     metadata,
     Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
-    _id("booking_id", ForeignKey("bookings.id"), nullable=False),
+    # A booking's effect names its booking; a call's (its report, CRM sync, triggers) names its call;
+    # a housekeeping effect (the retention sweep) names neither.
+    _id("booking_id", ForeignKey("bookings.id")),
     Column("kind", String(32), nullable=False),
     Column("payload", JSONDocument, nullable=False),
     Column("status", String(16), nullable=False),
@@ -253,6 +258,8 @@ effects = Table(
     CheckConstraint("status IN ('pending', 'running', 'done', 'dead', 'cancelled')", name="status_known"),
     Index("ix_effects_status_due", "status", "due_at"),
     Index("ix_effects_booking", "booking_id", "id"),
+    Column("call_sid", String(64)),
+    Index("ix_effects_call", "call_sid", "id"),
 )
 
 # One row per text we sent (or heard of through a delivery receipt), with its furthest status: receipts
@@ -354,3 +361,35 @@ audit_events = Table(
     Index("ix_audit_events_subject", "subject_kind", "subject_id", "id"),
 )
 
+# The two-way CRM sync (booking/crm_pull.py): how far each pull has read, on the CRM's own clock (the
+# latest modification time it has seen), so a skew between our clock and the CRM's never skips an edit.
+crm_sync_state = Table(
+    "crm_sync_state",
+    metadata,
+    Column("name", String(64), primary_key=True),  # which pull ("airtable.appointments")
+    Column("watermark", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Edits in the CRM the ledger did not take: both sides changed and the ledger's change was later, or the
+# edit cannot be applied (an unknown booking, a status the ledger has no transition to). Kept until
+# someone resolves them; one row per CRM row, field and CRM modification time, however often it is read.
+crm_conflicts = Table(
+    "crm_conflicts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    _id("booking_id"),  # not a foreign key: an id the ledger does not know is itself a conflict
+    Column("record_id", String(64), nullable=False),  # the CRM's row
+    Column("field", String(32), nullable=False),
+    Column("ledger_value", Text),
+    Column("airtable_value", Text),
+    Column("ledger_at", UTCDateTime),
+    Column("airtable_at", UTCDateTime, nullable=False),
+    Column("winner", String(16), nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime),
+    CheckConstraint("winner IN ('ledger', 'neither')", name="winner_known"),
+    Index("ix_crm_conflicts_change", "record_id", "field", "airtable_at", unique=True),
+    Index("ix_crm_conflicts_resolved_at", "resolved_at", "id"),
+)

@@ -1,15 +1,19 @@
 """Airtable's REST API on loopback, strict where Airtable is: a bearer token; records that may be listed
-(``filterByFormula`` limited to ``{Field}=value`` terms joined by ``AND``), read, created, updated,
+(``filterByFormula`` limited to ``{Field}=value`` and ``IS_AFTER({Field}, DATETIME_PARSE('...'))`` terms
+joined by ``AND``; ``fields[]`` limits the fields returned), read, created, updated,
 upserted (``performUpsert.fieldsToMergeOn``; several matches refuse the request) and deleted, at most 10
 a request; values checked against the field's type unless ``typecast`` is set; linked-record fields that
 must be arrays of ids of existing records of the linked table; the Meta API for a base's schema (list
 tables, create a table, create a field); 5 requests a second per base, past which every request gets
 429 for a penalty window. Every refusal is ``{"error": {"type": ..., "message": ...}}`` and refuses the
-whole request: nothing of a refused batch is written.
+whole request: nothing of a refused batch is written. A ``lastModifiedTime`` field shows when a record's
+values last changed, through the API or through :meth:`AirtableState.edit_as_person` (someone in
+Airtable's own interface).
 
 Simplifications: link fields have no inverse field in the linked table, and ``typecast`` adds missing
 select options but does not turn names into links. Rate, window and penalty are configurable, the clock
-injectable (tests advance it past a penalty), faults (5xx, 429) can be queued for the next N requests.
+injectable (tests advance it past a penalty), and so is the wall clock that stamps created and modified
+times; faults (5xx, 429) can be queued for the next N requests.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from integrations.simulators.airtable_model import (
     checked_fields,
     create_table,
     field_from,
-    matches_formula,
+    iso_time,
     new_id,
+    record_filter,
 )
 
 
@@ -51,6 +56,8 @@ class LoggedRequest:
     status: int
     records: int
     """Records in the request body (0 for reads and the Meta API)."""
+    query: str = ""
+    """The query string as received (a list's ``filterByFormula`` and ``fields[]``)."""
 
 
 @dataclass
@@ -63,8 +70,11 @@ class AirtableState:
     penalty: float = 30.0
     latency: float = 0.0
     clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    """What time Airtable thinks it is: stamps records' created and last modified times."""
     log: list[LoggedRequest] = field(default_factory=list)
     _faults: list[int] = field(default_factory=list)
+    _outage: tuple[float, int] | None = None
     _recent: dict[str, deque[float]] = field(default_factory=dict)
     _penalty_until: dict[str, float] = field(default_factory=dict)
 
@@ -80,9 +90,30 @@ class AirtableState:
     def records(self, base_id: str, table: str) -> list[SimRecord]:
         return list(self._base(base_id).table(table).records.values())
 
+    def edit_as_person(
+        self, base_id: str, table: str, record_id: str, fields: dict[str, Any], *, at: datetime
+    ) -> SimRecord:
+        """Change a record as someone in Airtable's interface would, at ``at``: no request, no rate limit;
+        new select options are allowed (``typecast``), computed fields are not writable; the record's
+        last modified time becomes ``at`` when a value changed."""
+        base = self._base(base_id)
+        sim_table = base.table(table)
+        record = sim_table.records.get(record_id)
+        if record is None:
+            raise AirtableError(404, "NOT_FOUND", f"Could not find record {record_id}")
+        apply_fields(record, checked_fields(base, sim_table, fields, typecast=True), replace=False, at=iso_time(at))
+        return record
+
+    def now(self) -> str:
+        return iso_time(self.wall_clock())
+
     def fail_next(self, status: int, count: int = 1) -> None:
         """Answer the next ``count`` requests with ``status`` (429 or a 5xx) before looking at them."""
         self._faults.extend([status] * count)
+
+    def refuse_until(self, until: float, status: int = 503) -> None:
+        """Answer every request with ``status`` until ``clock()`` reaches ``until`` (an outage)."""
+        self._outage = (until, status)
 
     def requests_to(self, table: str, method: str | None = None) -> list[LoggedRequest]:
         return [r for r in self.log if r.path.split("/")[-1] == table and (method is None or r.method == method)]
@@ -131,7 +162,7 @@ def create_airtable_simulator(state: AirtableState) -> Starlette:
             status = error.status
             return error.response()
         finally:
-            state.log.append(LoggedRequest(request.method, request.url.path, status, records))
+            state.log.append(LoggedRequest(request.method, request.url.path, status, records, request.url.query))
 
     routes = [
         Route("/v0/meta/bases/{base}/tables", guarded, methods=["GET", "POST"]),
@@ -150,6 +181,9 @@ async def _handle(state: AirtableState, request: Request, body: Any) -> Response
         raise AirtableError(401, "AUTHENTICATION_REQUIRED", "Invalid authentication token")
     if state.latency:
         await asyncio.sleep(state.latency)
+    outage = state._outage
+    if outage is not None and state.clock() < outage[0]:
+        raise AirtableError(outage[1], "SERVER_ERROR", f"Airtable is unavailable: HTTP {outage[1]}")
     if state._faults:
         status = state._faults.pop(0)
         kind = "RATE_LIMIT_REACHED" if status == 429 else "SERVER_ERROR"
@@ -170,7 +204,7 @@ async def _handle(state: AirtableState, request: Request, body: Any) -> Response
     table = base.table(params["table"])
     record_id = params.get("record")
     if record_id is not None:
-        return _one_record(base, table, request.method, record_id, body)
+        return _one_record(base, table, request.method, record_id, body, state.now())
     if request.method == "GET":
         return _list(table, request)
     if request.method == "DELETE":
@@ -184,8 +218,8 @@ async def _handle(state: AirtableState, request: Request, body: Any) -> Response
         raise AirtableError(422, "INVALID_REQUEST_UNKNOWN", "Invalid request: the body must be an object")
     typecast = bool(body.get("typecast", False))
     if request.method == "POST":
-        return _create(base, table, body, typecast)
-    return _update(base, table, body, typecast, replace=request.method == "PUT")
+        return _create(base, table, body, typecast, state.now())
+    return _update(base, table, body, typecast, state.now(), replace=request.method == "PUT")
 
 
 def _check_count(items: list[Any]) -> None:
@@ -197,24 +231,20 @@ def _check_count(items: list[Any]) -> None:
         )
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
-def _one_record(base: SimBase, table: SimTable, method: str, record_id: str, body: Any) -> Response:
+def _one_record(base: SimBase, table: SimTable, method: str, record_id: str, body: Any, now: str) -> Response:
     record = table.records.get(record_id)
     if record is None:
         raise AirtableError(404, "NOT_FOUND", f"Could not find record {record_id}")
     if method == "GET":
-        return JSONResponse(record.body())
+        return JSONResponse(table.record_body(record))
     if method == "DELETE":
         del table.records[record_id]
         return JSONResponse({"id": record_id, "deleted": True})
     if not isinstance(body, dict):
         raise AirtableError(422, "INVALID_REQUEST_UNKNOWN", "Invalid request: the body must be an object")
     fields = checked_fields(base, table, body.get("fields"), bool(body.get("typecast", False)))
-    apply_fields(record, fields, replace=method == "PUT")
-    return JSONResponse(record.body())
+    apply_fields(record, fields, replace=method == "PUT", at=now)
+    return JSONResponse(table.record_body(record))
 
 
 def _list(table: SimTable, request: Request) -> Response:
@@ -222,19 +252,27 @@ def _list(table: SimTable, request: Request) -> Response:
     records = list(table.records.values())
     formula = query.get("filterByFormula")
     if formula:
-        records = [r for r in records if matches_formula(formula, r)]
+        matches = record_filter(formula, table)
+        records = [r for r in records if matches(r)]
+    only: list[str] | None = None
+    if "fields[]" in query:
+        only = query.getlist("fields[]")
+        unknown = [name for name in only if table.field_named(name) is None]
+        if unknown:
+            raise AirtableError(422, "UNKNOWN_FIELD_NAME", f'Unknown field name: "{unknown[0]}"')
+        only = [spec.name for name in only if (spec := table.field_named(name)) is not None]
     if "maxRecords" in query:
         records = records[: int(query["maxRecords"])]
     size = min(int(query.get("pageSize", PAGE_SIZE)), PAGE_SIZE)
     start = int(query.get("offset", "0") or 0)
     page = records[start : start + size]
-    body: dict[str, Any] = {"records": [r.body() for r in page]}
+    body: dict[str, Any] = {"records": [table.record_body(r, only) for r in page]}
     if start + size < len(records):
         body["offset"] = str(start + size)
     return JSONResponse(body)
 
 
-def _create(base: SimBase, table: SimTable, body: dict[str, Any], typecast: bool) -> Response:
+def _create(base: SimBase, table: SimTable, body: dict[str, Any], typecast: bool, now: str) -> Response:
     single = "records" not in body
     items = [body] if single else body["records"]
     if not isinstance(items, list):
@@ -245,14 +283,16 @@ def _create(base: SimBase, table: SimTable, body: dict[str, Any], typecast: bool
     ]
     created = []
     for fields in checked:
-        record = SimRecord(new_id("rec"), _now(), {})
-        apply_fields(record, fields, replace=False)
+        record = SimRecord(new_id("rec"), now, {})
+        apply_fields(record, fields, replace=False, at=now)
         table.records[record.id] = record
-        created.append(record.body())
+        created.append(table.record_body(record))
     return JSONResponse(created[0] if single else {"records": created})
 
 
-def _update(base: SimBase, table: SimTable, body: dict[str, Any], typecast: bool, *, replace: bool) -> Response:
+def _update(
+    base: SimBase, table: SimTable, body: dict[str, Any], typecast: bool, now: str, *, replace: bool
+) -> Response:
     items = body.get("records")
     if not isinstance(items, list):
         raise AirtableError(422, "INVALID_RECORDS", '"records" must be an array')
@@ -301,14 +341,14 @@ def _update(base: SimBase, table: SimTable, body: dict[str, Any], typecast: bool
     written, created_ids, updated_ids = [], [], []
     for existing, fields in plan:
         if existing is None:
-            record = SimRecord(new_id("rec"), _now(), {})
+            record = SimRecord(new_id("rec"), now, {})
             table.records[record.id] = record
             created_ids.append(record.id)
         else:
             record = existing
             updated_ids.append(record.id)
-        apply_fields(record, fields, replace=replace and existing is not None)
-        written.append(record.body())
+        apply_fields(record, fields, replace=replace and existing is not None, at=now)
+        written.append(table.record_body(record))
     answer: dict[str, Any] = {"records": written}
     if upsert is not None:
         answer.update(createdRecords=created_ids, updatedRecords=updated_ids)

@@ -39,6 +39,7 @@ def render_effect(effect: Effect, *, payload: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": effect.id,
         "booking_id": effect.booking_id,
+        "call_sid": effect.call_sid,
         "kind": effect.kind,
         "status": effect.status.value,
         "attempts": effect.attempts,

@@ -1,0 +1,216 @@
+"""From a finished call in the ledger to a stored report version, and what the report sets off.
+
+The ``report.build`` effect, enqueued with the call's transcript at hang-up, runs :meth:`ReportPipeline.build`:
+
+1. read the call, its transcript and what it did to bookings (booking events whose actor is the call);
+2. build the report (the configured analyser, the offline one when that fails);
+3. archive the transcript (and the call's recording when there is one) to object storage;
+4. store the report as the call's next version and, in the same transaction, enqueue its follow-on
+   effects (the CRM sync of the call, the triggers its rules fire), so none is lost or doubled.
+
+Running it again for the same hang-up (a worker died after step 4, a dead letter replayed) stores no
+second version: the hang-up's version is found and its follow-ons, keyed on it, are already queued.
+:meth:`ReportPipeline.regenerate` is the operator's way to a new version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from booking.business import Business
+from booking.calls import CallRecord
+from booking.domain import Booking, ensure_utc
+from booking.ledger import schema as t
+from booking.ledger.calls_repository import CallLedger
+from booking.ledger.database import Database
+from booking.ledger.reports_repository import ReportLedger, StoredReport
+from booking.ledger.repository import Clock, Ledger, utc_now
+from booking.outbox import insert_effects_once
+from booking.reports.builder import build_report
+from booking.reports.ports import Analyser
+from booking.reports.schema import BookingTouched, CallReport, TurnLatency
+from booking.reports.vocabulary import BookingAction
+
+log = structlog.get_logger("voicebook.reports")
+
+HANG_UP = "hang-up"
+"""The reason of the version built when the call ended (one per call)."""
+
+FollowUps = Callable[[CallReport, int, datetime], Sequence[dict[str, Any]]]
+"""Given a report, its version and now: the effect rows it sets off (keys derived from the version)."""
+
+
+class Archive(Protocol):
+    """Where transcripts and recordings are kept (integrations.storage satisfies it)."""
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> object: ...
+
+
+def transcript_key(call: CallRecord) -> str:
+    day = ensure_utc(call.created_at).strftime("%Y/%m/%d")
+    return f"transcripts/{day}/{call.call_sid}.json"
+
+
+def recording_key(call: CallRecord) -> str:
+    day = ensure_utc(call.created_at).strftime("%Y/%m/%d")
+    return f"recordings/{day}/{call.call_sid}.jsonl"
+
+
+_ACTIONS: Mapping[str, BookingAction] = {
+    "created": BookingAction.BOOKED,
+    "rescheduled": BookingAction.RESCHEDULED,
+    "cancelled": BookingAction.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltReport:
+    stored: StoredReport
+    report: CallReport
+    new: bool
+    """False when the hang-up's version already existed (a repeated run)."""
+
+
+class ReportPipeline:
+    def __init__(
+        self,
+        database: Database,
+        business: Business,
+        *,
+        analyser: Analyser | None = None,
+        archive: Archive | None = None,
+        recordings_dir: Path | None = None,
+        follow_ups: FollowUps | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._db = database
+        self._business = business
+        self._analyser = analyser
+        self._archive = archive
+        self._recordings_dir = recordings_dir
+        self._follow_ups = follow_ups
+        self._clock = clock
+        self._calls = CallLedger(database, clock=clock)
+        self._ledger = Ledger(database, clock=clock)
+        self.reports = ReportLedger(database, clock=clock)
+
+    async def build(self, call_sid: str, *, latencies: Sequence[Mapping[str, Any]] = ()) -> BuiltReport:
+        """The hang-up version of the call's report: built and stored once, found thereafter."""
+        for stored in await self.reports.versions(call_sid):
+            if stored.reason == HANG_UP:
+                return BuiltReport(stored, CallReport.model_validate(stored.body), new=False)
+        return await self._make(call_sid, latencies, reason=HANG_UP, actor="worker")
+
+    async def regenerate(self, call_sid: str, *, actor: str, reason: str = "regenerated") -> BuiltReport:
+        """A new version from what the ledger holds now (latencies carried over from the last version)."""
+        versions = await self.reports.versions(call_sid)
+        latencies: list[dict[str, Any]] = []
+        if versions:
+            latencies = list(versions[-1].body.get("turn_latencies") or [])
+        return await self._make(call_sid, latencies, reason=reason, actor=actor)
+
+    async def _make(
+        self, call_sid: str, latencies: Sequence[Mapping[str, Any]], *, reason: str, actor: str
+    ) -> BuiltReport:
+        call = await self._calls.require_call(call_sid)
+        turns = await self._calls.transcript(call_sid)
+        touched, known = await self._call_context(call)
+        report = await build_report(
+            call,
+            turns,
+            business=self._business,
+            bookings_touched=touched,
+            known_customer=known,
+            latencies=[TurnLatency.model_validate(item) for item in latencies],
+            analyser=self._analyser,
+        )
+        await self._archive_call(call, report)
+        body = report.model_dump(mode="json")
+        follow_ups = self._follow_ups
+
+        def enqueue(conn: Connection, version: int) -> None:
+            if follow_ups is not None:
+                insert_effects_once(conn, list(follow_ups(report, version, self._clock())))
+
+        version = await self.reports.add_version(
+            call_sid,
+            body,
+            schema_version=report.schema_version,
+            produced_by=f"{report.builder.component}/{report.builder.version}",
+            reason=reason,
+            actor=actor,
+            also=enqueue,
+        )
+        stored = StoredReport(
+            call_sid=call_sid,
+            version=version,
+            schema_version=report.schema_version,
+            body=body,
+            produced_by=f"{report.builder.component}/{report.builder.version}",
+            reason=reason,
+            created_at=self._clock(),
+        )
+        log.info(
+            "call_report_stored",
+            call_sid=call_sid,
+            version=version,
+            outcome=report.outcome.value.value,
+            lead_score=report.lead_score.value.points,
+        )
+        return BuiltReport(stored, report, new=True)
+
+    async def _call_context(self, call: CallRecord) -> tuple[list[BookingTouched], bool]:
+        """What the call did to bookings (in order; a booking touched twice appears once, as the call
+        left it, with its last action), and whether the caller was a customer before the call."""
+        events = t.booking_events.c
+        query = (
+            select(events.booking_id, events.kind).where(events.actor == f"call:{call.call_sid}").order_by(events.id)
+        )
+        caller = call.to_number if call.direction.startswith("outbound") else call.from_number
+        customers = t.customers.c
+        known_query = select(customers.id).where(customers.phone == caller, customers.created_at < call.created_at)
+        async with self._db.reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            known = bool(caller) and (await conn.execute(known_query.limit(1))).first() is not None
+        actions: dict[str, BookingAction] = {}
+        for booking_id, kind in rows:
+            action = _ACTIONS.get(kind)
+            if action is None:
+                continue
+            if actions.get(booking_id) is BookingAction.BOOKED and action is not BookingAction.CANCELLED:
+                continue  # booked and then moved in the same call: still a booking the call made
+            actions[booking_id] = action
+        bookings: dict[str, Booking] = {b.id: b for b in await self._ledger.get_bookings(list(actions))}
+        touched = [
+            BookingTouched.from_booking(bookings[booking_id], action)
+            for booking_id, action in actions.items()
+            if booking_id in bookings
+        ]
+        return touched, known
+
+    async def _archive_call(self, call: CallRecord, report: CallReport) -> None:
+        """The transcript (raw and cleaned, with the report's ids) and the recording into the archive;
+        overwriting on a repeat is harmless."""
+        if self._archive is None:
+            return
+        document = {
+            "call_sid": call.call_sid,
+            "schema_version": report.schema_version,
+            "started_at": report.started_at.isoformat(),
+            "transcript": [turn.model_dump(mode="json") for turn in report.transcript],
+            "cleaned_transcript": [turn.model_dump(mode="json") for turn in report.cleaned_transcript.value],
+        }
+        await self._archive.put(transcript_key(call), orjson.dumps(document), content_type="application/json")
+        if self._recordings_dir is not None:
+            path = self._recordings_dir / f"{call.call_sid}.jsonl"
+            if path.is_file():
+                await self._archive.put(recording_key(call), path.read_bytes(), content_type="application/x-ndjson")

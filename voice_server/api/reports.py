@@ -1,0 +1,149 @@
+"""The report API (admin token): a call's end-of-call report, its versions and its audit trail.
+
+``GET /api/calls/{sid}/report`` serves the newest version (``?version=N`` an older one); every read is
+audited. ``POST /api/calls/{sid}/report`` regenerates it from what the ledger holds now (a new version).
+``GET /api/calls/{sid}/report/audit`` lists who generated, edited, exported, read or deleted what, and
+the call's effects. ``POST /api/calls/{sid}/triggers/{rule}/approve`` runs a trigger held for review.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport
+from booking.outbox import Outbox, RedisNotifier, insert_effects_once
+from booking.reports.schema import CallReport
+from voice_server.api.bookings import endpoint
+from voice_server.api.effects import render_effect
+from voice_server.api.responses import JSONResponse, problem
+from voice_server.components import Components
+from voice_server.trigger_effects import approved_rows
+
+API_ACTOR = "admin-api"
+
+
+def render_report(stored: StoredReport, *, versions: int, transcript_deleted_at: Any) -> dict[str, Any]:
+    return {
+        "call_sid": stored.call_sid,
+        "version": stored.version,
+        "versions": versions,
+        "schema_version": stored.schema_version,
+        "produced_by": stored.produced_by,
+        "reason": stored.reason,
+        "created_at": stored.created_at.isoformat(),
+        "transcript_deleted_at": transcript_deleted_at.isoformat() if transcript_deleted_at else None,
+        "report": stored.body,
+    }
+
+
+async def get_report(request: Request, components: Components) -> Response:
+    call_sid = request.path_params["call_sid"]
+    call = await components.calls.get_call(call_sid)
+    if call is None:
+        return problem(404, "call_not_found", "Call not found", f"no call {call_sid}")
+    reports = ReportLedger(components.database, clock=components.clock)
+    versions = await reports.versions(call_sid)
+    if not versions:
+        pending = [e for e in await Outbox(components.database).for_call(call_sid) if e.kind == "report.build"]
+        detail = f"call {call_sid} has no report yet" + (
+            f" (its build is {pending[0].status.value})" if pending else ""
+        )
+        return problem(404, "report_not_ready", "Report not ready", detail)
+    wanted = request.query_params.get("version")
+    if wanted is not None:
+        if not wanted.isdigit():
+            return problem(400, "invalid_version", "Invalid version", "version must be a positive whole number")
+        chosen = next((v for v in versions if v.version == int(wanted)), None)
+        if chosen is None:
+            return problem(404, "version_not_found", "Version not found", f"no version {wanted} of {call_sid}")
+    else:
+        chosen = versions[-1]
+    await reports.record(AuditAction.READ, "call", call_sid, API_ACTOR, {"version": chosen.version})
+    return JSONResponse(render_report(chosen, versions=len(versions), transcript_deleted_at=call.transcript_deleted_at))
+
+
+async def regenerate_report(request: Request, components: Components) -> Response:
+    call_sid = request.path_params["call_sid"]
+    if await components.calls.get_call(call_sid) is None:
+        return problem(404, "call_not_found", "Call not found", f"no call {call_sid}")
+    pipeline = components.reports
+    if pipeline is None:
+        return problem(503, "reports_unavailable", "Reports unavailable", "this server builds no reports")
+    built = await pipeline.regenerate(call_sid, actor=API_ACTOR, reason="regenerated through the API")
+    call = await components.calls.require_call(call_sid)
+    versions = len(await pipeline.reports.versions(call_sid))
+    body = render_report(built.stored, versions=versions, transcript_deleted_at=call.transcript_deleted_at)
+    return JSONResponse(body, status_code=201)
+
+
+async def report_audit(request: Request, components: Components) -> Response:
+    call_sid = request.path_params["call_sid"]
+    if await components.calls.get_call(call_sid) is None:
+        return problem(404, "call_not_found", "Call not found", f"no call {call_sid}")
+    trail = await ReportLedger(components.database).audit_trail("call", call_sid)
+    effects = await Outbox(components.database).for_call(call_sid)
+    return JSONResponse(
+        {
+            "call_sid": call_sid,
+            "events": [
+                {"at": e.at.isoformat(), "actor": e.actor, "action": e.action.value, "details": e.details}
+                for e in trail
+            ],
+            "effects": [render_effect(effect) for effect in effects],
+        }
+    )
+
+
+async def approve_trigger(request: Request, components: Components) -> Response:
+    """Run the actions of a trigger that was held for review, for the report's newest version (or
+    ``?version=N``). Approving twice enqueues nothing more."""
+    call_sid, rule = request.path_params["call_sid"], request.path_params["rule"]
+    reports = ReportLedger(components.database, clock=components.clock)
+    versions = await reports.versions(call_sid)
+    if not versions:
+        return problem(404, "report_not_ready", "Report not ready", f"call {call_sid} has no report yet")
+    wanted = request.query_params.get("version")
+    chosen = versions[-1] if wanted is None else next((v for v in versions if str(v.version) == wanted), None)
+    if chosen is None:
+        return problem(404, "version_not_found", "Version not found", f"no version {wanted} of {call_sid}")
+    report = CallReport.model_validate(chosen.body)
+    now = components.clock()
+    rows = approved_rows(report, chosen.version, rule, now, components.business)
+    if not rows:
+        detail = f"trigger {rule!r} did not fire for version {chosen.version} of {call_sid}'s report"
+        return problem(404, "trigger_not_fired", "Trigger not fired", detail)
+
+    def enqueue(conn: Connection) -> int:
+        return insert_effects_once(conn, rows)
+
+    added = await components.database.write(enqueue)
+    await reports.record(
+        AuditAction.APPROVED, "call", call_sid, API_ACTOR, {"rule": rule, "version": chosen.version, "new": added}
+    )
+    if added:
+        await RedisNotifier(components.redis, f"{components.settings.redis_prefix}:effects")()
+    effects = [e for e in await Outbox(components.database).for_call(call_sid) if e.kind.startswith("trigger.")]
+    keys = {row["idempotency_key"] for row in rows}
+    return JSONResponse(
+        {
+            "call_sid": call_sid,
+            "rule": rule,
+            "version": chosen.version,
+            "enqueued": added,
+            "effects": [render_effect(e) for e in effects if e.idempotency_key in keys],
+        },
+        status_code=202,
+    )
+
+
+routes = [
+    Route("/api/calls/{call_sid}/report", endpoint(get_report), methods=["GET"]),
+    Route("/api/calls/{call_sid}/report", endpoint(regenerate_report), methods=["POST"]),
+    Route("/api/calls/{call_sid}/report/audit", endpoint(report_audit), methods=["GET"]),
+    Route("/api/calls/{call_sid}/triggers/{rule}/approve", endpoint(approve_trigger), methods=["POST"]),
+]
