@@ -263,22 +263,22 @@ def booking_from_payload(payload: Mapping[str, Any]) -> Booking:
     )
 
 
-def effect_row(
-    booking: Booking,
+def _pending_row(
     kind: EffectKind,
     now: datetime,
+    payload: dict[str, Any],
     *,
-    due_at: datetime | None = None,
-    extra: Mapping[str, Any] | None = None,
-    policies: Mapping[str, RetryPolicy] = DEFAULT_POLICIES,
+    key: str,
+    booking_id: str | None,
+    call_sid: str | None,
+    due_at: datetime | None,
+    policies: Mapping[str, RetryPolicy],
 ) -> dict[str, Any]:
-    payload = booking_payload(booking)
-    if extra:
-        payload.update(extra)
     if due_at is not None:
         payload[SCHEDULED_FOR] = _iso(due_at)  # retries move due_at; this keeps when it was meant to run
     return {
-        "booking_id": booking.id,
+        "booking_id": booking_id,
+        "call_sid": call_sid,
         "kind": kind.value,
         "payload": payload,
         "status": EffectStatus.PENDING.value,
@@ -291,8 +291,24 @@ def effect_row(
         "created_at": now,
         "updated_at": now,
         "done_at": None,
-        "idempotency_key": f"{booking.id}:{kind.value}:v{booking.version}",
+        "idempotency_key": key,
     }
+
+
+def effect_row(
+    booking: Booking,
+    kind: EffectKind,
+    now: datetime,
+    *,
+    due_at: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+    policies: Mapping[str, RetryPolicy] = DEFAULT_POLICIES,
+) -> dict[str, Any]:
+    payload = booking_payload(booking) | dict(extra or {})
+    key = f"{booking.id}:{kind.value}:v{booking.version}"
+    return _pending_row(
+        kind, now, payload, key=key, booking_id=booking.id, call_sid=None, due_at=due_at, policies=policies
+    )
 
 
 def reminder_rows(booking: Booking, now: datetime) -> list[dict[str, Any]]:
@@ -328,26 +344,9 @@ def standalone_effect_row(
 ) -> dict[str, Any]:
     """An effect of a call (``call_sid``) or of nothing in particular (housekeeping). ``key`` is its
     idempotency key: whatever enqueues it again (a retried hang-up, a second scheduler) enqueues nothing."""
-    body = dict(payload)
-    if due_at is not None:
-        body[SCHEDULED_FOR] = _iso(due_at)
-    return {
-        "booking_id": None,
-        "call_sid": call_sid,
-        "kind": kind.value,
-        "payload": body,
-        "status": EffectStatus.PENDING.value,
-        "attempts": 0,
-        "max_attempts": policy_for(kind.value, policies).max_attempts,
-        "due_at": due_at or now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "last_error": None,
-        "created_at": now,
-        "updated_at": now,
-        "done_at": None,
-        "idempotency_key": key,
-    }
+    return _pending_row(
+        kind, now, dict(payload), key=key, booking_id=None, call_sid=call_sid, due_at=due_at, policies=policies
+    )
 
 
 def insert_effects_once(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:

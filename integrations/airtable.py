@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -55,6 +57,8 @@ RATE_WINDOW = 1.2
 """Airtable allows 5 requests a second per base. The extra 0.2 s absorbs the network's jitter between the
 limiter granting a slot and Airtable counting the request: without it, a first request delayed more than
 the sixth one lands six in one of Airtable's seconds."""
+DEFAULT_THREADS = 4
+"""Requests in flight per adapter: more would only wait for the base's 5 a second."""
 RATE_LIMIT_PENALTY = 30.0
 """Seconds Airtable refuses a base's requests after a 429; its 429 carries no Retry-After."""
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
@@ -325,7 +329,13 @@ class AirtableCRM:
         endpoint_url: str = "https://api.airtable.com",
         timeout: tuple[int, int] = (5, 30),
         rate_limit_penalty: float = RATE_LIMIT_PENALTY,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        # Threads of its own: a request waits on them for the shared limiter's slot (up to a second),
+        # which on the default pool would hold up every other blocking call of the process.
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="airtable")
         self.base_id = base_id
         self._limiter = limiter
         self._penalty = rate_limit_penalty
@@ -336,6 +346,7 @@ class AirtableCRM:
 
     def close(self) -> None:
         self._api.session.close()
+        self._executor.shutdown(wait=False)
 
     def _take_slot(self) -> None:
         # On a worker thread: wait for the shared limiter on the loop that started the call.
@@ -345,9 +356,11 @@ class AirtableCRM:
         asyncio.run_coroutine_threadsafe(self._limiter.acquire(self.base_id), loop).result()
 
     async def _call(self, work: Callable[[], T], what: str) -> T:
-        _CALLER_LOOP.set(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        _CALLER_LOOP.set(loop)
         try:
-            return await asyncio.to_thread(work)
+            # As asyncio.to_thread does, but on this adapter's threads: the request sees the caller's context.
+            return await loop.run_in_executor(self._executor, functools.partial(contextvars.copy_context().run, work))
         except requests.HTTPError as error:
             raise self._translate(error, what) from error
         except requests.Timeout as error:
@@ -374,10 +387,11 @@ class AirtableCRM:
         context: dict[str, Any] = {"base_id": self.base_id, "airtable_error": kind}
         if status == 429:
             wait = retry_after(headers)
+            # Jittered: every sync refused in the same second would otherwise all retry in the same one.
             return EffectFailed(
                 detail,
                 permanent=False,
-                retry_after=self._penalty if wait is None else wait,
+                retry_after=self._penalty * (1 + random.random() / 2) if wait is None else wait,
                 code="rate_limited",
                 **context,
             )

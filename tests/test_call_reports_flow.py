@@ -4,6 +4,7 @@ folder, versions and the audit trail, the report API and CLI, and the retention 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -247,8 +248,6 @@ async def test_the_report_api_serves_versions_to_admins_and_audits_reads(
 
 
 async def _wait_for_report(client: httpx.AsyncClient, settings: Settings) -> dict[str, object]:
-    import asyncio
-
     for _ in range(300):
         response = await client.get(f"/api/calls/{CALL}/report", headers=admin(settings))
         if response.status_code == 200:
@@ -272,3 +271,114 @@ def test_retention_can_be_switched_off(app_settings: Settings, days: int) -> Non
     settings = dataclasses.replace(app_settings, retention_days=days)
     schedules = housekeeping(settings, None, None, clock=lambda: datetime.now(UTC), crm=False)  # type: ignore[arg-type]
     assert schedules == []
+
+
+async def test_a_trigger_held_for_review_runs_only_once_approved(
+    app_settings: Settings, clock: FrozenClock, tmp_path: Path
+) -> None:
+    from booking.business import EXAMPLE_BUSINESS_FILE
+
+    rules = tmp_path / "clinic.toml"
+    rules.write_text(
+        EXAMPLE_BUSINESS_FILE.read_text()
+        + '\n[[crm.triggers]]\nname = "every-booking"\nwhen = ["outcome:booked"]\nactions = ["follow_up"]\n'
+        + "review = true\n"
+    )
+    settings = dataclasses.replace(app_settings, business_file=rules, retention_days=0)
+    async with running_app(settings, clock) as (app, client):
+        components = app.state.components
+        calls = await ring(components.database, clock)
+        await book_in_call(components.bookings)
+        await hang_up(calls, clock)
+        await _wait_for_report(client, settings)
+        outbox = Outbox(components.database)
+
+        async def triggers() -> list[tuple[str, str]]:
+            return sorted((e.kind, e.status.value) for e in await outbox.for_call(CALL) if e.kind.startswith("trigger"))
+
+        for _ in range(300):  # the review request is filed by the server's worker
+            if await triggers() == [("trigger.review", "done")]:
+                break
+            await asyncio.sleep(0.02)
+        assert await triggers() == [("trigger.review", "done")]  # held: no follow-up yet
+        url = f"/api/calls/{CALL}/triggers/every-booking/approve"
+        approved = await client.post(url, headers=admin(settings))
+        assert approved.status_code == 202 and approved.json()["enqueued"] == 1
+        again = await client.post(url, headers=admin(settings))
+        assert again.status_code == 202 and again.json()["enqueued"] == 0
+        for _ in range(300):
+            if ("trigger.follow_up", "done") in await triggers():
+                break
+            await asyncio.sleep(0.02)
+        assert await triggers() == [("trigger.follow_up", "done"), ("trigger.review", "done")]
+        missing = await client.post(f"/api/calls/{CALL}/triggers/no-such-rule/approve", headers=admin(settings))
+        assert missing.status_code == 404 and missing.json()["code"] == "trigger_not_fired"
+        trail = await ReportLedger(components.database).audit_trail("call", CALL)
+        assert [e.details["new"] for e in trail if e.action is AuditAction.APPROVED] == [1, 0]
+
+
+async def test_an_operator_edit_is_a_new_version_that_says_who_changed_what(
+    app_settings: Settings, clock: FrozenClock
+) -> None:
+    settings = dataclasses.replace(app_settings, retention_days=0)
+    async with running_app(settings, clock) as (app, client):
+        calls = await ring(app.state.components.database, clock)
+        await hang_up(calls, clock)
+        await _wait_for_report(client, settings)
+        url = f"/api/calls/{CALL}/report"
+        edited = await client.patch(
+            url,
+            headers=admin(settings),
+            json={"summary": "Wants a call back about billing.", "lifecycle": {"stage": "nurture", "reason": "asked"}},
+        )
+        assert edited.status_code == 201, edited.text
+        body = edited.json()
+        assert body["version"] == 2 and body["reason"] == "edited through the API"
+        summary = body["report"]["summary"]
+        assert summary["value"] == "Wants a call back about billing." and summary["confidence"] == 1.0
+        assert summary["provenance"]["component"] == "operator:admin-api"
+        assert body["report"]["lifecycle"]["value"]["stage"] == "nurture"
+        first = (await client.get(f"{url}?version=1", headers=admin(settings))).json()
+        assert first["report"]["summary"]["provenance"]["component"] != "operator:admin-api"  # untouched
+        for bad in ({}, {"summary": ""}, {"lifecycle": {"stage": "famous", "reason": "x"}}, {"colour": "red"}):
+            refused = await client.patch(url, headers=admin(settings), json=bad)
+            assert refused.status_code == 422, bad
+        trail = await ReportLedger(app.state.components.database).audit_trail("call", CALL)
+        assert [(e.action, e.details["version"]) for e in trail if e.action is AuditAction.EDITED] == [
+            (AuditAction.EDITED, 2)
+        ]
+
+
+async def test_crm_conflicts_are_listed_and_resolved_through_the_api_and_cli(
+    app_settings: Settings, clock: FrozenClock
+) -> None:
+    from booking.ledger.crm_repository import ConflictReason, CrmLedger, NewConflict, Winner
+    from voice_server.report_cli import crm_conflicts
+
+    async with running_app(app_settings, clock) as (app, client):
+        store = CrmLedger(app.state.components.database, clock=clock)
+        conflict = NewConflict(
+            booking_id=None,
+            record_id="recA1",
+            field="booking",
+            ledger_value=None,
+            airtable_value="bk_unknown",
+            ledger_at=None,
+            airtable_at=clock(),
+            winner=Winner.NEITHER,
+            reason=ConflictReason.UNKNOWN_BOOKING,
+        )
+        [recorded] = await store.finish_pull("airtable.appointments", [conflict], watermark=clock())
+        listed = (await client.get("/api/crm/conflicts", headers=admin(app_settings))).json()["conflicts"]
+        assert [(c["id"], c["record_id"], c["winner"]) for c in listed] == [(recorded.id, "recA1", "neither")]
+        out = io.StringIO()
+        assert await crm_conflicts(app_settings, out=out, err=io.StringIO()) == 0
+        assert json.loads(out.getvalue())[0]["reason"] == recorded.reason.value
+        resolved = await client.post(f"/api/crm/conflicts/{recorded.id}/resolve", headers=admin(app_settings))
+        assert resolved.status_code == 200 and resolved.json()["resolved_at"] is not None
+        assert (await client.get("/api/crm/conflicts", headers=admin(app_settings))).json()["conflicts"] == []
+        assert (
+            len((await client.get("/api/crm/conflicts?all=true", headers=admin(app_settings))).json()["conflicts"]) == 1
+        )
+        missing = await client.post("/api/crm/conflicts/999/resolve", headers=admin(app_settings))
+        assert missing.status_code == 404

@@ -12,16 +12,14 @@ import orjson
 import pytest
 
 from booking.business import EXAMPLE_BUSINESS_FILE, Business, load_business, parse_business
-from booking.calls import CallRecord, CallStatus, CallTurn
+from booking.calls import CallStatus, CallTurn
 from booking.domain import Booking, BookingStatus, Customer, Interval
 from booking.reports.builder import build_report
 from booking.reports.cleaning import clean_text, mask_pii, remove_fillers
 from booking.reports.schema import SCHEMA_VERSION, BookingTouched, CallReport, ParticipantRole, TurnLatency
 from booking.reports.vocabulary import BookingAction, Intent, LifecycleStage, Outcome, SentimentLabel, Tag
+from tests.report_calls import CALLER, CLINIC, GREETING, START, record, tool, turns
 
-START = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
-CALLER = "+16465550199"
-CLINIC = "+12125550100"
 BOOKING_ID = "0190a1b2c3d4e5f60718293a4b5c6d7e"
 
 
@@ -30,42 +28,6 @@ def clinic() -> Business:
     return load_business(EXAMPLE_BUSINESS_FILE)
 
 
-def record(**changes: Any) -> CallRecord:
-    fields: dict[str, Any] = {
-        "call_sid": "CA" + "1" * 32,
-        "account_sid": "AC" + "0" * 32,
-        "from_number": CALLER,
-        "to_number": CLINIC,
-        "direction": "inbound",
-        "status": CallStatus.COMPLETED,
-        "created_at": START,
-        "updated_at": START + timedelta(minutes=3),
-        "ended_at": START + timedelta(minutes=3),
-        "duration_seconds": 180,
-        "stream_sid": "MZ" + "2" * 32,
-        "end_reason": "stop",
-    }
-    fields.update(changes)
-    return CallRecord(**fields)
-
-
-def turns(*lines: tuple[str, str] | tuple[str, str, str]) -> list[CallTurn]:
-    """(role, text) or ("tool", name, text) lines, five seconds apart."""
-    made = []
-    for index, line in enumerate(lines):
-        at = START + timedelta(seconds=5 * index)
-        if len(line) == 3:
-            made.append(CallTurn(role=line[0], tool=line[1], text=line[2], at=at))
-        else:
-            made.append(CallTurn(role=line[0], text=line[1], at=at))
-    return made
-
-
-def tool(name: str, arguments: dict[str, Any], result: dict[str, Any]) -> tuple[str, str, str]:
-    return ("tool", name, orjson.dumps({"id": f"call_{name}", "arguments": arguments, "result": result}).decode())
-
-
-GREETING = ("agent", "Thanks for calling Riverside Family Clinic, how can I help?")
 BOOKED_RESULT = {
     "booking_id": BOOKING_ID,
     "service": "checkup",

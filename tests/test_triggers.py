@@ -5,46 +5,27 @@ business configuration."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
 
 from booking.business import EXAMPLE_BUSINESS_FILE, Business, TriggerAction, load_business, parse_business
-from booking.calls import CallRecord, CallStatus, CallTurn
+from booking.calls import CallRecord, CallTurn
 from booking.errors import ConfigurationError
 from booking.reports.builder import build_report
 from booking.reports.schema import CallReport
 from booking.reports.triggers import WEBHOOK_EVENT, FiredTrigger, fire, webhook_payload
 from booking.reports.vocabulary import SentimentLabel, Tag
+from tests.report_calls import CALLER, CLINIC, GREETING, tool, turns
+from tests.report_calls import record as base_record
 
-START = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
-CALLER = "+16465550199"
-CLINIC = "+12125550100"
 CALL_SID = "CA" + "7" * 32
 STAFF = "+12125550123"
 HOOK = "https://crm.example.com/hooks/voicebook?token=abc"
 
 
-def call_turns(*lines: tuple[str, str] | tuple[str, str, str]) -> list[CallTurn]:
-    """(role, text) or ("tool", name, text) lines, five seconds apart."""
-    made = []
-    for index, line in enumerate(lines):
-        at = START + timedelta(seconds=5 * index)
-        if len(line) == 3:
-            made.append(CallTurn(role=line[0], tool=line[1], text=line[2], at=at))
-        else:
-            made.append(CallTurn(role=line[0], text=line[1], at=at))
-    return made
-
-
-def tool(name: str, arguments: dict[str, Any], result: dict[str, Any]) -> tuple[str, str, str]:
-    return ("tool", name, orjson.dumps({"id": f"call_{name}", "arguments": arguments, "result": result}).decode())
-
-
-GREETING = ("agent", "Thanks for calling Riverside Family Clinic, how can I help?")
-BOOKING_CALL = call_turns(
+BOOKING_CALL = turns(
     GREETING,
     ("caller", "Hi, I'd like to book a general check-up with Dr Lee on Tuesday morning please."),
     tool(
@@ -71,40 +52,25 @@ BOOKING_CALL = call_turns(
     ("agent", "You're booked for Tuesday, December 1 at 10 AM with Dr. Amelia Lee."),
     ("caller", "Great, thank you so much, that's really helpful!"),
 )
-COMPLAINT_CALL = call_turns(
+COMPLAINT_CALL = turns(
     GREETING,
     ("caller", "I want to make a complaint. I waited for an hour yesterday and nobody told me why, it was rude."),
     ("agent", "I'm sorry to hear that. I'll make sure the team hears about it."),
     ("caller", "It's unacceptable and I'm very disappointed. Somebody needs to call me back about this."),
     ("agent", "I understand, someone will call you back."),
 )
-TRANSFER_CALL = call_turns(
+TRANSFER_CALL = turns(
     GREETING,
     ("caller", "Can I speak to a real person please? It's about my bill."),
     ("agent", "Of course, let me put you through."),
     ("tool", "transfer", "transferred to a person: the caller asked for a person"),
 )
-ABANDONED_CALL = call_turns(GREETING, ("agent", "Are you still there?"))
-URGENT_PRICE_CALL = call_turns(GREETING, ("caller", "How much is a check-up? I need one urgently, I'm in pain."))
+ABANDONED_CALL = turns(GREETING, ("agent", "Are you still there?"))
+URGENT_PRICE_CALL = turns(GREETING, ("caller", "How much is a check-up? I need one urgently, I'm in pain."))
 
 
 def record(**changes: Any) -> CallRecord:
-    fields: dict[str, Any] = {
-        "call_sid": CALL_SID,
-        "account_sid": "AC" + "0" * 32,
-        "from_number": CALLER,
-        "to_number": CLINIC,
-        "direction": "inbound",
-        "status": CallStatus.COMPLETED,
-        "created_at": START,
-        "updated_at": START + timedelta(minutes=3),
-        "ended_at": START + timedelta(minutes=3),
-        "duration_seconds": 180,
-        "stream_sid": "MZ" + "2" * 32,
-        "end_reason": "stop",
-    }
-    fields.update(changes)
-    return CallRecord(**fields)
+    return base_record(**({"call_sid": CALL_SID} | changes))
 
 
 async def report_of(business: Business, lines: Sequence[CallTurn], *, known: bool = False, **call: Any) -> CallReport:

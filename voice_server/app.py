@@ -28,6 +28,7 @@ from booking.service import BookingService
 from voice_server import media_endpoint, sms_webhooks, twilio_webhooks
 from voice_server.api import bookings, health, metrics
 from voice_server.api import calls as calls_api
+from voice_server.api import crm as crm_api
 from voice_server.api import effects as effects_api
 from voice_server.api import reports as reports_api
 from voice_server.api.responses import problem
@@ -154,6 +155,7 @@ def create_app(
             *bookings.routes,
             *calls_api.routes,
             *reports_api.routes,
+            *crm_api.routes,
             *effects_api.routes,
             *twilio_webhooks.routes,
             *sms_webhooks.routes,

@@ -278,6 +278,8 @@ def crm_command(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if args.action == "conflicts":
+        return asyncio.run(report_cli.crm_conflicts(settings, every=args.all))
     return asyncio.run(report_cli.crm_check(settings, create=args.action == "create"))
 
 
@@ -472,6 +474,8 @@ def _add_reports(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     crm_actions = crm.add_subparsers(dest="action", required=True)
     crm_actions.add_parser("check", help="report the tables and fields the base lacks (exit 1 if any)")
     crm_actions.add_parser("create", help="create the missing tables and fields (wrong types are only reported)")
+    conflicts = crm_actions.add_parser("conflicts", help="where the two-way sync and Airtable disagreed (JSON)")
+    conflicts.add_argument("--all", action="store_true", help="resolved ones too")
     crm.set_defaults(handler=crm_command)
 
 

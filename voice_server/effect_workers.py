@@ -54,6 +54,19 @@ class EffectWorkers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+CRM_CONCURRENCY = 2
+"""CRM syncs in flight: Airtable takes about four requests a second per base, so more syncs at once only
+make every one of them finish later (the queue drains no faster)."""
+
+
+def per_integration(handlers: dict[str, Handler], concurrency: int) -> dict[str, int]:
+    """``concurrency`` for every integration the handlers serve, but no more than the CRM can use."""
+    limits = {kind.partition(".")[0]: concurrency for kind in handlers}
+    if "crm" in limits:
+        limits["crm"] = min(concurrency, CRM_CONCURRENCY)
+    return limits
+
+
 def housekeeping(
     settings: Settings, database: Database, notify: RedisNotifier, *, clock: Clock, crm: bool
 ) -> list[Periodic]:
@@ -140,7 +153,7 @@ async def _running(
             handlers,
             clock=clock,
             channel=channel,
-            concurrency=concurrency,
+            concurrency=per_integration(handlers, concurrency),
             lease=timedelta(seconds=settings.effect_lease_seconds),
             policies=scaled_policies(settings.effect_backoff_scale),
         ),

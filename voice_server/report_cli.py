@@ -146,3 +146,21 @@ async def crm_check(settings: Settings, *, create: bool, out: TextIO | None = No
             crm.close()
     print(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2, ensure_ascii=False), file=out)
     return OK if report.ok else NOT_FOUND
+
+
+async def crm_conflicts(
+    settings: Settings, *, every: bool = False, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """The two-way sync's disagreements with Airtable (unresolved ones unless ``every``), as JSON."""
+    from booking.ledger.crm_repository import CrmLedger
+    from voice_server.api.crm import render_conflict
+
+    out, err = streams(out, err)
+    try:
+        async with open_ledger(settings) as database:
+            conflicts = await CrmLedger(database).conflicts(unresolved_only=not every)
+    except Unusable as exc:
+        print(f"voicebook crm: {exc}", file=err)
+        return CONFIGURATION
+    print(json.dumps([render_conflict(c) for c in conflicts], indent=2, ensure_ascii=False), file=out)
+    return OK

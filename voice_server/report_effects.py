@@ -126,8 +126,8 @@ PUSH_BATCH = 200
 
 @dataclass(frozen=True, slots=True)
 class CrmBookingPush:
-    """``crm.push``: bookings changed since the last push (made online, by text, moved by staff, pulled
-    from Airtable) upserted with their contacts, up to :data:`PUSH_BATCH` a run; the watermark (the
+    """``crm.push``: bookings changed since the last push outside calls (made online, by text, moved by
+    staff, pulled from Airtable) upserted with their contacts, up to :data:`PUSH_BATCH` a run; the watermark (the
     newest ``updated_at`` pushed) moves only after Airtable took them."""
 
     database: Database
@@ -139,7 +139,13 @@ class CrmBookingPush:
         store = CrmLedger(self.database, clock=self.clock)
         previous = await store.watermark(PUSH_NAME)
         b = t.bookings.c
-        query = select(b.id, b.updated_at).order_by(b.updated_at, b.id).limit(PUSH_BATCH)
+        # A booking a call changed last goes with that call's own sync (crm.call, after its report).
+        query = (
+            select(b.id, b.updated_at)
+            .where(b.changed_by.not_like("call:%"))
+            .order_by(b.updated_at, b.id)
+            .limit(PUSH_BATCH)
+        )
         if previous is not None:
             query = query.where(b.updated_at > previous - PUSH_OVERLAP)
         async with self.database.reader.connect() as conn:

@@ -162,6 +162,7 @@ async def build_reporting(
             archive=storage,
             recordings_dir=settings.data_dir / "recordings",
             follow_ups=follow_ups,
+            after_edit=lambda report, version, now: [crm_call_row(report, version, now)] if crm is not None else [],
             clock=clock,
         )
         reporting = Reporting(pipeline=pipeline, storage=storage, crm=crm)

@@ -3,6 +3,8 @@ by YAKE, intents by rules over tools and cue phrases, and an extractive summary.
 
 from __future__ import annotations
 
+import asyncio
+
 from booking.reports.intents import detect_intents
 from booking.reports.keyphrases import key_phrases
 from booking.reports.ports import Analysis, AnalysisInput
@@ -14,7 +16,9 @@ class OfflineAnalyser:
     """Satisfies :class:`booking.reports.ports.Analyser`; the same call always gives the same analysis."""
 
     async def analyse(self, call: AnalysisInput) -> Analysis:
-        return self.analyse_now(call)
+        # On a thread: the server's event loop also carries live calls, which must not wait on VADER
+        # and YAKE (milliseconds per call, but fifty calls ending together add up).
+        return await asyncio.to_thread(self.analyse_now, call)
 
     def analyse_now(self, call: AnalysisInput) -> Analysis:
         """The same, without an event loop (a few milliseconds of CPU for a typical call)."""

@@ -32,12 +32,14 @@ from booking.domain import Booking, ensure_utc
 from booking.ledger import schema as t
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
-from booking.ledger.reports_repository import ReportLedger, StoredReport
+from booking.errors import NotFound
+from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport
 from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.outbox import insert_effects_once
 from booking.reports.builder import build_report
 from booking.reports.ports import Analyser
-from booking.reports.schema import BookingTouched, CallReport, TurnLatency
+from booking.reports.provenance import operator
+from booking.reports.schema import Automated, BookingTouched, CallReport, Lifecycle, TurnLatency
 from booking.reports.vocabulary import BookingAction
 
 log = structlog.get_logger("voicebook.reports")
@@ -90,6 +92,7 @@ class ReportPipeline:
         archive: Archive | None = None,
         recordings_dir: Path | None = None,
         follow_ups: FollowUps | None = None,
+        after_edit: FollowUps | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._db = database
@@ -98,6 +101,7 @@ class ReportPipeline:
         self._archive = archive
         self._recordings_dir = recordings_dir
         self._follow_ups = follow_ups
+        self._after_edit = after_edit
         self._clock = clock
         self._calls = CallLedger(database, clock=clock)
         self._ledger = Ledger(database, clock=clock)
@@ -118,6 +122,30 @@ class ReportPipeline:
             latencies = list(versions[-1].body.get("turn_latencies") or [])
         return await self._make(call_sid, latencies, reason=reason, actor=actor)
 
+    async def edit(
+        self,
+        call_sid: str,
+        *,
+        actor: str,
+        summary: str | None = None,
+        lifecycle: Lifecycle | None = None,
+        reason: str = "edited",
+    ) -> BuiltReport:
+        """A new version with a person's corrections: each corrected field says who set it (provenance
+        ``operator:<actor>``, confidence 1). Only :data:`after_edit` follow-ons run (the CRM learns the
+        correction; triggers do not fire again)."""
+        versions = await self.reports.versions(call_sid)
+        if not versions:
+            raise NotFound(f"call {call_sid} has no report to edit", call_sid=call_sid)
+        report = CallReport.model_validate(versions[-1].body)
+        changes: dict[str, Any] = {}
+        if summary is not None:
+            changes["summary"] = Automated[str](value=summary, confidence=1.0, provenance=operator(actor))
+        if lifecycle is not None:
+            changes["lifecycle"] = Automated[Lifecycle](value=lifecycle, confidence=1.0, provenance=operator(actor))
+        edited = report.model_copy(update=changes)
+        return await self._store(edited, reason=reason, actor=actor, action=AuditAction.EDITED, hook=self._after_edit)
+
     async def _make(
         self, call_sid: str, latencies: Sequence[Mapping[str, Any]], *, reason: str, actor: str
     ) -> BuiltReport:
@@ -134,12 +162,19 @@ class ReportPipeline:
             analyser=self._analyser,
         )
         await self._archive_call(call, report)
+        return await self._store(
+            report, reason=reason, actor=actor, action=AuditAction.GENERATED, hook=self._follow_ups
+        )
+
+    async def _store(
+        self, report: CallReport, *, reason: str, actor: str, action: AuditAction, hook: FollowUps | None
+    ) -> BuiltReport:
+        call_sid = report.call_sid
         body = report.model_dump(mode="json")
-        follow_ups = self._follow_ups
 
         def enqueue(conn: Connection, version: int) -> None:
-            if follow_ups is not None:
-                insert_effects_once(conn, list(follow_ups(report, version, self._clock())))
+            if hook is not None:
+                insert_effects_once(conn, list(hook(report, version, self._clock())))
 
         version = await self.reports.add_version(
             call_sid,
@@ -148,6 +183,7 @@ class ReportPipeline:
             produced_by=f"{report.builder.component}/{report.builder.version}",
             reason=reason,
             actor=actor,
+            action=action,
             also=enqueue,
         )
         stored = StoredReport(

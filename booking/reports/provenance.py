@@ -36,3 +36,8 @@ def hosted_model(provider: str, model: str, served: str) -> Provenance:
     """A model behind a provider's API: ``provider:model`` as requested, and as version the exact snapshot
     that answered (``gpt-4o-mini-2024-07-18``), since the provider may move an alias to a new one at any time."""
     return Provenance(component=f"{provider}:{model}", version=served)
+
+
+def operator(actor: str) -> Provenance:
+    """A person who corrected the field (an edit through the API), at the voicebook version they used."""
+    return Provenance(component=f"operator:{actor}", version=_voicebook_version())

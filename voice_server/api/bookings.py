@@ -68,7 +68,7 @@ class _BadRequest(Exception):
         self.status, self.code, self.title = status, code, title
 
 
-async def _json_body(request: Request) -> Any:
+async def json_body(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _BadRequest(
@@ -190,7 +190,7 @@ def _booked(outcome: Booked, components: Components, status: int) -> Response:
 
 async def create_booking(request: Request, components: Components) -> Response:
     key = _idempotency_key(request)
-    body = parse_body(BookingBody, await _json_body(request))
+    body = parse_body(BookingBody, await json_body(request))
     caller_tz = zone(body.time_zone) if body.time_zone else None
     customer_tz = body.customer.time_zone or body.time_zone
     if customer_tz:
@@ -247,7 +247,7 @@ def _expected_version(request: Request) -> int | None:
 
 async def patch_booking(request: Request, components: Components) -> Response:
     booking_id = request.path_params["booking_id"]
-    body = parse_body(PatchBody, await _json_body(request))
+    body = parse_body(PatchBody, await json_body(request))
     service = components.bookings
     if (body.start is None) == (body.status is None):
         raise InvalidRequest("give either start (to reschedule) or status", code="invalid_body")
@@ -275,7 +275,7 @@ async def delete_booking(request: Request, components: Components) -> Response:
 
 
 async def create_hold(request: Request, components: Components) -> Response:
-    body = parse_body(HoldBody, await _json_body(request))
+    body = parse_body(HoldBody, await json_body(request))
     caller_tz = zone(body.time_zone) if body.time_zone else None
     outcome = await components.bookings.hold(
         body.service, body.start_utc(components.business), resource_id=body.resource

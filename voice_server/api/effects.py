@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from booking.errors import InvalidRequest
 from booking.outbox import Effect, Outbox, RedisNotifier
-from voice_server.api.bookings import _json_body, _query_int, endpoint
+from voice_server.api.bookings import _query_int, endpoint, json_body
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.api.schemas import parse_body
 from voice_server.components import Components
@@ -123,7 +123,7 @@ async def retry_effect(request: Request, components: Components) -> Response:
 
 async def discard_effect(request: Request, components: Components) -> Response:
     effect_id = _effect_id(request)
-    body = parse_body(DiscardBody, await _json_body(request))
+    body = parse_body(DiscardBody, await json_body(request))
     outbox = _outbox(components)
     return await _settled(outbox, effect_id, await outbox.discard(effect_id, body.note))
 

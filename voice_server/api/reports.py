@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,8 +18,8 @@ from starlette.routing import Route
 
 from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport
 from booking.outbox import Outbox, RedisNotifier, insert_effects_once
-from booking.reports.schema import CallReport
-from voice_server.api.bookings import endpoint
+from booking.reports.schema import CallReport, Lifecycle
+from voice_server.api.bookings import endpoint, json_body
 from voice_server.api.effects import render_effect
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.components import Components
@@ -79,6 +80,39 @@ async def regenerate_report(request: Request, components: Components) -> Respons
     versions = len(await pipeline.reports.versions(call_sid))
     body = render_report(built.stored, versions=versions, transcript_deleted_at=call.transcript_deleted_at)
     return JSONResponse(body, status_code=201)
+
+
+class ReportEdit(BaseModel):
+    """A person's corrections to a report (each optional; at least one)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    summary: str | None = Field(default=None, min_length=1, max_length=4000)
+    lifecycle: Lifecycle | None = None
+    reason: str = Field(default="edited through the API", min_length=1, max_length=500)
+
+
+async def edit_report(request: Request, components: Components) -> Response:
+    call_sid = request.path_params["call_sid"]
+    if await components.calls.get_call(call_sid) is None:
+        return problem(404, "call_not_found", "Call not found", f"no call {call_sid}")
+    pipeline = components.reports
+    if pipeline is None:
+        return problem(503, "reports_unavailable", "Reports unavailable", "this server builds no reports")
+    try:
+        edit = ReportEdit.model_validate(await json_body(request))
+    except ValidationError as error:
+        return problem(422, "invalid_edit", "Invalid edit", "; ".join(e["msg"] for e in error.errors()))
+    if edit.summary is None and edit.lifecycle is None:
+        return problem(422, "invalid_edit", "Invalid edit", "give a summary or a lifecycle to change")
+    built = await pipeline.edit(
+        call_sid, actor=API_ACTOR, summary=edit.summary, lifecycle=edit.lifecycle, reason=edit.reason
+    )
+    call = await components.calls.require_call(call_sid)
+    versions = len(await pipeline.reports.versions(call_sid))
+    return JSONResponse(
+        render_report(built.stored, versions=versions, transcript_deleted_at=call.transcript_deleted_at),
+        status_code=201,
+    )
 
 
 async def report_audit(request: Request, components: Components) -> Response:
@@ -144,6 +178,7 @@ async def approve_trigger(request: Request, components: Components) -> Response:
 routes = [
     Route("/api/calls/{call_sid}/report", endpoint(get_report), methods=["GET"]),
     Route("/api/calls/{call_sid}/report", endpoint(regenerate_report), methods=["POST"]),
+    Route("/api/calls/{call_sid}/report", endpoint(edit_report), methods=["PATCH"]),
     Route("/api/calls/{call_sid}/report/audit", endpoint(report_audit), methods=["GET"]),
     Route("/api/calls/{call_sid}/triggers/{rule}/approve", endpoint(approve_trigger), methods=["POST"]),
 ]
