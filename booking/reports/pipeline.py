@@ -29,10 +29,10 @@ from sqlalchemy.engine import Connection
 from booking.business import Business
 from booking.calls import CallRecord
 from booking.domain import Booking, ensure_utc
+from booking.errors import NotFound
 from booking.ledger import schema as t
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
-from booking.errors import NotFound
 from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport
 from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.outbox import insert_effects_once
