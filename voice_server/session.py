@@ -138,6 +138,8 @@ class CallSession:
         self._stt: SpeechToTextStream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tools: set[asyncio.Task[Any]] = set()
+        self._unstarted_tools: list[ToolCall] = []
+        """Tool calls of the reply in flight that wait for its words to be heard before they start."""
         self._reply: asyncio.Task[None] | None = None
         self._spoken: list[tuple[str, str]] = []  # (mark, sentence) of the reply being spoken
         self._reply_complete = False  # the agent finished the reply being spoken (all of it was sent)
@@ -291,6 +293,11 @@ class CallSession:
         if reply is None or reply.done():
             return
         fully_heard = self._reply_complete and all(self._playout.was_heard(mark) for mark, _ in self._spoken)
+        if fully_heard:
+            # The caller heard the whole reply ("One moment while I book that.") before speaking again:
+            # what it announced goes ahead; only a reply cut off before it was heard drops its tools.
+            self._start_tools()
+        self._unstarted_tools = []
         reply.cancel()
         await asyncio.gather(reply, return_exceptions=True)
         if not fully_heard:
@@ -312,13 +319,14 @@ class CallSession:
         try:
             for _ in range(MAX_TOOL_ROUNDS):
                 calls: list[ToolCall] = []
+                self._unstarted_tools = calls
                 events = timer.agent(self._ports.agent.respond(list(self.transcript), self.info))
                 await self._speak_reply(events, calls, timer)
                 if not calls:
                     break
                 # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
                 timer.tools_started()
-                runs = [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
+                runs = self._start_tools()
                 for run in runs:
                     run.add_done_callback(timer.tool_finished)
                 await asyncio.shield(asyncio.gather(*runs))
@@ -367,6 +375,11 @@ class CallSession:
             except Exception as error:
                 log.warning("hangup_failed", call_sid=self.info.call_sid, error=repr(error))
         self._spawn(self.end(reason))
+
+    def _start_tools(self) -> list[asyncio.Task[None]]:
+        """Start the reply's tool calls (once: a barge-in may have started them first)."""
+        calls, self._unstarted_tools = self._unstarted_tools, []
+        return [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
 
     async def _run_tool(self, call: ToolCall) -> None:
         try:
