@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import httpx
+import pytest
 
 from booking.service import BookingService
 from integrations.espeak import Espeak
@@ -17,6 +18,8 @@ from voice_server.settings import Settings
 from voice_server.terminal_call import CallOptions, place_call
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+
+pytestmark = pytest.mark.timeout(180)  # a whole call in real time: about 50 s, longer on a loaded machine
 
 
 async def test_a_typed_call_books_and_prints_what_the_agent_said(app_settings: Settings, clock: FrozenClock) -> None:
