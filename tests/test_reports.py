@@ -134,10 +134,11 @@ async def test_a_booking_call(clinic: Business) -> None:
     phrases = " ".join(report.key_phrases.value).lower()
     assert "check-up" in phrases or "general check" in phrases
     assert "[email]" not in phrases and "email" not in report.key_phrases.value
-    # The cleaned transcript has no tool turns, no fillers and no e-mail address; the raw one keeps all.
+    # The cleaned transcript has no tool turns, no fillers, no e-mail address and not the name the caller
+    # gave the booking tool; the raw one keeps all.
     cleaned = {turn.index: turn.text for turn in report.cleaned_transcript.value}
     assert cleaned[1] == "Hi, I'd like to book a general check-up with Dr Lee on Tuesday morning please."
-    assert cleaned[4] == "Yes, that's perfect. My name is Jane Doe, and my email is [email]."
+    assert cleaned[4] == "Yes, that's perfect. My name is [name], and my email is [email]."
     assert 2 not in cleaned and 5 not in cleaned
     assert report.transcript[4].text.endswith("jane.doe@example.com.")
     assert [p.role for p in report.participants] == [ParticipantRole.CALLER, ParticipantRole.AGENT]
@@ -398,3 +399,12 @@ async def test_scores_are_capped() -> None:
     report = await report_of(business, BOOKING_CALL)
     assert report.lead_score.value.points == 100
     assert sum(reason.points for reason in report.lead_score.value.reasons) == 150
+
+
+def test_names_are_masked_as_whole_words_in_any_case() -> None:
+    from booking.reports.cleaning import clean_text
+
+    text = "my name is john doe, thanks John! Johnny is my son, call 212 555 0142"
+    assert clean_text(text, "US", ["John Doe"]) == "my name is [name], thanks [name]! Johnny is my son, call [phone]"
+    assert clean_text("O'Brien speaking", "US", ["Mary O'Brien"]) == "[name] speaking"
+    assert clean_text("John here", "US", []) == "John here"  # a name no tool recorded is not known

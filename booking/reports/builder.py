@@ -48,7 +48,8 @@ async def build_report(
         TranscriptTurn(index=index, role=t.role, text=t.text, at=t.at, truncated=t.truncated, tool=t.tool)
         for index, t in enumerate(turns)
     )
-    cleaned = _clean(raw, region_of(call.to_number if _inbound(call) else call.from_number, default="US"))
+    names = [facts.customer_name] if facts.customer_name else []
+    cleaned = _clean(raw, region_of(call.to_number if _inbound(call) else call.from_number, default="US"), names)
     outcome = classify_outcome(call, facts, bookings_touched)
     analysis = await (analyser or OfflineAnalyser()).analyse(
         AnalysisInput(
@@ -104,14 +105,14 @@ def _inbound(call: CallRecord) -> bool:
     return not call.direction.startswith("outbound")
 
 
-def _clean(raw: Sequence[TranscriptTurn], region: str) -> Automated[tuple[TranscriptTurn, ...]]:
+def _clean(raw: Sequence[TranscriptTurn], region: str, names: Sequence[str]) -> Automated[tuple[TranscriptTurn, ...]]:
     """The spoken conversation, readable and safe to share: tool and key-press turns are left out (key
     presses are often digits of an account or card), fillers removed, personal data masked."""
     cleaned = []
     for turn in raw:
         if turn.role not in _SPOKEN_ROLES:
             continue
-        text = clean_text(turn.text, region)
+        text = clean_text(turn.text, region, names)
         if text:
             cleaned.append(turn.model_copy(update={"text": text}))
     return Automated[tuple[TranscriptTurn, ...]](

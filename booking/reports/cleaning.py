@@ -7,13 +7,15 @@ where commas set them off as a filler (``it was, like, late``), never as a verb 
 Masking replaces, in this order: e-mail addresses with ``[email]``; runs of 13 to 19 digits (spaces or
 dashes between them allowed) that pass the Luhn check with ``[card]``; phone numbers that libphonenumber
 finds valid (for the business's region when written without a country code) with ``[phone]``; any
-other run of seven or more digits (nine or more when spaced or dashed) with ``[number]``. Times
+other run of seven or more digits (nine or more when spaced or dashed) with ``[number]``; the words of
+the caller's name as the booking tools recorded it with ``[name]``. Times
 (``9:30``) and dates (``12/01``, ``2026-12-01``) have short digit groups and are left alone.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import phonenumbers
 
@@ -21,7 +23,8 @@ EMAIL_MASK = "[email]"
 CARD_MASK = "[card]"
 PHONE_MASK = "[phone]"
 NUMBER_MASK = "[number]"
-MASKS = (EMAIL_MASK, CARD_MASK, PHONE_MASK, NUMBER_MASK)
+NAME_MASK = "[name]"
+MASKS = (EMAIL_MASK, CARD_MASK, PHONE_MASK, NUMBER_MASK, NAME_MASK)
 
 _FILLER = re.compile(r"(?i)(?<![\w'-])(?:u+m+|u+h+|e+r+m+|h+m+)(?![\w'-]),?")
 _COMMA_FILLER = re.compile(r"(?i)(?:,\s*|^\s*)(?:like|you know|i mean)\s*,")
@@ -49,8 +52,20 @@ def mask_pii(text: str, region: str = "US") -> str:
     return _LONG_DIGITS.sub(_mask_long_run, masked)
 
 
-def clean_text(text: str, region: str = "US") -> str:
-    return mask_pii(remove_fillers(text), region)
+def mask_names(text: str, names: Sequence[str]) -> str:
+    """``text`` with every word of the known ``names`` (the caller's, as the booking tools recorded it)
+    masked, whole words and any case: "Thanks, John" and "my name is john doe" alike. A name said but
+    never given to a tool is not known, so not masked."""
+    words = sorted({w for name in names for w in re.findall(r"[^\W\d_][\w'-]*", name) if len(w) > 1}, key=len)
+    if not words:
+        return text
+    pattern = re.compile(r"(?i)(?<![\w'-])(?:" + "|".join(re.escape(w) for w in reversed(words)) + r")(?![\w'-])")
+    masked = pattern.sub(NAME_MASK, text)
+    return re.sub(r"\[name\](?:\s+\[name\])+", NAME_MASK, masked)
+
+
+def clean_text(text: str, region: str = "US", names: Sequence[str] = ()) -> str:
+    return mask_names(mask_pii(remove_fillers(text), region), names)
 
 
 def region_of(number: str | None, default: str = "US") -> str:
