@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from booking.errors import EffectFailed
 from booking.ledger.sms_repository import SmsLedger
 from booking.outbox import Effect, EffectStatus, Outbox
+from booking.worker import Handler
 from integrations.simulators.google_calendar import (
     CalendarState,
     create_google_calendar_simulator,
@@ -29,7 +30,7 @@ from integrations.simulators.google_calendar import (
 from integrations.simulators.twilio_messages import Fault, MessagesState, create_twilio_messages_simulator
 from integrations.twilio_sms import TwilioSMS
 from tests.conftest import FrozenClock, running_app, serving
-from voice_server.effects import Handler, build_handlers, build_twilio_sms, sms_body
+from voice_server.effects import build_handlers, build_twilio_sms, sms_body
 from voice_server.settings import Settings
 
 ACCOUNT = "AC" + "3" * 32

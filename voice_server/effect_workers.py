@@ -19,8 +19,8 @@ from booking.outbox import EffectKind, Outbox, RedisNotifier, insert_effects_onc
 from booking.outbox_monitor import OutboxMonitor
 from booking.periodic import Periodic
 from booking.reconciler import Reconciler
-from booking.worker import Worker
-from voice_server.effects import Handler, build_handlers, build_twilio_sms
+from booking.worker import Handler, Worker
+from voice_server.effects import build_handlers, build_twilio_sms
 from voice_server.report_effects import bucketed, retention_effect_row
 from voice_server.reporting import Reporting, build_reporting
 from voice_server.settings import Settings

@@ -13,7 +13,7 @@ out at the carrier or at Twilio) adds the number to the list and the effect goes
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from booking.ledger.database import Database
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import BookingView, MessageKind, render
 from booking.outbox import SERIES, Effect, EffectKind, booking_from_payload
+from booking.worker import Handler
 from voice_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("voicebook.effects")
 
-Handler = Callable[[Effect], Awaitable[None]]
 
 _SMS_KINDS: Mapping[str, MessageKind] = {
     EffectKind.SMS_CONFIRMATION: MessageKind.CONFIRMATION,

@@ -8,7 +8,7 @@ was enqueued), so effects that overlap or run twice converge on the same rows.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,13 +29,12 @@ from booking.outbox import Effect, EffectKind, standalone_effect_row
 from booking.reports.pipeline import ReportPipeline
 from booking.reports.schema import CallReport
 from booking.retention import sweep
+from booking.worker import Handler
 
 if TYPE_CHECKING:
     from integrations.airtable import AirtableCRM, AppointmentRow, ContactRow
 
 log = structlog.get_logger("voicebook.report_effects")
-
-Handler = Callable[[Effect], Awaitable[None]]
 
 
 def appointment_row(booking: Booking, business: Business) -> AppointmentRow:

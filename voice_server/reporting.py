@@ -9,7 +9,7 @@ the offline analysers otherwise or when it fails), the archive (a local folder o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from booking.reports.pipeline import ReportPipeline
 from booking.reports.ports import Analyser
 from booking.reports.schema import CallReport
 from booking.service import BookingService
+from booking.worker import Handler
 from voice_server.effects import build_twilio_sms
 from voice_server.report_effects import (
     CrmBookingPush,
@@ -44,8 +45,6 @@ from voice_server.trigger_effects import TriggerHandlers, trigger_rows
 if TYPE_CHECKING:
     from integrations.airtable import AirtableCRM
     from integrations.storage import ObjectStorage
-
-Handler = Callable[[Effect], Awaitable[None]]
 
 
 @dataclass

@@ -16,7 +16,6 @@ operator approves (``POST /api/calls/{sid}/triggers/{rule}/approve``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from booking.ledger.reports_repository import ReportLedger
 from booking.outbox import Effect, EffectKind, standalone_effect_row
 from booking.reports.schema import CallReport
 from booking.reports.triggers import FiredTrigger, fire
+from booking.worker import Handler
 
 if TYPE_CHECKING:
     from integrations.airtable import AirtableCRM
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("voicebook.triggers")
 
-Handler = Callable[[Effect], Awaitable[None]]
 
 ACTION_KINDS = {
     TriggerAction.FOLLOW_UP: EffectKind.TRIGGER_FOLLOW_UP,
