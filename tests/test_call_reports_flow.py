@@ -231,7 +231,10 @@ async def test_the_report_api_serves_versions_to_admins_and_audits_reads(
         assert older.json()["version"] == 1 and older.json()["versions"] == 2
         bad = await client.get(f"/api/calls/{CALL}/report?version=x", headers=admin(settings))
         assert bad.status_code == 400
+        transcript = await client.get(f"/api/calls/{CALL}", headers=admin(settings))
+        assert transcript.status_code == 200 and len(transcript.json()["transcript"]) == 5
         audit = (await client.get(f"/api/calls/{CALL}/report/audit", headers=admin(settings))).json()
+        assert {"what": "transcript", "live": False} in [e["details"] for e in audit["events"]]
         actions = [(e["action"], e["actor"]) for e in audit["events"]]
         assert ("generated", "worker") in actions and ("generated", "admin-api") in actions
         assert actions.count(("read", "admin-api")) >= 2

@@ -1,5 +1,6 @@
 """The calls API: a call's record and transcript. While the call is up the transcript is the live one
-(what the caller has heard so far and what they said); afterwards it is the one filed in the ledger."""
+(what the caller has heard so far and what they said); afterwards it is the one filed in the ledger.
+Every read is audited."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from booking.calls import CallRecord
+from booking.ledger.reports_repository import AuditAction, ReportLedger
 from voice_server.api.bookings import endpoint
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.components import Components
@@ -45,6 +47,10 @@ async def get_call(request: Request, components: Components) -> Response:
     else:
         turns = [(t.role, t.text, t.at, t.truncated, t.tool) for t in await components.calls.transcript(call_sid)]
         state = None
+    # A transcript is personal data: who read it, and when, goes to the audit trail.
+    await ReportLedger(components.database, clock=components.clock).record(
+        AuditAction.READ, "call", call_sid, "admin-api", {"what": "transcript", "live": live is not None}
+    )
     body = _record(call) | {
         "live": live is not None,
         "state": state,
