@@ -74,7 +74,7 @@ from booking.reports.pipeline import HANG_UP
 from booking.service import Booked, BookingService, BookRequest
 from integrations.airtable import RATE_LIMIT, RATE_WINDOW
 from integrations.simulators.loopback import loopback_socket
-from voice_server.effect_workers import CRM_CONCURRENCY, effect_workers, effects_channel
+from voice_server.effect_workers import CRM_CONCURRENCY, effect_workers
 from voice_server.reporting import build_crm
 from voice_server.settings import Settings
 
@@ -444,7 +444,7 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.sleep(RATE_WINDOW)
             simulator.send(("limit", args.airtable_rate, args.airtable_penalty))
             simulator.recv()
-            notify = RedisNotifier(redis, effects_channel(settings))
+            notify = RedisNotifier(redis, settings.effects_channel)
             service = BookingService(
                 business, Ledger(database, notify_effects=notify), FreeBusyIndex(redis, prefix=prefix)
             )

@@ -218,7 +218,7 @@ async def test_cli_lists_shows_retries_and_discards(
 
     # With a shared Redis the retry wakes the workers on the server's channel.
     pubsub = redis_client.pubsub()
-    await pubsub.subscribe(f"{app_settings.redis_prefix}:effects")
+    await pubsub.subscribe(app_settings.effects_channel)
     try:
         out = io.StringIO()
         assert await dlq_cli.dlq_retry(app_settings, first.id, out=out) == 0

@@ -162,7 +162,7 @@ async def test_a_call_is_reported_and_reaches_airtable_linked_even_through_an_ou
     # A minute and more passes on the server's clock; workers are woken as it moves.
     for _ in range(40):
         office.clock.advance(timedelta(seconds=5))
-        await line.components.redis.publish(f"{office.settings.redis_prefix}:effects", b"1")
+        await line.components.redis.publish(office.settings.effects_channel, b"1")
         await asyncio.sleep(0.05)
         if call_row(office, later) is not None:
             break

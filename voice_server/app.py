@@ -33,7 +33,7 @@ from voice_server.api import effects as effects_api
 from voice_server.api import reports as reports_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
-from voice_server.effect_workers import effect_workers, effects_channel
+from voice_server.effect_workers import effect_workers
 from voice_server.embedded_redis import EmbeddedRedis
 from voice_server.google_setup import load_google_calendar
 from voice_server.ports import VoicePorts
@@ -89,7 +89,7 @@ def create_app(
                 await migrate(database)
             elif await database.schema_revision() != head_revision():
                 raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
-            notify = RedisNotifier(redis, effects_channel(settings))
+            notify = RedisNotifier(redis, settings.effects_channel)
             ledger = Ledger(database, clock=clock, notify_effects=notify)
             refresh = timedelta(seconds=settings.calendar_refresh_seconds)
             index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * refresh)

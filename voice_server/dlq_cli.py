@@ -29,7 +29,7 @@ from booking.ledger.database import Database, LedgerConfigurationError, head_rev
 from booking.outbox import Effect, Outbox, RedisNotifier
 from booking.reconciler import Reconciler
 from voice_server.api.effects import render_effect
-from voice_server.effect_workers import effect_workers, effects_channel
+from voice_server.effect_workers import effect_workers
 from voice_server.google_setup import load_google_calendar
 from voice_server.settings import Settings
 
@@ -145,7 +145,7 @@ async def dlq_retry(settings: Settings, effect_id: int, *, out: TextIO | None = 
     out, err = streams(out, err)
     try:
         async with open_ledger(settings) as database, _shared_redis(settings) as redis:
-            notify = RedisNotifier(redis, effects_channel(settings)) if redis is not None else None
+            notify = RedisNotifier(redis, settings.effects_channel) if redis is not None else None
             outbox = Outbox(database, notify=notify)
             effect = await outbox.retry(effect_id)
             if effect is None:
@@ -235,7 +235,7 @@ async def reconcile(settings: Settings, *, out: TextIO | None = None, err: TextI
     out, err = streams(out, err)
     try:
         async with open_ledger(settings) as database, _shared_redis(settings) as redis:
-            notify = RedisNotifier(redis, effects_channel(settings)) if redis is not None else None
+            notify = RedisNotifier(redis, settings.effects_channel) if redis is not None else None
             report = await Reconciler(database, notify=notify).run_once()
     except Unusable as exc:
         print(f"voicebook reconcile: {exc}", file=err)

@@ -29,11 +29,6 @@ if TYPE_CHECKING:
     from integrations.google_calendar import GoogleCalendar
 
 
-def effects_channel(settings: Settings) -> str:
-    """The Redis channel commits publish on and idle workers listen to."""
-    return f"{settings.redis_prefix}:effects"
-
-
 @dataclass
 class EffectWorkers:
     worker: Worker
@@ -117,7 +112,7 @@ async def effect_workers(
 ) -> AsyncIterator[EffectWorkers]:
     """Run the worker, the monitor and the reconciler until the block exits (or :meth:`EffectWorkers.stop`);
     on exit, effects in flight get the worker's grace period to finish."""
-    channel = effects_channel(settings)
+    channel = settings.effects_channel
     concurrency = concurrency or settings.worker_concurrency
     # One thread per effect the worker may run at once: no effect waits for a thread out of its sight.
     sms = build_twilio_sms(settings, threads=concurrency)

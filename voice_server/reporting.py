@@ -92,7 +92,7 @@ def _worker_service(
 ) -> BookingService:
     """A booking service for a worker process: the server's ledger and its shared Redis index (the
     server keeps the index built; this one only applies what the CRM pull changes)."""
-    notify = RedisNotifier(redis, f"{settings.redis_prefix}:effects")
+    notify = RedisNotifier(redis, settings.effects_channel)
     return BookingService(
         business,
         Ledger(database, clock=clock, notify_effects=notify),

@@ -135,6 +135,11 @@ class Settings:
     receivers move to a new key."""
 
     @property
+    def effects_channel(self) -> str:
+        """The Redis channel commits that enqueue effects publish on and idle workers listen to."""
+        return f"{self.redis_prefix}:effects"
+
+    @property
     def crm_enabled(self) -> bool:
         return bool(self.airtable_api_key and self.airtable_base_id)
 

@@ -64,7 +64,7 @@ def masked_payload(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _outbox(components: Components) -> Outbox:
     # The same channel the server's ledger notifies on, so a retried effect wakes idle workers at once.
-    notify = RedisNotifier(components.redis, f"{components.settings.redis_prefix}:effects")
+    notify = RedisNotifier(components.redis, components.settings.effects_channel)
     return Outbox(components.database, clock=components.clock, notify=notify)
 
 
