@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from booking.business import load_business
 from booking.errors import EffectFailed
 from booking.ledger.calls_repository import CallLedger
-from booking.ledger.reports_repository import AuditAction, ReportLedger
+from booking.ledger.reports_repository import AuditAction, ReportLedger, pick_version
 from voice_server.api.reports import render_report
 from voice_server.dlq_cli import CONFIGURATION, NOT_FOUND, OK, Unusable, open_ledger, streams
 from voice_server.embedded_redis import EmbeddedRedis
@@ -47,9 +47,7 @@ async def report_show(
                 return NOT_FOUND
             reports = ReportLedger(database)
             versions = await reports.versions(call_sid)
-            chosen = versions[-1] if version is None and versions else None
-            if version is not None:
-                chosen = next((v for v in versions if v.version == version), None)
+            chosen = pick_version(versions, version)
             if chosen is None:
                 which = f"version {version} of the report" if version is not None else "a report yet"
                 print(f"voicebook report: call {call_sid} has no {which}", file=err)

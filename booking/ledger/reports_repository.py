@@ -17,7 +17,7 @@ Usage::
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -59,6 +59,14 @@ class AuditEvent:
     subject_kind: str
     subject_id: str
     details: dict[str, Any]
+
+
+def pick_version(versions: Sequence[StoredReport], number: int | None) -> StoredReport | None:
+    """The version numbered ``number`` of ``versions`` (oldest first), the newest when ``number`` is None;
+    None when there is no such version."""
+    if number is None:
+        return versions[-1] if versions else None
+    return next((stored for stored in versions if stored.version == number), None)
 
 
 def _report(row: Row[Any]) -> StoredReport:
@@ -110,6 +118,7 @@ class ReportLedger:
         actor: str,
         action: AuditAction = AuditAction.GENERATED,
         also: Callable[[Connection, int], None] | None = None,
+        created_at: datetime | None = None,
     ) -> int:
         """Store ``body`` as the call's next report version and audit it; returns the version number.
         ``also`` runs in the same transaction with the new version (to enqueue what the report sets off).
@@ -129,7 +138,7 @@ class ReportLedger:
                         body=dict(body),
                         produced_by=produced_by,
                         reason=reason,
-                        created_at=self._clock(),
+                        created_at=created_at or self._clock(),
                     )
                 )
                 self._audit(conn, action, "call", call_sid, actor, {"version": version, "reason": reason})

@@ -55,14 +55,14 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return await handler(request, components)
         except BookingError as error:
             return problem_for(error)
-        except _BadRequest as error:
+        except BadRequest as error:
             return problem(error.status, error.code, error.title, str(error))
 
     wrapped.__name__ = handler.__name__
     return wrapped
 
 
-class _BadRequest(Exception):
+class BadRequest(Exception):
     def __init__(self, status: int, code: str, title: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.code, self.title = status, code, title
@@ -71,23 +71,23 @@ class _BadRequest(Exception):
 async def json_body(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _BadRequest(
+        raise BadRequest(
             413, "body_too_large", "Body too large", f"request bodies are limited to {MAX_BODY_BYTES} bytes"
         )
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise _BadRequest(
+            raise BadRequest(
                 413, "body_too_large", "Body too large", f"request bodies are limited to {MAX_BODY_BYTES} bytes"
             )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise _BadRequest(415, "unsupported_media_type", "Unsupported media type", "send application/json")
+        raise BadRequest(415, "unsupported_media_type", "Unsupported media type", "send application/json")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _BadRequest(400, "malformed_json", "Malformed JSON", f"the body is not valid JSON: {exc}") from None
+        raise BadRequest(400, "malformed_json", "Malformed JSON", f"the body is not valid JSON: {exc}") from None
 
 
 def _query_zone(request: Request, components: Components) -> tuple[ZoneInfo, ZoneInfo | None]:

@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport
+from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport, pick_version
 from booking.outbox import Outbox, RedisNotifier, insert_effects_once
 from booking.reports.schema import CallReport, Lifecycle
-from voice_server.api.bookings import endpoint, json_body
+from voice_server.api.bookings import BadRequest, endpoint, json_body
 from voice_server.api.effects import render_effect
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.components import Components
@@ -42,6 +42,16 @@ def render_report(stored: StoredReport, *, versions: int, transcript_deleted_at:
     }
 
 
+def requested_version(request: Request) -> int | None:
+    """``?version=N``: None when absent; a 400 when it is not a positive whole number."""
+    wanted = request.query_params.get("version")
+    if wanted is None:
+        return None
+    if not wanted.isdigit() or int(wanted) < 1:
+        raise BadRequest(400, "invalid_version", "Invalid version", "version must be a positive whole number")
+    return int(wanted)
+
+
 async def get_report(request: Request, components: Components) -> Response:
     call_sid = request.path_params["call_sid"]
     call = await components.calls.get_call(call_sid)
@@ -55,15 +65,10 @@ async def get_report(request: Request, components: Components) -> Response:
             f" (its build is {pending[0].status.value})" if pending else ""
         )
         return problem(404, "report_not_ready", "Report not ready", detail)
-    wanted = request.query_params.get("version")
-    if wanted is not None:
-        if not wanted.isdigit():
-            return problem(400, "invalid_version", "Invalid version", "version must be a positive whole number")
-        chosen = next((v for v in versions if v.version == int(wanted)), None)
-        if chosen is None:
-            return problem(404, "version_not_found", "Version not found", f"no version {wanted} of {call_sid}")
-    else:
-        chosen = versions[-1]
+    wanted = requested_version(request)
+    chosen = pick_version(versions, wanted)
+    if chosen is None:
+        return problem(404, "version_not_found", "Version not found", f"no version {wanted} of {call_sid}")
     await reports.record(AuditAction.READ, "call", call_sid, API_ACTOR, {"version": chosen.version})
     return JSONResponse(render_report(chosen, versions=len(versions), transcript_deleted_at=call.transcript_deleted_at))
 
@@ -141,8 +146,8 @@ async def approve_trigger(request: Request, components: Components) -> Response:
     versions = await reports.versions(call_sid)
     if not versions:
         return problem(404, "report_not_ready", "Report not ready", f"call {call_sid} has no report yet")
-    wanted = request.query_params.get("version")
-    chosen = versions[-1] if wanted is None else next((v for v in versions if str(v.version) == wanted), None)
+    wanted = requested_version(request)
+    chosen = pick_version(versions, wanted)
     if chosen is None:
         return problem(404, "version_not_found", "Version not found", f"no version {wanted} of {call_sid}")
     report = CallReport.model_validate(chosen.body)
@@ -160,7 +165,7 @@ async def approve_trigger(request: Request, components: Components) -> Response:
         AuditAction.APPROVED, "call", call_sid, API_ACTOR, {"rule": rule, "version": chosen.version, "new": added}
     )
     if added:
-        await RedisNotifier(components.redis, f"{components.settings.redis_prefix}:effects")()
+        await RedisNotifier(components.redis, components.settings.effects_channel)()
     effects = [e for e in await Outbox(components.database).for_call(call_sid) if e.kind.startswith("trigger.")]
     keys = {row["idempotency_key"] for row in rows}
     return JSONResponse(
