@@ -171,29 +171,32 @@ class ReportPipeline:
     ) -> BuiltReport:
         call_sid = report.call_sid
         body = report.model_dump(mode="json")
+        produced_by = f"{report.builder.component}/{report.builder.version}"
+        now = self._clock()
 
         def enqueue(conn: Connection, version: int) -> None:
             if hook is not None:
-                insert_effects_once(conn, list(hook(report, version, self._clock())))
+                insert_effects_once(conn, list(hook(report, version, now)))
 
         version = await self.reports.add_version(
             call_sid,
             body,
             schema_version=report.schema_version,
-            produced_by=f"{report.builder.component}/{report.builder.version}",
+            produced_by=produced_by,
             reason=reason,
             actor=actor,
             action=action,
             also=enqueue,
+            created_at=now,
         )
         stored = StoredReport(
             call_sid=call_sid,
             version=version,
             schema_version=report.schema_version,
             body=body,
-            produced_by=f"{report.builder.component}/{report.builder.version}",
+            produced_by=produced_by,
             reason=reason,
-            created_at=self._clock(),
+            created_at=now,
         )
         log.info(
             "call_report_stored",
