@@ -65,17 +65,10 @@ class NewConflict:
 
 
 @dataclass(frozen=True, slots=True)
-class Conflict:
+class Conflict(NewConflict):
+    """A conflict as recorded: what was found, with its id and when it was found and resolved."""
+
     id: int
-    booking_id: str | None
-    record_id: str
-    field: str
-    ledger_value: str | None
-    airtable_value: str | None
-    ledger_at: datetime | None
-    airtable_at: datetime
-    winner: Winner
-    reason: ConflictReason
     detected_at: datetime
     resolved_at: datetime | None
 
