@@ -74,6 +74,9 @@ async def sweep(
             for item in await storage.older_than(prefix, cutoff):
                 if await storage.delete(item.key):
                     result.objects_deleted.append(item.key)
+    by_call: dict[str, list[str]] = {}  # archived keys end in "<CallSid>.<ext>"
+    for key in result.objects_deleted:
+        by_call.setdefault(key.rsplit("/", 1)[-1].split(".", 1)[0], []).append(key)
     c = t.calls.c
     ended = c.ended_at.is_not(None) & (c.ended_at < cutoff)
     unended = c.ended_at.is_(None) & (c.created_at < cutoff)
@@ -84,7 +87,7 @@ async def sweep(
         if not call_sids:
             break
         for call_sid in call_sids:
-            objects = [key for key in result.objects_deleted if key.rsplit("/", 1)[-1].startswith(f"{call_sid}.")]
+            objects = by_call.get(call_sid, [])
             await database.write(
                 functools.partial(_purge_call, call_sid=call_sid, objects=objects, now=now, actor=actor)
             )

@@ -27,8 +27,8 @@ from booking.ledger.reports_repository import AuditAction, ReportLedger
 from booking.ledger.repository import Clock, Ledger, utc_now
 from booking.outbox import Effect, EffectKind, standalone_effect_row
 from booking.reports.pipeline import ReportPipeline
-from booking.reports.schema import CallReport
-from booking.retention import sweep
+from booking.reports.schema import CallReport, ParticipantRole
+from booking.retention import Purgeable, sweep
 from booking.worker import Handler
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class CrmCallSync:
         touched = [item.booking_id for item in report.bookings_touched]
         bookings = await Ledger(self.database, clock=self.clock).get_bookings(touched)
         caller = report.caller_number or None
-        named = next((p.name for p in report.participants if p.role.value == "caller" and p.name), None)
+        named = next((p.name for p in report.participants if p.role is ParticipantRole.CALLER and p.name), None)
         contacts = [contact_row(booking) for booking in bookings]
         if caller is not None:
             contacts.append(
@@ -196,7 +196,7 @@ def report_handler(pipeline: ReportPipeline) -> Handler:
     return build
 
 
-def retention_handler(database: Database, storage: Any, *, days: int, clock: Clock = utc_now) -> Handler:
+def retention_handler(database: Database, storage: Purgeable, *, days: int, clock: Clock = utc_now) -> Handler:
     async def run(effect: Effect) -> None:
         now = clock()
         await sweep(database, storage, now - timedelta(days=days), now=now)
