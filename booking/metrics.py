@@ -1,5 +1,6 @@
-"""Prometheus instruments of the booking side: effects (attempts, outcomes, time to done, work in flight),
-the outbox's queue and dead letters, and SMS delivery.
+"""Prometheus instruments of the booking side: bookings made, moved and cancelled (and how long the
+service took), effects (attempts, outcomes, time to done, work in flight), the outbox's queue and dead
+letters, and SMS delivery.
 
 They live in the default registry, which ``/metrics`` exposes. Instruments are module-level singletons,
 as prometheus_client expects; tests read them through :func:`sample`.
@@ -7,7 +8,29 @@ as prometheus_client expects; tests read them through :func:`sample`.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+from booking.errors import BookingError
+
+T = TypeVar("T")
+BookingOperation = Literal["book", "cancel", "reschedule"]
+
+BOOKINGS = Counter(
+    "voicebook_bookings_total",
+    "BookingService calls by operation (book, cancel, reschedule) and outcome: done, unavailable (the slot "
+    "is taken: a return value), rejected (a BookingError: invalid, not found, conflict) or error.",
+    ["operation", "outcome"],
+)
+BOOKING_SECONDS = Histogram(
+    "voicebook_booking_seconds",
+    "One BookingService call end to end (hold, ledger commit, index), by operation.",
+    ["operation"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5),
+)
 
 EFFECT_ATTEMPTS = Counter(
     "voicebook_effect_attempts_total",
@@ -61,6 +84,33 @@ SMS_DELIVERY_RATE = Gauge(
     "Share of texts settled in the last 24 hours that were delivered (delivered / delivered+undelivered+failed).",
     multiprocess_mode="livemax",
 )
+
+
+async def timed_booking(
+    operation: BookingOperation, work: Awaitable[T], *, unavailable: type[object] | None = None
+) -> T:
+    """Await ``work`` (one BookingService operation), counting its outcome and timing it. A result that is
+    an ``unavailable`` instance (``SlotUnavailable``) is the outcome ``unavailable``, any other result
+    ``done``. A cancelled call is neither: it is not counted."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        result = await work
+        outcome = "unavailable" if unavailable is not None and isinstance(result, unavailable) else "done"
+        return result
+    except BookingError:
+        outcome = "rejected"
+        raise
+    except Exception:
+        outcome = "error"
+        raise
+    except BaseException:
+        outcome = "cancelled"
+        raise
+    finally:
+        if outcome != "cancelled":
+            BOOKINGS.labels(operation, outcome).inc()
+            BOOKING_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

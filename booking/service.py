@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, NoReturn, TypeVar
 
+from booking import metrics
 from booking.availability import SlotProblem, check_slot, free_slots, rank_slots
 from booking.business import Business, Service
 from booking.domain import Booking, BookingStatus, Interval, Slot, SmsConsent, ensure_utc
@@ -389,6 +390,9 @@ class BookingService:
 
     # -- booking ----------------------------------------------------------------------------------
     async def book(self, request: BookRequest) -> BookOutcome:
+        return await metrics.timed_booking("book", self._book(request), unavailable=SlotUnavailable)
+
+    async def _book(self, request: BookRequest) -> BookOutcome:
         service = self._service(request.service_id)
         start = ensure_utc(request.start)
         customer = CustomerDetails(
@@ -608,6 +612,20 @@ class BookingService:
     ) -> BookOutcome:
         """Move a booking. The new slot is secured (held in Redis, then taken in the same UPDATE that
         releases the old time) before the old one is let go."""
+        move = self._reschedule(
+            booking_id, new_start, resource_id=resource_id, expected_version=expected_version, actor=actor
+        )
+        return await metrics.timed_booking("reschedule", move, unavailable=SlotUnavailable)
+
+    async def _reschedule(
+        self,
+        booking_id: str,
+        new_start: datetime,
+        *,
+        resource_id: str | None,
+        expected_version: int | None,
+        actor: str,
+    ) -> BookOutcome:
         booking = await self.ledger.require_booking(booking_id)
         if not booking.status.is_active:
             booking.status.check_transition(BookingStatus.CONFIRMED, booking_id=booking_id)
@@ -661,6 +679,14 @@ class BookingService:
         self, booking_id: str, target: BookingStatus, *, reason: str | None = None, actor: str = "api"
     ) -> Booking:
         """Cancel, complete or mark a no-show; a booking that stops being active frees its time."""
+        change = self._change_status(booking_id, target, reason=reason, actor=actor)
+        if target is BookingStatus.CANCELLED:  # every cancellation counts, through cancel() or a status change
+            return await metrics.timed_booking("cancel", change)
+        return await change
+
+    async def _change_status(
+        self, booking_id: str, target: BookingStatus, *, reason: str | None, actor: str
+    ) -> Booking:
         booking = await self.ledger.change_status(booking_id, target, actor=actor, reason=reason)
         if not booking.status.is_active:
             await self.index.remove_booking(booking.id, booking.resource_id, booking.block)

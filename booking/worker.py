@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
 from booking import metrics
@@ -39,6 +41,8 @@ Handler = Callable[[Effect], Awaitable[None]]
 Clock = Callable[[], datetime]
 
 log = structlog.get_logger("voicebook.worker")
+# The OpenTelemetry API only (no SDK, no exporter): a no-op until the process installs a tracer provider.
+_tracer = trace.get_tracer("voicebook.effects")
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_LEASE = timedelta(minutes=2)
@@ -168,6 +172,32 @@ class Worker:
         self._wake.set()
 
     async def _execute(self, effect: Effect) -> None:
+        """One attempt at ``effect``, as a span (its provider requests are children)."""
+        attributes: dict[str, AttributeValue] = {
+            "voicebook.effect.id": effect.id,
+            "voicebook.effect.kind": effect.kind,
+            "voicebook.effect.integration": effect.integration,
+            "voicebook.effect.attempt": effect.attempts,
+        }
+        if effect.booking_id is not None:
+            attributes["voicebook.booking_id"] = effect.booking_id
+        if effect.call_sid is not None:
+            attributes["voicebook.call_sid"] = effect.call_sid
+        # Every line the attempt logs (the handler's and its providers') names the effect and what it is for.
+        fields: dict[str, object] = {"effect_id": effect.id, "kind": effect.kind}
+        if effect.booking_id is not None:
+            fields["booking_id"] = effect.booking_id
+        if effect.call_sid is not None:
+            fields["call_sid"] = effect.call_sid
+        with (
+            structlog.contextvars.bound_contextvars(**fields),
+            _tracer.start_as_current_span(
+                f"effect {effect.kind}", kind=trace.SpanKind.CONSUMER, attributes=attributes
+            ) as span,
+        ):
+            await self._attempt(effect, span)
+
+    async def _attempt(self, effect: Effect, span: trace.Span) -> None:
         handler = self._handlers[effect.kind]
         integration = effect.integration
         in_flight = metrics.EFFECTS_IN_FLIGHT.labels(integration)
@@ -181,6 +211,9 @@ class Worker:
             metrics.EFFECT_DURATION.labels(integration).observe(time.perf_counter() - started)
             outcome = await self.outbox.fail(effect, error)
             label = "lease_lost" if outcome is None else "dead" if outcome is EffectStatus.DEAD else "retry"
+            span.set_attribute("voicebook.effect.outcome", label)
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR, type(error).__name__)
             metrics.EFFECT_ATTEMPTS.labels(integration, effect.kind, label).inc()
             report = log.error if outcome is EffectStatus.DEAD else log.warning
             report(
@@ -196,9 +229,11 @@ class Worker:
         in_flight.dec()
         metrics.EFFECT_DURATION.labels(integration).observe(time.perf_counter() - started)
         if not await self.outbox.complete(effect):
+            span.set_attribute("voicebook.effect.outcome", "lease_lost")
             metrics.EFFECT_ATTEMPTS.labels(integration, effect.kind, "lease_lost").inc()
             log.warning("outbox_lease_lost", effect_id=effect.id, kind=effect.kind, owner=self.owner)
             return
+        span.set_attribute("voicebook.effect.outcome", "done")
         metrics.EFFECT_ATTEMPTS.labels(integration, effect.kind, "done").inc()
         # From the commit that enqueued it (a reminder: from when it fell due) to done: what users wait.
         delay = (self.outbox.now() - effect.wanted_at).total_seconds()

@@ -45,6 +45,7 @@ from requests.adapters import HTTPAdapter
 
 from booking.errors import EffectFailed
 from integrations.http_headers import retry_after
+from integrations.metrics import provider_request
 from integrations.redis_rate_limit import RedisRateLimiter
 
 T = TypeVar("T")
@@ -360,7 +361,11 @@ class AirtableCRM:
         _CALLER_LOOP.set(loop)
         try:
             # As asyncio.to_thread does, but on this adapter's threads: the request sees the caller's context.
-            return await loop.run_in_executor(self._executor, functools.partial(contextvars.copy_context().run, work))
+            # The operation is the first word of ``what`` ("the upsert into Contacts" -> "upsert"): a small set.
+            with provider_request("airtable", what.removeprefix("the ").split(" ", 1)[0]):
+                return await loop.run_in_executor(
+                    self._executor, functools.partial(contextvars.copy_context().run, work)
+                )
         except requests.HTTPError as error:
             raise self._translate(error, what) from error
         except requests.Timeout as error:

@@ -29,6 +29,7 @@ import httpx
 import structlog
 from websockets.exceptions import WebSocketException
 
+from integrations.metrics import provider_connect
 from voice_server.audio import SAMPLE_RATE
 from voice_server.ports import CallInfo, Expectation, SpeechEvent, SpeechStarted, Transcript
 
@@ -294,7 +295,9 @@ class DeepgramSTTStream:
                 self._heard = False
                 try:
                     keyterms = self._keyterms
-                    async with self._client.listen.v1.connect(**self._connect_options()) as socket:
+                    # One provider request per connection (never per audio frame): the handshake.
+                    connection = self._client.listen.v1.connect(**self._connect_options())
+                    async with provider_connect("deepgram", "listen", connection) as socket:
                         self._keyterms_sent = keyterms
                         opened = loop.time()
                         await self._serve(socket)

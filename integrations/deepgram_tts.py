@@ -24,6 +24,7 @@ from deepgram.core.api_error import ApiError
 
 from integrations.deepgram_stt import SpeechProviderError, api_failure
 from integrations.http_headers import retry_after
+from integrations.metrics import provider_connect
 from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -54,14 +55,16 @@ class DeepgramTTS:
                 await self._sleep(self._retry_delay(failure, attempt))
             started = False
             try:
-                async with self._client.speak.v1.audio.with_raw_response.generate(
+                request = self._client.speak.v1.audio.with_raw_response.generate(
                     text=text,
                     model=self.model,
                     encoding="mulaw",
                     sample_rate=SAMPLE_RATE,
                     container="none",
                     request_options={"timeout": self.timeout_s},
-                ) as response:
+                )
+                # The request is the synthesis answering (its headers), not the audio streaming after.
+                async with provider_connect("deepgram", "speak", request) as response:
                     pending = bytearray()
                     async for chunk in response.data:
                         pending += chunk

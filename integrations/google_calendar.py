@@ -45,6 +45,7 @@ from booking.business import Business, Resource
 from booking.domain import Booking, Interval
 from booking.errors import EffectFailed
 from integrations.http_headers import retry_after
+from integrations.metrics import provider_request
 
 SCOPES = ("https://www.googleapis.com/auth/calendar",)  # events and freeBusy
 BOOKING_ID_PROPERTY = "voicebook_booking_id"
@@ -413,7 +414,13 @@ class GoogleCalendar:
             # connection reuse does not matter. One refresh on 401, then the 401 stands.
             http = AuthorizedHttp(self._credentials, http=httplib2.Http(timeout=self._timeout), max_refresh_attempts=1)
             try:
-                return request.execute(http=http, num_retries=0)
+                # An error ``done_if`` accepts (a 404 deleting what is gone) is an answer, not a failure.
+                with provider_request(
+                    "google_calendar",
+                    action,
+                    ok_if=lambda error: isinstance(error, HttpError) and done_if is not None and done_if(error),
+                ):
+                    return request.execute(http=http, num_retries=0)
             finally:
                 http.close()
 

@@ -33,6 +33,7 @@ from openai.types.chat import (
     ChatCompletionMessageParam,
 )
 
+from integrations.metrics import provider_stream
 from voice_server.ports import AgentEvent, CallInfo, EndCall, TextDelta, ToolCall, ToolSpec, TransferCall, Turn
 
 log = structlog.get_logger("voicebook.openai")
@@ -323,7 +324,9 @@ class OpenAIAgent:
             prefix = _Prefix(said)
             produced = False
             try:
-                async with contextlib.aclosing(self._stream(request, call)) as events:
+                # One provider request per chat completion, however many chunks it streams.
+                chat = provider_stream("openai", "chat", self._stream(request, call))
+                async with contextlib.aclosing(chat) as events:
                     async for event in events:
                         if isinstance(event, TextDelta):
                             text = prefix.feed(event.text)

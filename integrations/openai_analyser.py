@@ -27,6 +27,7 @@ from booking.reports.ports import Analyser, Analysis, AnalysisInput
 from booking.reports.provenance import hosted_model
 from booking.reports.schema import Automated, Provenance, SentimentScore, TranscriptTurn, TurnSentiment
 from booking.reports.vocabulary import Intent, SentimentLabel
+from integrations.metrics import provider_request
 
 log = structlog.get_logger("voicebook.reports.openai")
 
@@ -294,14 +295,15 @@ class OpenAIAnalyser:
 
     async def analyse(self, call: AnalysisInput) -> Analysis:
         try:
-            completion = await self._client.chat.completions.create(
-                model=self.model,
-                messages=analysis_messages(call.turns),
-                response_format=RESPONSE_FORMAT,
-                temperature=openai.omit if self._temperature is None else self._temperature,
-                max_completion_tokens=MAX_ANSWER_TOKENS,
-                timeout=self._timeout,
-            )
+            with provider_request("openai", "analysis"):
+                completion = await self._client.chat.completions.create(
+                    model=self.model,
+                    messages=analysis_messages(call.turns),
+                    response_format=RESPONSE_FORMAT,
+                    temperature=openai.omit if self._temperature is None else self._temperature,
+                    max_completion_tokens=MAX_ANSWER_TOKENS,
+                    timeout=self._timeout,
+                )
         except openai.APITimeoutError:
             raise AnalysisFailed(f"{self.model}: no answer within {self._timeout:g} s", transient=True) from None
         except openai.APIConnectionError as error:

@@ -51,6 +51,8 @@ from botocore.exceptions import (
     IncompleteReadError,
 )
 
+from integrations.metrics import provider_request
+
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
 
@@ -501,7 +503,8 @@ class S3Storage:
 
     async def _call(self, action: str, key: str | None, request: Callable[[], T]) -> T:
         try:
-            result = await asyncio.to_thread(request)
+            with provider_request("storage", action):  # S3 only: the local folder is not a provider
+                result = await asyncio.to_thread(request)
         except ClientError as error:
             details = error.response.get("Error", {})
             code = str(details.get("Code", ""))

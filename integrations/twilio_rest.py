@@ -12,6 +12,8 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
+from integrations.metrics import provider_request
+
 
 class CallControlError(RuntimeError):
     """Twilio refused or could not be reached. ``permanent`` is True when retrying cannot help."""
@@ -45,7 +47,8 @@ class TwilioCallControl:
             self._client.api.v2010.account.calls(call_sid).update(twiml=twiml)
 
         try:
-            await asyncio.to_thread(update)
+            with provider_request("twilio", "calls.update"):
+                await asyncio.to_thread(update)
         except TwilioRestException as error:
             permanent = error.status in (400, 401, 403, 404)
             raise CallControlError(

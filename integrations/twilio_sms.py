@@ -41,6 +41,7 @@ from twilio.rest import Client
 from booking.errors import EffectFailed
 from booking.messages import MAX_BODY_CHARS, segments
 from integrations.http_headers import retry_after
+from integrations.metrics import provider_request
 
 log = structlog.get_logger("voicebook.twilio_sms")
 T = TypeVar("T")
@@ -217,7 +218,8 @@ class TwilioSMS:
         def create() -> tuple[Any, Mapping[str, str]]:
             self._headers.clear()
             try:
-                return self._client.messages.create(**arguments), {}
+                with provider_request("twilio", "messages.create"):
+                    return self._client.messages.create(**arguments), {}
             except (TwilioRestException, TwilioServiceException) as error:
                 return error, self._headers.last()
 
@@ -257,7 +259,8 @@ class TwilioSMS:
         def search() -> tuple[Any, Mapping[str, str]]:
             self._headers.clear()
             try:
-                return self._client.messages.list(to=to, limit=_FIND_PAGE), {}
+                with provider_request("twilio", "messages.list"):
+                    return self._client.messages.list(to=to, limit=_FIND_PAGE), {}
             except TwilioException as error:  # a list page's failure is the base class, not a RestException
                 return error, self._headers.last()
 

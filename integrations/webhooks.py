@@ -34,6 +34,7 @@ import orjson
 
 from booking.errors import EffectFailed
 from integrations.http_headers import retry_after
+from integrations.metrics import provider_call
 
 SIGNATURE_HEADER = "X-Voicebook-Signature"
 EVENT_HEADER = "X-Voicebook-Event"
@@ -145,6 +146,7 @@ class WebhookSender:
         self._clock = clock
         self._user_agent = user_agent
 
+    @provider_call("webhook", "post")
     async def send(self, url: str, payload: Mapping[str, Any], *, event: str, idempotency_key: str) -> Delivery:
         """POST ``payload`` as JSON to ``url``; returns on a 2xx, raises EffectFailed otherwise."""
         context: dict[str, Any] = {"idempotency_key": idempotency_key, "event": event}

@@ -33,13 +33,17 @@ from voice_server.api import effects as effects_api
 from voice_server.api import reports as reports_api
 from voice_server.api.responses import problem
 from voice_server.components import Components
+from voice_server.correlation import CorrelationMiddleware
 from voice_server.effect_workers import effect_workers
 from voice_server.embedded_redis import EmbeddedRedis
 from voice_server.google_setup import load_google_calendar
+from voice_server.logging import register_settings_secrets
+from voice_server.metrics import WebhookMetrics, sampling_outbox, watching_event_loop
 from voice_server.ports import VoicePorts
 from voice_server.providers import build_voice
 from voice_server.reporting import build_reporting
 from voice_server.settings import Settings
+from voice_server.tracing import tracing_enabled
 
 log = structlog.get_logger("voicebook.app")
 
@@ -69,10 +73,13 @@ def create_app(
     """The server. ``voice`` replaces the speech, agent and telephony providers the settings choose
     (tests pass scripted ones)."""
     settings = settings or Settings.from_env()
+    register_settings_secrets(settings)  # from now on no log line carries a configured secret
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(tracing_enabled(settings))  # closed last: flushes the spans of the shutdown too
+            await stack.enter_async_context(watching_event_loop())  # voicebook_event_loop_lag_seconds
             business = load_business(settings.business_file)
             redis_url = settings.redis_url
             if redis_url is None:
@@ -114,6 +121,8 @@ def create_app(
                         settings, business, database, redis, clock=clock, google=calendar, reporting=reporting
                     )
                 )
+            else:  # the workers sample the outbox gauges; without them here, the server does
+                await stack.enter_async_context(sampling_outbox(database, clock=clock))
             calls = CallLedger(database, clock=clock, notify_effects=notify)
             ports = voice if voice is not None else await build_voice(settings, business, service, stack, clock=clock)
             app.state.components = Components(
@@ -165,4 +174,6 @@ def create_app(
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
     app.state.settings = settings
+    app.add_middleware(WebhookMetrics, routes=[*twilio_webhooks.routes, *sms_webhooks.routes, *media_endpoint.routes])
+    app.add_middleware(CorrelationMiddleware)  # added last, so outermost: every other layer logs with the id
     return app

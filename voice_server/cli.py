@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ import structlog
 from booking.business import load_business
 from booking.errors import ConfigurationError
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
-from voice_server.logging import configure_logging
+from voice_server.logging import configure_logging, register_settings_secrets
 from voice_server.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -29,9 +30,11 @@ log = structlog.get_logger("voicebook.cli")
 
 def _settings() -> Settings:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as exc:
         raise SystemExit(f"voicebook: {exc}") from None
+    register_settings_secrets(settings, os.environ)  # the S3 credentials too: boto3 reads them from there
+    return settings
 
 
 def _development_secret(settings: Settings, name: str) -> str:
@@ -224,10 +227,12 @@ def call_command(args: argparse.Namespace) -> int:
 
 def _dlq_settings() -> Settings | None:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as exc:
         print(f"voicebook: {exc}", file=sys.stderr)
         return None
+    register_settings_secrets(settings, os.environ)
+    return settings
 
 
 def dlq_command(args: argparse.Namespace) -> int:
@@ -248,13 +253,36 @@ def dlq_command(args: argparse.Namespace) -> int:
 
 def worker_command(args: argparse.Namespace) -> int:
     from voice_server import dlq_cli
+    from voice_server.tracing import tracing_enabled
 
     settings = _dlq_settings()
     if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     concurrency = settings.worker_concurrency if args.concurrency is None else args.concurrency
-    return asyncio.run(dlq_cli.run_worker(settings, concurrency=concurrency))
+    with contextlib.ExitStack() as stack:
+        if args.metrics_port is not None:
+            stack.enter_context(_metrics_listener(args.metrics_host, args.metrics_port))
+        stack.enter_context(tracing_enabled(settings))  # a span per effect attempt, flushed when the worker stops
+        return asyncio.run(dlq_cli.run_worker(settings, concurrency=concurrency))
+
+
+@contextlib.contextmanager
+def _metrics_listener(host: str, port: int) -> Iterator[None]:
+    """``GET /metrics`` of a worker process on its own port (prometheus_client's server, on a thread), so a
+    worker on a host without a server can be scraped."""
+    from prometheus_client import start_http_server
+
+    from voice_server.api.metrics import scrape_registry
+
+    server, thread = start_http_server(port, addr=host, registry=scrape_registry())
+    log.info("worker_metrics_listening", host=host, port=server.server_port)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -453,6 +481,13 @@ def _add_dlq_and_worker(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=None,
         help="effects run at once per integration (default: VOICEBOOK_WORKER_CONCURRENCY)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve GET /metrics for Prometheus on this port (0: any free port; default: no listener)",
+    )
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics listener")
     worker.set_defaults(handler=worker_command)
     reconcile = commands.add_parser(
         "reconcile",
@@ -505,6 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"voicebook: {exc.detail}", file=sys.stderr)
         return 1
+    finally:
+        from voice_server.metrics import mark_process_dead
+
+        mark_process_dead()  # with PROMETHEUS_MULTIPROC_DIR: this process's live gauges leave the aggregate
     return result
 
 

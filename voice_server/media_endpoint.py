@@ -20,8 +20,9 @@ from twilio.request_validator import RequestValidator
 
 from booking.calls import CallTurn
 from booking.ledger.repository import utc_now
-from voice_server import twiml
+from voice_server import metrics, tracing, twiml
 from voice_server.components import Components
+from voice_server.correlation import new_correlation_id
 from voice_server.media_streams import Dtmf, Mark, Media, MediaStreamCodec, Rejected, Start, Stop, StreamTracker
 from voice_server.playout import Playout
 from voice_server.ports import CallInfo
@@ -63,6 +64,7 @@ async def media_stream(websocket: WebSocket) -> None:
     tracker = StreamTracker()
     session: CallSession | None = None
     recording: CallRecording | None = None
+    call_span: tracing.CallSpan | None = None
     reason = "dropped"
     loop = asyncio.get_running_loop()
     start_deadline = loop.time() + START_TIMEOUT_SECONDS
@@ -98,7 +100,12 @@ async def media_stream(websocket: WebSocket) -> None:
                 if components.settings.record_calls and components.settings.consent_notice:
                     recording = CallRecording(components.settings.data_dir / "recordings" / f"{parsed.call_sid}.jsonl")
                     recording.inbound(frame)
+                # Current from here on: the session's tasks, turns and provider requests are its children.
+                call_span = tracing.start_call(
+                    parsed.custom_parameters, call_sid=parsed.call_sid, stream_sid=parsed.stream_sid
+                )
                 session = await _start_session(websocket, components, parsed, recording)
+                metrics.call_started()
             elif session is None:
                 continue  # `connected` before `start`
             elif isinstance(parsed, Media):
@@ -107,6 +114,7 @@ async def media_stream(websocket: WebSocket) -> None:
             elif isinstance(parsed, Mark):
                 session.on_mark(parsed.name)
             elif isinstance(parsed, Dtmf):
+                metrics.DTMF_DIGITS.inc()
                 await session.on_dtmf(parsed.digit)
             elif isinstance(parsed, Stop):
                 reason = "stop"
@@ -116,7 +124,10 @@ async def media_stream(websocket: WebSocket) -> None:
     finally:
         if session is not None:
             components.sessions.discard(session)
-            await session.end(reason)
+            try:
+                await session.end(reason)
+            finally:  # the first reason stands: the agent may have ended the call before the stream closed
+                metrics.call_ended(session.end_reason or reason)
             if recording is not None:
                 for turn in session.transcript:
                     recording.event("turn", role=turn.role, text=turn.text, truncated=turn.truncated, tool=turn.tool)
@@ -131,12 +142,15 @@ async def media_stream(websocket: WebSocket) -> None:
                 inbound_audio_ms=tracker.inbound_audio_ms,
                 barge_ins=session.barge_ins,
             )
+        if call_span is not None:
+            call_span.finish(end_reason=(session.end_reason if session is not None else None) or reason)
         if reason == "stop":
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # the caller may be gone already
                 await websocket.close()
 
 
 def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
+    metrics.MEDIA_FRAMES_REJECTED.labels(rejected.error.value).inc()
     log.warning(
         "media_frame_rejected",
         error=rejected.error.value,
@@ -156,7 +170,11 @@ async def _start_session(
         called=parameters.get("to", ""),
         parameters=parameters,
     )
-    structlog.contextvars.bind_contextvars(call_sid=info.call_sid, stream_sid=info.stream_sid)
+    # The call's own correlation id, for its life: the session's tasks copy this context when created.
+    upgrade_id = structlog.contextvars.get_contextvars().get("correlation_id")
+    structlog.contextvars.bind_contextvars(
+        call_sid=info.call_sid, stream_sid=info.stream_sid, correlation_id=new_correlation_id()
+    )
 
     async def persist(session: CallSession) -> None:
         turns = [
@@ -196,7 +214,7 @@ async def _start_session(
     )
     components.sessions.add(session)
     await session.start()
-    log.info("media_stream_started", tracks=list(start.tracks))
+    log.info("media_stream_started", tracks=list(start.tracks), upgrade_correlation_id=upgrade_id)
     return session
 
 

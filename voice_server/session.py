@@ -24,7 +24,10 @@ from typing import Any
 
 import orjson
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from voice_server import metrics
 from voice_server.playout import Playout
 from voice_server.ports import (
     CallInfo,
@@ -39,9 +42,11 @@ from voice_server.ports import (
     Turn,
     VoicePorts,
 )
+from voice_server.tracing import record_tool_result, record_turn
 from voice_server.turn_timing import TurnTimer, TurnTiming, observe
 
 log = structlog.get_logger("voicebook.session")
+_tracer = trace.get_tracer("voicebook.calls")  # a span per turn and per tool call; never per audio frame
 
 MAX_TOOL_ROUNDS = 5
 MARK_SLACK_SECONDS = 2.0
@@ -140,6 +145,9 @@ class CallSession:
         self._tools: set[asyncio.Task[Any]] = set()
         self._unstarted_tools: list[ToolCall] = []
         """Tool calls of the reply in flight that wait for its words to be heard before they start."""
+        self._tools_parent: otel_context.Context | None = None
+        """The trace context (the turn's span) those tool calls' spans belong to."""
+        self._turns = 0
         self._reply: asyncio.Task[None] | None = None
         self._spoken: list[tuple[str, str]] = []  # (mark, sentence) of the reply being spoken
         self._reply_complete = False  # the agent finished the reply being spoken (all of it was sent)
@@ -302,6 +310,7 @@ class CallSession:
         await asyncio.gather(reply, return_exceptions=True)
         if not fully_heard:
             self.barge_ins += 1
+            metrics.BARGE_INS.inc()
             log.info("barge_in", call_sid=self.info.call_sid, state=self.state.value)
             await self._playout.clear()
         self._close_agent_turn()
@@ -316,31 +325,40 @@ class CallSession:
         self._reply = self._spawn(self._agent_reply(timer))
 
     async def _agent_reply(self, timer: TurnTimer) -> None:
+        self._turns += 1
+        span = _tracer.start_span("turn", attributes={"voicebook.turn.number": self._turns})
         try:
-            for _ in range(MAX_TOOL_ROUNDS):
-                calls: list[ToolCall] = []
-                self._unstarted_tools = calls
-                events = timer.agent(self._ports.agent.respond(list(self.transcript), self.info))
-                await self._speak_reply(events, calls, timer)
-                if not calls:
-                    break
-                # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
-                timer.tools_started()
-                runs = self._start_tools()
-                for run in runs:
-                    run.add_done_callback(timer.tool_finished)
-                await asyncio.shield(asyncio.gather(*runs))
-                timer.tools_done()
-            if self._transfer_requested is not None:
-                await self._transfer(self._transfer_requested)
-            elif self._hangup_requested is not None:
-                await self._hang_up(self._hangup_requested)
-            else:
-                self._listen_again()
+            with trace.use_span(span):
+                for _ in range(MAX_TOOL_ROUNDS):
+                    calls: list[ToolCall] = []
+                    self._unstarted_tools = calls
+                    self._tools_parent = otel_context.get_current()  # the tools this round starts are the turn's
+                    events = timer.agent(self._ports.agent.respond(list(self.transcript), self.info))
+                    await self._speak_reply(events, calls, timer)
+                    if not calls:
+                        break
+                    # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
+                    timer.tools_started()
+                    runs = self._start_tools()
+                    for run in runs:
+                        run.add_done_callback(timer.tool_finished)
+                    await asyncio.shield(asyncio.gather(*runs))
+                    timer.tools_done()
+                if self._transfer_requested is not None:
+                    await self._transfer(self._transfer_requested)
+                elif self._hangup_requested is not None:
+                    await self._hang_up(self._hangup_requested)
+                else:
+                    self._listen_again()
+        except asyncio.CancelledError:
+            span.set_attribute("voicebook.turn.outcome", "interrupted")  # barge-in, or the call ended
+            raise
         finally:  # answered, cut off by the caller, or ended with the call: the turn is filed either way
             timing = timer.finish()
             self.turn_timings.append(timing)
             observe(timing)
+            record_turn(span, timing)
+            span.end()
 
     async def _transfer(self, reason: str) -> None:
         """Hand the caller to a person through the telephony API; if that cannot happen, say so and
@@ -379,14 +397,21 @@ class CallSession:
     def _start_tools(self) -> list[asyncio.Task[None]]:
         """Start the reply's tool calls (once: a barge-in may have started them first)."""
         calls, self._unstarted_tools = self._unstarted_tools, []
-        return [self._spawn(self._run_tool(call), into=self._tools) for call in calls]
+        return [self._spawn(self._run_tool(call, self._tools_parent), into=self._tools) for call in calls]
 
-    async def _run_tool(self, call: ToolCall) -> None:
-        try:
-            result: dict[str, Any] | Any = dict(await self._ports.tools.run(call, self.info))
-        except Exception as error:  # a failing tool is told to the agent, not to the caller as silence
-            log.exception("tool_failed", call_sid=self.info.call_sid, tool=call.name)
-            result = {"error": f"{type(error).__name__}: {error}"}
+    async def _run_tool(self, call: ToolCall, parent: otel_context.Context | None = None) -> None:
+        # A child of the turn that asked for it, even when a barge-in is what starts it.
+        with _tracer.start_as_current_span(
+            "tool", context=parent, attributes={"voicebook.tool.name": call.name}, record_exception=False
+        ) as span:
+            try:
+                result: dict[str, Any] | Any = dict(await self._ports.tools.run(call, self.info))
+            except Exception as error:  # a failing tool is told to the agent, not to the caller as silence
+                log.exception("tool_failed", call_sid=self.info.call_sid, tool=call.name)
+                span.record_exception(error)
+                span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+                result = {"error": f"{type(error).__name__}: {error}"}
+            record_tool_result(span, result)
         self.transcript.append(
             Turn(
                 "tool",

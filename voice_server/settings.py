@@ -10,6 +10,7 @@ import base64
 import binascii
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,13 @@ class Settings:
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     """HMAC keys that sign outbound trigger webhooks: the first signs; list the old one second while
     receivers move to a new key."""
+    otel_traces_endpoint: str | None = None
+    """Where spans go over OTLP/HTTP (the full URL, ``http://collector:4318/v1/traces``); None: no tracing."""
+    otel_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """Headers sent with every export (a tracing vendor's API key)."""
+    otel_service_name: str = "voicebook"
+    trace_sample_ratio: float = 1.0
+    """The share of calls traced, decided at the webhook; the call, its turns and tools follow that decision."""
 
     @property
     def effects_channel(self) -> str:
@@ -266,6 +274,12 @@ class Settings:
             blocked_numbers=tuple(
                 number.strip() for number in reader.text("VOICEBOOK_BLOCKED_NUMBERS", "").split(",") if number.strip()
             ),
+            # The standard OpenTelemetry variables: the signal's own URL wins over the base URL + /v1/traces.
+            otel_traces_endpoint=reader.url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ("http", "https"))
+            or _traces_url(reader.url("OTEL_EXPORTER_OTLP_ENDPOINT", ("http", "https"))),
+            otel_headers=reader.otlp_headers("OTEL_EXPORTER_OTLP_HEADERS"),
+            otel_service_name=reader.text("OTEL_SERVICE_NAME", "voicebook"),
+            trace_sample_ratio=reader.fraction("VOICEBOOK_TRACE_SAMPLE_RATIO", 1.0),
         )
         if settings.record_calls and not settings.consent_notice:
             reader.problems.append(
@@ -300,6 +314,11 @@ class Settings:
         if reader.problems:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(reader.problems))
         return settings
+
+
+def _traces_url(base: str | None) -> str | None:
+    """``OTEL_EXPORTER_OTLP_ENDPOINT`` is a base URL: traces go to its ``/v1/traces`` (as the spec says)."""
+    return None if base is None else base.rstrip("/") + "/v1/traces"
 
 
 class _Reader:
@@ -344,6 +363,36 @@ class _Reader:
             return value
 
         return self._parse(name, default, parse)
+
+    def fraction(self, name: str, default: float) -> float:
+        def parse(raw: str) -> float:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{raw!r} is not a number") from None
+            if not 0.0 <= value <= 1.0:  # also refuses nan
+                raise ValueError(f"{value} is outside 0..1")
+            return value
+
+        return self._parse(name, default, parse)
+
+    def otlp_headers(self, name: str) -> tuple[tuple[str, str], ...]:
+        """``key1=value1,key2=value2`` with percent-encoded values (the OTLP exporter format), from ``NAME``
+        or ``NAME_FILE``."""
+        raw = self.secret(name)
+        if raw is None:
+            return ()
+        headers: list[tuple[str, str]] = []
+        for position, pair in enumerate(raw.split(","), start=1):
+            key, equals, value = pair.partition("=")
+            if not pair.strip():
+                continue
+            if not equals or re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", key.strip()) is None:
+                # The pair is not echoed: it may hold a credential.
+                self.problems.append(f"{name}: entry {position} is not name=value with a valid header name")
+                return ()
+            headers.append((key.strip().lower(), urllib.parse.unquote(value.strip())))
+        return tuple(headers)
 
     def boolean(self, name: str, default: bool) -> bool:
         def parse(raw: str) -> bool:

@@ -216,9 +216,11 @@ class BookingTools:
             if isinstance(arguments, BookAppointment):
                 return await self._book(arguments, call, info)
             if isinstance(arguments, RescheduleAppointment):
-                return await self._reschedule(arguments, info)
+                with structlog.contextvars.bound_contextvars(booking_id=arguments.booking_id):
+                    return await self._reschedule(arguments, info)
             if isinstance(arguments, CancelAppointment):
-                return await self._cancel(arguments, info)
+                with structlog.contextvars.bound_contextvars(booking_id=arguments.booking_id):
+                    return await self._cancel(arguments, info)
             return await self._find(info)
         except NotFound as error:
             return _error("not_found", error.detail)
@@ -382,7 +384,8 @@ class BookingTools:
         outcome = await self._service.book(request)
         if isinstance(outcome, Booked):
             booking = outcome.booking
-            log.info("tool_booked", call_sid=info.call_sid, booking_id=booking.id)
+            with structlog.contextvars.bound_contextvars(booking_id=booking.id):
+                log.info("tool_booked", call_sid=info.call_sid)
             return {**self._booking_view(booking), "status": "booked", **_warnings(outcome)}
         return {
             "status": "unavailable",
@@ -405,6 +408,7 @@ class BookingTools:
             booking.id, self._local(args.new_start), resource_id=resource_id, actor=f"call:{info.call_sid}"
         )
         if isinstance(outcome, Booked):
+            log.info("tool_rescheduled", call_sid=info.call_sid)
             return {**self._booking_view(outcome.booking), "status": "rescheduled", **_warnings(outcome)}
         return {
             "status": "unavailable",
@@ -423,6 +427,7 @@ class BookingTools:
         cancelled = await self._service.cancel(
             booking.id, reason=args.reason or "cancelled by the caller", actor=f"call:{info.call_sid}"
         )
+        log.info("tool_cancelled", call_sid=info.call_sid)
         return {
             "status": "cancelled",
             "booking_id": cancelled.id,

@@ -214,10 +214,16 @@ class TurnTiming:
 
 
 def observe(timing: TurnTiming, histograms: Mapping[TurnPart, Histogram] = TURN_HISTOGRAMS) -> None:
-    """Add a finished turn's parts to ``histograms`` (``stt_final`` is left to ``observe_speech_end``)."""
+    """Add a finished turn's parts to ``histograms`` (``stt_final`` is left to ``observe_speech_end``);
+    a turn of the process (``TURN_HISTOGRAMS``) goes to the Prometheus histograms of /metrics too."""
     for part, value in timing.parts():
         if part != "stt_final":
             histograms[part].observe(value)
+    if histograms is TURN_HISTOGRAMS:
+        # Imported here: voice_server.metrics builds its histograms from this module's buckets.
+        from voice_server.metrics import observe_turn
+
+        observe_turn(timing)
 
 
 def observe_speech_end(

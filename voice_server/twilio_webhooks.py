@@ -22,7 +22,7 @@ from booking.calls import CallStatus, StatusUpdate
 from booking.errors import InvalidRequest
 from booking.ledger.repository import utc_now
 from booking.phone import normalise_phone, region_of
-from voice_server import twiml
+from voice_server import tracing, twiml
 from voice_server.components import Components
 
 log = structlog.get_logger("voicebook.twilio")
@@ -140,7 +140,8 @@ async def incoming_call(request: Request) -> Response:
     log.info("call_answered")
     document = twiml.connect_stream(
         twiml.media_stream_url(components.settings.effective_public_url),
-        {"call_sid": call_sid, "from": caller, "to": called},
+        # The webhook span's traceparent: the stream's `start` brings it back, so the call joins this trace.
+        {"call_sid": call_sid, "from": caller, "to": called, **tracing.stream_parameters()},
         notice=components.settings.consent_notice,
     )
     return TwilioXMLResponse(document)
@@ -186,6 +187,6 @@ async def call_status(request: Request) -> Response:
 
 
 routes = [
-    Route("/twilio/voice", incoming_call, methods=["POST"]),
-    Route("/twilio/call-status", call_status, methods=["POST"]),
+    Route("/twilio/voice", tracing.traced_webhook("POST /twilio/voice")(incoming_call), methods=["POST"]),
+    Route("/twilio/call-status", tracing.traced_webhook("POST /twilio/call-status")(call_status), methods=["POST"]),
 ]

@@ -8,6 +8,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,6 +32,8 @@ from voice_server.api.schemas import (
 )
 from voice_server.components import Components
 
+log = structlog.get_logger("voicebook.api.bookings")
+
 MAX_BODY_BYTES = 64 * 1024
 MAX_IDEMPOTENCY_KEY = 255
 MAX_SEARCH_DAYS = 31
@@ -51,8 +54,11 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         denied = admin_denied(request, components.settings.admin_token)
         if denied is not None:
             return denied
+        booking_id = request.path_params.get("booking_id")
         try:
-            return await handler(request, components)
+            # Whatever the handler's layers log about a booking (ledger, effects) names it.
+            with structlog.contextvars.bound_contextvars(**({"booking_id": booking_id} if booking_id else {})):
+                return await handler(request, components)
         except BookingError as error:
             return problem_for(error)
         except BadRequest as error:
@@ -214,6 +220,8 @@ async def create_booking(request: Request, components: Components) -> Response:
     )
     if isinstance(outcome, SlotUnavailable):
         return _unavailable(outcome, components, caller_tz)
+    with structlog.contextvars.bound_contextvars(booking_id=outcome.booking.id):
+        log.info("api_booking_created", replayed=outcome.replayed, series_id=outcome.series_id)
     return _booked(outcome, components, 201)
 
 
