@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run migrate test test-services lint bench clean
+.PHONY: install run migrate test test-services lint bench load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lint: install
 
 bench: install
 	$(BIN)/python load_tests/bench_booking.py
+
+# A local load test: simulators, server and locust, then the summary (load_tests/run_load.py --help).
+# e.g. make load LOAD_ARGS="--scenario burst --users 100 --seconds 120"
+LOAD_ARGS ?= --scenario steady --users 10 --spawn-rate 5 --seconds 60
+load: install
+	$(BIN)/python -c 'import locust.main, matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[load]'
+	$(BIN)/python load_tests/run_load.py $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
