@@ -182,8 +182,9 @@ async def test_espeak_tts_streams_whole_frames_and_finishes_the_text() -> None:
     assert all(chunk and len(chunk) % MULAW_FRAME_BYTES == 0 for chunk in chunks)
     whole = Espeak().synthesize_mulaw(text)
     streamed = b"".join(chunks)
-    # The whole text, its last frame padded (a sample either way: soxr's dither).
-    assert len(whole) - 2 <= len(streamed) < len(whole) + 2 * MULAW_FRAME_BYTES
+    # The whole text, its last frame padded. Not to the sample: espeak's output varies by a few samples from
+    # one synthesis to the next (67 bytes in 45,187 once in CI), so within 1%; a lost clause is 10 times that.
+    assert abs(len(streamed) - len(whole)) <= max(2 * MULAW_FRAME_BYTES, 0.01 * len(whole))
     assert [chunk async for chunk in tts.synthesize("")] == []
 
 
