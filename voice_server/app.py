@@ -38,6 +38,7 @@ from voice_server.effect_workers import effect_workers
 from voice_server.embedded_redis import EmbeddedRedis
 from voice_server.google_setup import load_google_calendar
 from voice_server.logging import register_settings_secrets
+from voice_server.loop_watchdog import watching_for_stalls
 from voice_server.metrics import WebhookMetrics, sampling_outbox, watching_event_loop
 from voice_server.ports import VoicePorts
 from voice_server.providers import build_voice
@@ -80,6 +81,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(tracing_enabled(settings))  # closed last: flushes the spans of the shutdown too
             await stack.enter_async_context(watching_event_loop())  # voicebook_event_loop_lag_seconds
+            await stack.enter_async_context(watching_for_stalls(settings.loop_stall_ms / 1000))
             business = load_business(settings.business_file)
             redis_url = settings.redis_url
             if redis_url is None:
