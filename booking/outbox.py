@@ -34,6 +34,7 @@ from booking.domain import Booking, BookingStatus, Customer, Interval, SmsConsen
 from booking.errors import EffectFailed
 from booking.ledger import schema as t
 from booking.ledger.database import Database
+from booking.trace_context import current_traceparent
 
 Clock = Callable[[], datetime]
 Notify = Callable[[], Awaitable[None]]
@@ -157,6 +158,8 @@ class Effect:
     last_error: str | None = None
     done_at: datetime | None = None
     call_sid: str | None = None
+    traceparent: str | None = None
+    """The W3C trace context of the span that enqueued it, when that span was sampled."""
 
     @property
     def subject(self) -> str:
@@ -195,6 +198,7 @@ def effect_from_row(row: Row[Any]) -> Effect:
         last_error=m["last_error"],
         done_at=m["done_at"],
         call_sid=m["call_sid"],
+        traceparent=m["traceparent"],
     )
 
 
@@ -292,6 +296,8 @@ def _pending_row(
         "updated_at": now,
         "done_at": None,
         "idempotency_key": key,
+        # Read in the enqueuing caller's context (a ledger write runs in it): the tool call of a call.
+        "traceparent": current_traceparent(),
     }
 
 

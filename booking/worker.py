@@ -36,6 +36,7 @@ from booking.outbox import (
     RetryPolicy,
     integration_of,
 )
+from booking.trace_context import parent_context
 
 Handler = Callable[[Effect], Awaitable[None]]
 Clock = Callable[[], datetime]
@@ -172,7 +173,8 @@ class Worker:
         self._wake.set()
 
     async def _execute(self, effect: Effect) -> None:
-        """One attempt at ``effect``, as a span (its provider requests are children)."""
+        """One attempt at ``effect``, as a span (its provider requests are children): the child of the
+        span that enqueued the effect when that was traced, so it shows in the call's trace."""
         attributes: dict[str, AttributeValue] = {
             "voicebook.effect.id": effect.id,
             "voicebook.effect.kind": effect.kind,
@@ -192,7 +194,10 @@ class Worker:
         with (
             structlog.contextvars.bound_contextvars(**fields),
             _tracer.start_as_current_span(
-                f"effect {effect.kind}", kind=trace.SpanKind.CONSUMER, attributes=attributes
+                f"effect {effect.kind}",
+                context=parent_context(effect.traceparent),
+                kind=trace.SpanKind.CONSUMER,
+                attributes=attributes,
             ) as span,
         ):
             await self._attempt(effect, span)

@@ -2,17 +2,16 @@
 with no span per audio frame; effect attempts are spans; spans reach an OTLP/HTTP receiver on loopback
 as protobuf; log lines inside a span carry its ids.
 
-The API allows one global tracer provider per process: this module installs one, made by
+The API allows one global tracer provider per process: ``tests.tracing_support`` installs one, made by
 ``configure_tracing`` with an in-memory exporter, once per test session (``traced``)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -20,16 +19,8 @@ import redis.asyncio as aioredis
 import structlog
 from openai import AsyncOpenAI
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from booking.business import Business
 from booking.errors import EffectFailed
@@ -42,6 +33,17 @@ from integrations.simulators.loopback import loopback_socket
 from integrations.simulators.openai import OpenAISimConfig, PolicyReply, create_openai_simulator
 from tests.conftest import FrozenClock, serving
 from tests.test_outbox import ALICE, T0, new
+from tests.tracing_support import (
+    Finished,
+    Received,
+    attributes,
+    otlp_receiver,
+    parent_id,
+    recording,
+    span_id,
+    trace_id,
+    wait_for_spans,
+)
 from tests.twilio_caller import LOUD
 from tests.voice_fakes import SlowTools, scripted_ports
 from voice_server import tracing
@@ -54,92 +56,11 @@ from voice_server.tools import ALL_TOOL_SPECS
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 
 
-class Switched(trace.TracerProvider):
-    """The process's tracer provider for this test session: ``configure_tracing``'s SDK provider while a
-    test of this module runs (``traced``), the API's no-op otherwise, so that tests elsewhere still see a
-    process without tracing (no traceparent in their TwiML, no trace ids in their logs)."""
-
-    def __init__(self, sdk: TracerProvider) -> None:
-        self.sdk = sdk
-        self.on = False
-
-    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
-        return _SwitchedTracer(self, self.sdk.get_tracer(*args, **kwargs))
-
-
-class _SwitchedTracer(trace.Tracer):
-    def __init__(self, switch: Switched, real: trace.Tracer) -> None:
-        self._switch = switch
-        self._real = real
-
-    def _now(self) -> trace.Tracer:
-        return self._real if self._switch.on else trace.NoOpTracer()
-
-    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
-        return self._now().start_span(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Iterator[trace.Span]:  # type: ignore[override]
-        with self._now().start_as_current_span(*args, **kwargs) as span:
-            yield span
-
-
-@pytest.fixture(scope="session")
-def switched() -> Iterator[tuple[Switched, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = tracing.configure_tracing(Settings(), exporter=exporter)
-    assert provider is not None
-    switched = Switched(provider)
-    trace.set_tracer_provider(switched)
-    if trace.get_tracer_provider() is not switched:
-        pytest.fail("another test module installed a tracer provider: one per process")
-    yield switched, exporter
-    provider.shutdown()
-
-
 @pytest.fixture
-def traced(switched: tuple[Switched, InMemorySpanExporter]) -> Iterator[Callable[[], list[ReadableSpan]]]:
+def traced() -> Iterator[Finished]:
     """Tracing on for this test; yields a function returning the spans finished since it began."""
-    provider, exporter = switched
-    exporter.clear()
-
-    def finished() -> list[ReadableSpan]:
-        provider.sdk.force_flush()
-        return list(exporter.get_finished_spans())
-
-    provider.on = True
-    try:
+    with recording() as finished:
         yield finished
-    finally:
-        provider.on = False
-
-
-async def wait_for_spans(
-    traced: Callable[[], list[ReadableSpan]], done: Callable[[list[ReadableSpan]], bool], within: float = 10.0
-) -> list[ReadableSpan]:
-    async with asyncio.timeout(within):
-        # Polled: spans reach the exporter from the batch processor's thread, which sets nothing we could await.
-        while not done(spans := traced()):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-    return spans
-
-
-def attributes(span: ReadableSpan) -> dict[str, Any]:
-    return dict(span.attributes or {})
-
-
-def parent_id(span: ReadableSpan) -> int | None:
-    return span.parent.span_id if span.parent is not None else None
-
-
-def span_id(span: ReadableSpan) -> int:
-    assert span.context is not None
-    return span.context.span_id
-
-
-def trace_id(span: ReadableSpan) -> int:
-    assert span.context is not None
-    return span.context.trace_id
 
 
 # -- a real call ----------------------------------------------------------------------------------------
@@ -149,7 +70,7 @@ CALL_SID = "CA" + "7" * 32
 
 
 async def book_and_hang_up(
-    settings: Settings, clock: FrozenClock, voice: VoicePorts, traced: Callable[[], list[ReadableSpan]]
+    settings: Settings, clock: FrozenClock, voice: VoicePorts, traced: Finished
 ) -> tuple[list[ReadableSpan], str]:
     """Serve the real app, ring it with the softphone: "please book it" (a reply, the booking tool, a
     reply), then "bye" (the agent hangs up). Returns the spans once the call's report was built, and
@@ -175,7 +96,7 @@ async def book_and_hang_up(
 
 
 async def test_a_call_is_one_trace_of_webhook_call_turns_and_tool(
-    app_settings: Settings, clock: FrozenClock, traced: Callable[[], list[ReadableSpan]]
+    app_settings: Settings, clock: FrozenClock, traced: Finished
 ) -> None:
     voice = scripted_ports(["please book it", "bye"], SlowTools(seconds=0.05))
     spans, stream_sid = await book_and_hang_up(app_settings, clock, voice, traced)
@@ -184,7 +105,13 @@ async def test_a_call_is_one_trace_of_webhook_call_turns_and_tool(
 
     webhook = next(s for s in spans if s.name == "POST /twilio/voice")
     in_trace = [s for s in spans if trace_id(s) == trace_id(webhook)]
-    assert Counter(s.name for s in in_trace) == {"POST /twilio/voice": 1, "call": 1, "turn": 2, "tool": 1}
+    assert Counter(s.name for s in in_trace) == {
+        "POST /twilio/voice": 1,
+        "call": 1,
+        "turn": 2,
+        "tool": 1,
+        f"effect {EffectKind.REPORT_BUILD}": 1,  # enqueued at hang-up, built by the app's worker
+    }
     assert frames_sent > 50, "the caller streamed audio all along"  # and none of it made a span
     by_name = {s.name: s for s in in_trace}
     call, tool = by_name["call"], by_name["tool"]
@@ -210,8 +137,10 @@ async def test_a_call_is_one_trace_of_webhook_call_turns_and_tool(
         "voicebook.booking_id": "bk-test",
     }
 
-    report = next(s for s in spans if s.name == f"effect {EffectKind.REPORT_BUILD}")
+    report = by_name[f"effect {EffectKind.REPORT_BUILD}"]
     assert report.kind is trace.SpanKind.CONSUMER
+    # Enqueued as the agent hung up, in the second turn: the worker's attempt continues the call's trace.
+    assert parent_id(report) == span_id(turns[1])
     assert attributes(report)["voicebook.call_sid"] == call_sid
     assert attributes(report)["voicebook.effect.attempt"] == 1
     assert attributes(report)["voicebook.effect.outcome"] == "done"
@@ -228,7 +157,7 @@ def booking_policy(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) 
 
 
 async def test_provider_requests_are_children_of_the_turn_that_made_them(
-    app_settings: Settings, clock: FrozenClock, traced: Callable[[], list[ReadableSpan]]
+    app_settings: Settings, clock: FrozenClock, traced: Finished
 ) -> None:
     config = OpenAISimConfig(api_key="sk-test-4f1c9e")
     async with serving(create_openai_simulator(config, booking_policy), lifespan="off") as url:
@@ -252,6 +181,7 @@ async def test_provider_requests_are_children_of_the_turn_that_made_them(
         "turn": 2,
         "tool": 1,
         "openai chat": 3,
+        f"effect {EffectKind.REPORT_BUILD}": 1,
     }
 
 
@@ -261,7 +191,7 @@ async def test_an_effect_attempt_is_a_span_with_its_outcome(
     ledger: Ledger,
     business: Business,
     clock: FrozenClock,
-    traced: Callable[[], list[ReadableSpan]],
+    traced: Finished,
 ) -> None:
     await ledger.sync_catalog(business)
     created = await ledger.create_bookings(ALICE, [new(T0)])  # a calendar event and a text are due at once
@@ -290,26 +220,13 @@ async def test_an_effect_attempt_is_a_span_with_its_outcome(
 
 
 @pytest.fixture
-async def otlp_receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], ExportTraceServiceRequest]]]]:
-    """An OTLP/HTTP traces endpoint on loopback decoding what it is sent; yields its URL and the requests."""
-    received: list[tuple[dict[str, str], ExportTraceServiceRequest]] = []
-
-    async def export(request: Request) -> Response:
-        assert request.headers["content-type"] == "application/x-protobuf"
-        message = ExportTraceServiceRequest()
-        message.ParseFromString(await request.body())
-        received.append((dict(request.headers), message))
-        return Response(ExportTraceServiceResponse().SerializeToString(), media_type="application/x-protobuf")
-
-    receiver = Starlette(routes=[Route("/v1/traces", export, methods=["POST"])])
-    async with serving(receiver, lifespan="off") as url:
-        yield f"{url}/v1/traces", received
+async def receiver() -> AsyncIterator[tuple[str, Received]]:
+    async with otlp_receiver() as endpoint_and_requests:
+        yield endpoint_and_requests
 
 
-async def test_spans_reach_an_otlp_receiver_with_the_resource(
-    otlp_receiver: tuple[str, list[tuple[dict[str, str], ExportTraceServiceRequest]]],
-) -> None:
-    endpoint, received = otlp_receiver
+async def test_spans_reach_an_otlp_receiver_with_the_resource(receiver: tuple[str, Received]) -> None:
+    endpoint, received = receiver
     settings = Settings.from_env(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint.removesuffix("/v1/traces"),
@@ -350,7 +267,7 @@ def test_without_an_endpoint_nothing_is_configured() -> None:
         assert provider is None
 
 
-def test_a_second_provider_is_not_installed_over_the_first(traced: Callable[[], list[ReadableSpan]]) -> None:
+def test_a_second_provider_is_not_installed_over_the_first(traced: Finished) -> None:
     installed = trace.get_tracer_provider()
     with tracing.tracing_enabled(Settings(otel_traces_endpoint="http://127.0.0.1:9/v1/traces")) as provider:
         assert provider is None
@@ -385,7 +302,7 @@ def test_outside_a_span_there_is_no_traceparent_to_carry() -> None:
 # -- logs and correlation ---------------------------------------------------------------------------------
 
 
-def test_a_log_line_inside_a_span_carries_its_ids_and_outside_none(traced: Callable[[], list[ReadableSpan]]) -> None:
+def test_a_log_line_inside_a_span_carries_its_ids_and_outside_none(traced: Finished) -> None:
     logger = structlog.wrap_logger(
         structlog.ReturnLogger(), processors=[tracing.add_trace_context, structlog.processors.JSONRenderer()]
     )
@@ -398,7 +315,7 @@ def test_a_log_line_inside_a_span_carries_its_ids_and_outside_none(traced: Calla
     assert "trace_id" not in outside and "span_id" not in outside
 
 
-def test_the_ids_bound_for_logs_become_span_attributes(traced: Callable[[], list[ReadableSpan]]) -> None:
+def test_the_ids_bound_for_logs_become_span_attributes(traced: Finished) -> None:
     tracer = trace.get_tracer("test")
     with structlog.contextvars.bound_contextvars(correlation_id="req-42", call_sid="CA9"):
         with tracer.start_as_current_span("POST /twilio/voice") as span:

@@ -4,7 +4,8 @@ A call's trace starts at Twilio's voice webhook (``POST /twilio/voice``). Twilio
 that request to the Media Streams upgrade, so the webhook's ``traceparent`` travels in the TwiML as a
 ``<Stream><Parameter>`` and comes back in the stream's ``start`` message: the ``call`` span is the
 webhook span's child, and the call's turns, tool calls and provider requests are children of ``call``.
-Effects run later in a worker and are traces of their own, found by their ``voicebook.call_sid``.
+Effects run later in a worker: an effect keeps the ``traceparent`` of the span that enqueued it (the
+tool call that booked, the turn that hung up), and each attempt's span is that span's child.
 Nothing is traced per audio frame.
 
 Without an endpoint nothing is installed and the OpenTelemetry API stays the no-op one: spans cost

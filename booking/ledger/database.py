@@ -16,6 +16,8 @@ runs as one transaction, the same function on both databases:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,8 +129,18 @@ class Database:
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a transaction, possibly shared with concurrent writes (group commit): its
-        result comes back once that transaction has committed; if it raises, none of its writes stay."""
-        return await self.group_commit.submit(work)
+        result comes back once that transaction has committed; if it raises, none of its writes stay.
+
+        ``work`` runs in the caller's context (its current span, its bound log fields): a shared
+        transaction runs on a task that only one of its callers started, and SQLite's writer thread
+        has no context of its own. The effects a write enqueues take their trace context from it."""
+        context = contextvars.copy_context()
+
+        @functools.wraps(work)  # keeps its name for whoever inspects the queue
+        def in_caller_context(connection: Connection) -> T:
+            return context.run(work, connection)
+
+        return await self.group_commit.submit(in_caller_context)
 
     async def _transaction(self, works: list[Callable[[Connection], Any]]) -> list[Any]:
         if self._async_writer is not None:

@@ -260,6 +260,9 @@ effects = Table(
     Index("ix_effects_booking", "booking_id", "id"),
     Column("call_sid", String(64)),
     Index("ix_effects_call", "call_sid", "id"),
+    # The W3C traceparent of the span that enqueued it (a call's tool call): the worker's span for each
+    # attempt is its child. Null when that change was not traced.
+    Column("traceparent", String(55)),
 )
 
 # One row per text we sent (or heard of through a delivery receipt), with its furthest status: receipts
