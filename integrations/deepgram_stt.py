@@ -10,6 +10,11 @@ since the last final result is sent again from a bounded ring buffer, so the wor
 in two still arrive as one transcript, and ``events()`` carries on as if nothing happened. Deepgram times
 each connection from zero; the stream keeps the offset of each connection to map them back.
 
+Each handshake is one provider request (``provider_connect``); a connection that breaks after it (a
+drop, a close Deepgram was not asked for, an ``Error`` message) is counted and logged once as a provider
+error of its own (``provider_stream_failed``); the clean close that answers ``CloseStream`` at the end of
+a call is not.
+
 Keyterms: nova-3 takes ``keyterm`` query parameters at connect time and a ``Configure`` message mid-stream
 (deepgram-sdk 7.17's ``ListenV1Configure``); ``expect()`` sends the expected choices (names, services)
 as keyterms that way. Other models ignore ``expect()``.
@@ -27,9 +32,9 @@ from typing import Any, Final
 
 import httpx
 import structlog
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from integrations.metrics import provider_connect
+from integrations.metrics import ErrorKind, provider_connect, provider_stream_failed
 from voice_server.audio import SAMPLE_RATE
 from voice_server.ports import CallInfo, Expectation, SpeechEvent, SpeechStarted, Transcript
 
@@ -59,6 +64,7 @@ log = structlog.get_logger("voicebook.deepgram")
 TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _BYTES_PER_S: Final = SAMPLE_RATE  # mu-law: one byte per sample
 HEALTHY_CONNECTION_S: Final = 10.0  # a connection that lasted this long (or answered) ends an outage
+DATA_ERROR_CLOSE: Final = 1008  # Deepgram's close code for DATA-0000: what we sent could not be decoded
 
 
 class SpeechProviderError(RuntimeError):
@@ -85,6 +91,19 @@ def api_failure(error: ApiError, what: str, *, retry_after: float | None = None)
         status=status,
         retry_after=retry_after,
     )
+
+
+def dropped_stream_kind(close_code: int | None) -> ErrorKind:
+    """The error kind of a stream that ended without being asked to: ``rejected`` when Deepgram closed it
+    over what we sent (1008, DATA-0000), else ``unavailable`` (1011 for NET-0000 and NET-0001, a reset
+    without a close frame, a clean close in the middle of a call)."""
+    return "rejected" if close_code == DATA_ERROR_CLOSE else "unavailable"
+
+
+def error_message_kind(variant: str) -> ErrorKind:
+    """The error kind of an ``Error`` message: ``SchemaError`` means Deepgram could not parse a text
+    message we sent (``rejected``); any other variant is a failure on Deepgram's side (``unavailable``)."""
+    return "rejected" if variant == "SchemaError" else "unavailable"
 
 
 def loopback_environment(base_url: str) -> DeepgramClientEnvironment:
@@ -304,12 +323,15 @@ class DeepgramSTTStream:
                     if self._closing:
                         return
                     cause = SpeechProviderError("Deepgram closed the stream unasked", transient=True)
+                    self._stream_failed(None)
                 except ApiError as error:
                     cause = api_failure(error, "live transcription")
                     if not cause.transient:
                         raise cause from error
                 except (OSError, TimeoutError, WebSocketException) as error:
                     cause = SpeechProviderError(f"Deepgram stream lost: {error!r}", transient=True)
+                    if opened is not None:  # else the handshake failed, and provider_connect counted it
+                        self._stream_failed(error)
                 if self._closing:
                     return
                 # A connection that answered or lasted ends an outage: the attempts count afresh.
@@ -334,6 +356,23 @@ class DeepgramSTTStream:
                 self._connected.set_exception(SpeechProviderError("Deepgram stream closed", transient=True))
             self._move(StreamState.CLOSED)
             self._events.put_nowait(_END)
+
+    def _stream_failed(self, error: BaseException | None) -> None:
+        """Count and log a connection that broke after its handshake; ``error`` is None when Deepgram
+        closed it cleanly without being asked."""
+        close = error.rcvd if isinstance(error, ConnectionClosed) else None
+        kind = dropped_stream_kind(close.code if close is not None else None)
+        provider_stream_failed("deepgram", kind)
+        log.warning(
+            "deepgram_stream_dropped",
+            call_sid=self.call.call_sid,
+            stream_sid=self.call.stream_sid,
+            kind=kind,
+            close_code=close.code if close is not None else None,
+            close_reason=close.reason if close is not None else None,
+            error=repr(error) if error is not None else "closed unasked",
+            reconnects=self.reconnects,
+        )
 
     async def _serve(self, socket: AsyncV1SocketClient) -> None:
         """Run one connection until it ends (``_heard`` tells whether Deepgram said anything)."""
@@ -412,9 +451,13 @@ class DeepgramSTTStream:
             elif isinstance(message, ListenV1Metadata):
                 self.metadata = message
             elif isinstance(message, ListenV1Error):
+                kind = error_message_kind(str(message.variant))
+                provider_stream_failed("deepgram", kind)
                 log.warning(
                     "deepgram_error",
                     call_sid=self.call.call_sid,
+                    stream_sid=self.call.stream_sid,
+                    kind=kind,
                     variant=message.variant,
                     description=message.description,
                 )

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import contextvars
 import functools
-import json
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -45,12 +44,11 @@ from booking.business import Business, Resource
 from booking.domain import Booking, Interval
 from booking.errors import EffectFailed
 from integrations.http_headers import retry_after
-from integrations.metrics import provider_request
+from integrations.metrics import GOOGLE_RATE_LIMIT_REASONS, google_error_reasons, provider_request
 
 SCOPES = ("https://www.googleapis.com/auth/calendar",)  # events and freeBusy
 BOOKING_ID_PROPERTY = "voicebook_booking_id"
 SERIES_ID_PROPERTY = "voicebook_series_id"
-_TRANSIENT_403_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 _BASE32HEX = str.maketrans("", "", "=")
 
 SendUpdates = Literal["all", "externalOnly", "none"]
@@ -164,22 +162,22 @@ def event_body(
 
 
 def error_reasons(error: HttpError) -> list[str]:
-    try:
-        payload = json.loads(error.content)
-        return [str(item.get("reason")) for item in payload["error"]["errors"]]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return []
+    """The reasons in Google's error body (``duplicate``, ``rateLimitExceeded``...), in order."""
+    return google_error_reasons(error)
 
 
 def classify(error: HttpError, action: str, **context: Any) -> EffectFailed:
-    """Google's answer as transient or permanent. Rate limits (429, 403 with a rate-limit reason),
-    5xx and 408 are worth retrying; 401 (after the one refresh), other 403s and other 4xx are not."""
+    """Google's answer as transient or permanent. Rate limits (429, 403 with a per-minute rate-limit
+    reason), 5xx and 408 are worth retrying; 401 (after the one refresh), other 403s and other 4xx are
+    not. The daily quota and Calendar's usage limits (403 ``dailyLimitExceeded``, ``quotaExceeded``)
+    outlast the outbox's retries, so they are permanent here, though the metrics count them as
+    ``rate_limited`` like the per-minute limits (``GOOGLE_USAGE_LIMIT_REASONS``)."""
     status = int(error.resp.status)
     reasons = error_reasons(error)
     transient = (
         status in (408, 429)
         or status >= 500
-        or (status == 403 and bool(_TRANSIENT_403_REASONS.intersection(reasons)))
+        or (status == 403 and bool(GOOGLE_RATE_LIMIT_REASONS.intersection(reasons)))
         or (status == 409 and "duplicate" not in reasons)  # a concurrent modification
     )
     detail = f"Google Calendar {action} answered {status} {','.join(reasons) or error.reason}"

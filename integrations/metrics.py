@@ -11,6 +11,8 @@ without disturbing anyone's context. Without an OpenTelemetry SDK the spans are 
 :func:`provider_call` (a whole coroutine function is one request), :func:`provider_stream` (a streamed
 answer is one request, never one per chunk) and :func:`provider_connect` (opening a stream is the
 request, never the frames that follow) are the same helper shaped for the adapters that need them.
+:func:`provider_stream_failed` counts what breaks after such a handshake (a socket dropped mid-call): an
+error of the provider, though not of a request.
 
 Errors are sorted into a few kinds (:data:`ErrorKind`) from what the adapters already know: the raw
 error (a timeout, a refused connection, the HTTP status a provider answered) is looked for first along
@@ -23,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from typing import Literal, ParamSpec, TypeVar
+from typing import Final, Literal, ParamSpec, TypeVar
 
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
@@ -40,8 +43,8 @@ PROVIDER_REQUESTS = Counter(
 )
 PROVIDER_ERRORS = Counter(
     "voicebook_provider_errors_total",
-    "Failed provider requests by provider and kind (timeout, rate_limited, unavailable, auth, rejected, "
-    "connection, other).",
+    "Failed provider requests, and streams that failed once open, by provider and kind (timeout, "
+    "rate_limited, unavailable, auth, rejected, connection, other).",
     ["provider", "kind"],
 )
 PROVIDER_REQUEST_SECONDS = Histogram(
@@ -68,6 +71,24 @@ _CONNECTION_CLASSES = frozenset(
 )
 _AUTH_CLASSES = frozenset({"RefreshError", "NoCredentialsError", "CredentialRetrievalError"})
 
+# Google APIs answer a usage limit with 403 (not only with 429) and one of these reasons in the body:
+# a rate limit, not an authorisation failure. The per-minute limits pass within a minute, so a request
+# refused by one is worth retrying; the daily quota and Calendar's own usage limits (``quotaExceeded``:
+# too many events or invitations) do not pass that soon. google_calendar.py retries on the first set.
+GOOGLE_RATE_LIMIT_REASONS: Final = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+GOOGLE_USAGE_LIMIT_REASONS: Final = GOOGLE_RATE_LIMIT_REASONS | {"dailyLimitExceeded", "quotaExceeded"}
+
+
+def google_error_reasons(error: BaseException) -> list[str]:
+    """The ``reason`` of each item of a Google API error body (``{"error": {"errors": [{"reason": ...}]}}``),
+    read from the error's ``content`` (googleapiclient's ``HttpError`` keeps the body there); empty when
+    the error has no such body."""
+    try:
+        payload = json.loads(getattr(error, "content", b""))
+        return [str(item.get("reason")) for item in payload["error"]["errors"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+
 
 def _status_of(error: BaseException) -> int | None:
     """The HTTP status a provider answered, wherever the SDK keeps it: ``status_code`` (openai, deepgram,
@@ -93,8 +114,8 @@ def _kind_of_status(status: int, error: BaseException) -> ErrorKind:
         return "timeout"
     if status == 429:
         return "rate_limited"
-    if status == 403 and "ratelimitexceeded" in str(getattr(error, "content", b"")).lower():
-        return "rate_limited"  # Google's usage limits answer 403 with a rate-limit reason
+    if status == 403 and GOOGLE_USAGE_LIMIT_REASONS.intersection(google_error_reasons(error)):
+        return "rate_limited"
     if status in (401, 403):
         return "auth"
     if status >= 500:
@@ -216,6 +237,13 @@ async def provider_stream(provider: Provider, operation: str, stream: AsyncItera
                 await close()
 
 
+def provider_stream_failed(provider: Provider, kind: ErrorKind) -> None:
+    """Count a stream that failed after its handshake (a dropped socket, an error message in it) as an
+    error of ``provider``. Only ``voicebook_provider_errors_total`` moves: the request, the handshake
+    that :func:`provider_connect` counted, succeeded, and stays counted as ``ok``."""
+    PROVIDER_ERRORS.labels(provider, kind).inc()
+
+
 @contextlib.asynccontextmanager
 async def provider_connect(
     provider: Provider, operation: str, connection: contextlib.AbstractAsyncContextManager[T]
@@ -229,14 +257,18 @@ async def provider_connect(
 
 
 __all__ = [
+    "GOOGLE_RATE_LIMIT_REASONS",
+    "GOOGLE_USAGE_LIMIT_REASONS",
     "PROVIDER_ERRORS",
     "PROVIDER_REQUESTS",
     "PROVIDER_REQUEST_SECONDS",
     "ErrorKind",
     "Provider",
     "classify_error",
+    "google_error_reasons",
     "provider_call",
     "provider_connect",
     "provider_request",
     "provider_stream",
+    "provider_stream_failed",
 ]

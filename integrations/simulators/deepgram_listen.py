@@ -58,13 +58,17 @@ KNOWN_ENCODINGS = frozenset(
 @dataclass(frozen=True, slots=True)
 class ListenFaults:
     """Faults for ``/v1/listen``. ``refuse`` answers the first handshakes with these HTTP statuses, in
-    order; the drop and malformed faults apply to the first ``faulty_connections`` accepted streams."""
+    order; the drop, malformed and error faults apply to the first ``faulty_connections`` accepted
+    streams. Deepgram documents only the ``SchemaError`` variant of its ``Error`` message (a text message
+    it could not parse); ``error_variant`` may name another to stand for a failure on its side."""
 
     refuse: tuple[int, ...] = ()
     retry_after_s: int = 1
     drop_after_s: float | None = None  # wall time after the stream opened
     drop_after_results: int | None = None  # right after sending the K-th Results
     malformed_after_results: int | None = None  # a Results without its ``channel`` after the K-th
+    error_after_results: int | None = None  # an ``Error`` message right after the K-th Results
+    error_variant: str = "SchemaError"
     faulty_connections: int = 1
 
 
@@ -423,6 +427,8 @@ class ListenConnection:
         if self._results_sent == self.faults.malformed_after_results:
             # Deliberately past the validator: what a client sees when the provider misbehaves.
             await self._send_text(json.dumps({key: value for key, value in message.items() if key != "channel"}))
+        if self._results_sent == self.faults.error_after_results:
+            await self._send({"type": "Error", "variant": self.faults.error_variant, "description": "simulated error"})
         if self._results_sent == self.faults.drop_after_results:
             await self._close(1011, "simulated drop")
 

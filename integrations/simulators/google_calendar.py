@@ -9,7 +9,9 @@ Google's body ``{"error": {"errors": [{domain, reason, message}], code, message}
 
 Faults come from :class:`CalendarFaults`: "the next N requests" (a list consumed in order) or a seeded
 random fraction, each one of ``429``, ``403`` (rateLimitExceeded), ``403user`` (userRateLimitExceeded),
-``500``, ``503`` or ``timeout`` (the request hangs until the client gives up). Events stay in memory in
+``403daily`` (dailyLimitExceeded), ``403quota`` (quotaExceeded: Calendar's own usage limits),
+``403forbidden`` (forbidden: no access to the calendar), ``500``, ``503`` or ``timeout`` (the request
+hangs until the client gives up). Events stay in memory in
 :class:`CalendarState` so tests can count them.
 """
 
@@ -49,13 +51,16 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 EVENT_ID = re.compile(r"^[a-v0-9]{5,1024}$")
 SIMULATED_SCOPES = ("https://www.googleapis.com/auth/calendar", "https://www.googleapis.com/auth/calendar.events")
 
-FaultKind = Literal["429", "403", "403user", "500", "503", "timeout"]
+FaultKind = Literal["429", "403", "403user", "403daily", "403quota", "403forbidden", "500", "503", "timeout"]
 
 # status, domain, reason, message: what Google answers for each injected fault
 _FAULT_ANSWERS: dict[str, tuple[int, str, str, str]] = {
     "429": (429, "usageLimits", "rateLimitExceeded", "Rate Limit Exceeded"),
     "403": (403, "usageLimits", "rateLimitExceeded", "Rate Limit Exceeded"),
     "403user": (403, "usageLimits", "userRateLimitExceeded", "User Rate Limit Exceeded"),
+    "403daily": (403, "usageLimits", "dailyLimitExceeded", "Daily Limit Exceeded"),
+    "403quota": (403, "usageLimits", "quotaExceeded", "Calendar usage limits exceeded."),
+    "403forbidden": (403, "global", "forbidden", "Forbidden"),
     "500": (500, "global", "backendError", "Backend Error"),
     "503": (503, "global", "backendError", "Backend Error"),
 }
@@ -64,8 +69,9 @@ _FAULT_ANSWERS: dict[str, tuple[int, str, str, str]] = {
 @dataclass
 class CalendarFaults:
     """``next`` faults the next API requests, one each, in order; then ``fraction`` of the rest get a
-    fault drawn from ``kinds`` (seeded, so a run repeats). ``retry_after`` adds that header to 429/403
-    answers. A ``timeout`` fault holds the request until the client disconnects or ``hang_seconds``."""
+    fault drawn from ``kinds`` (seeded, so a run repeats). ``retry_after`` adds that header to the
+    usage-limit answers (429 and the 403s but ``403forbidden``). A ``timeout`` fault holds the request
+    until the client disconnects or ``hang_seconds``."""
 
     next: list[FaultKind] = field(default_factory=list)
     fraction: float = 0.0
@@ -412,7 +418,7 @@ def create_google_calendar_simulator(state: CalendarState) -> Starlette:
             status, domain, reason, message = _FAULT_ANSWERS[fault]
             headers = (
                 {"Retry-After": str(state.faults.retry_after)}
-                if state.faults.retry_after is not None and status in (403, 429)
+                if state.faults.retry_after is not None and domain == "usageLimits"
                 else {}
             )
             return google_error(status, reason, message, domain=domain, headers=headers)
