@@ -1,6 +1,6 @@
 """Prometheus instruments of the booking side: bookings made, moved and cancelled (and how long the
 service took), effects (attempts, outcomes, time to done, work in flight), the outbox's queue and dead
-letters, and SMS delivery.
+letters, SMS delivery, and waits for the SQLite ledger's write lock.
 
 They live in the default registry, which ``/metrics`` exposes. Instruments are module-level singletons,
 as prometheus_client expects; tests read them through :func:`sample`.
@@ -78,6 +78,18 @@ DEAD_LETTERS = Gauge(
     "Effects in the dead letters, waiting for an operator, by integration (sampled from the ledger).",
     ["integration"],
     multiprocess_mode="livemax",
+)
+LEDGER_LOCK_WAITS = Counter(
+    "voicebook_ledger_lock_waits_total",
+    "SQLite ledger transactions that found the write lock held (by another process: each has one writer) "
+    "and waited for it, by outcome: acquired, or failed (still locked after the timeout, or another error).",
+    ["outcome"],
+)
+LEDGER_LOCK_WAIT_SECONDS = Histogram(
+    "voicebook_ledger_lock_wait_seconds",
+    "How long a SQLite ledger transaction that found the write lock held waited for it: contention "
+    "between the processes writing the same ledger file.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 SMS_DELIVERY_RATE = Gauge(
     "voicebook_sms_delivery_rate",

@@ -8,8 +8,12 @@ runs as one transaction, the same function on both databases:
   front, so a transaction never has to upgrade a read lock and fail). A whole transaction is one hop to
   that thread: measured here, running each statement of a booking as its own await through aiosqlite
   cost about three times as much, and a transaction holding the only writer across event-loop turns made
-  every other booking wait. Reads use aiosqlite and see a consistent WAL snapshot; other processes writing
-  the same file wait on ``busy_timeout``.
+  every other booking wait. Reads use aiosqlite and see a consistent WAL snapshot.
+* Writers in other processes (the server and ``voicebook worker``, several ``voicebook serve``) contend
+  only for the write lock at ``BEGIN IMMEDIATE``. SQLite's own busy handler retries it after sleeps of
+  1, 2, 5 ... 100 ms, so a writer could wake up to 100 ms after the lock was free; :class:`SqliteWriteLock`
+  takes it with ``busy_timeout`` at 0 and retries every 0.1 to 2 ms itself, up to the same 30 s. The
+  statements inside keep the 30 s ``busy_timeout``.
 * PostgreSQL runs the function through asyncpg with ``AsyncConnection.run_sync``.
 """
 
@@ -18,6 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import random
+import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,14 +34,19 @@ import alembic.command
 import alembic.config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from booking import metrics
 from booking.ledger.group_commit import GroupCommit
 
 T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The writer's sleeps between two tries of the write lock: the first, and the most they grow to.
+WRITE_LOCK_FIRST_SLEEP = 0.0002
+WRITE_LOCK_MAX_SLEEP = 0.002
 
 
 class LedgerConfigurationError(ValueError):
@@ -72,8 +84,90 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _begin_immediate(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+def _is_busy(error: BaseException | None) -> bool:
+    """Whether ``error`` is SQLite's "database is locked" (SQLITE_BUSY or one of its extended codes)."""
+    return isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+class SqliteWriteLock:
+    """The SQLite writer's ``begin`` listener: starts each transaction with ``BEGIN IMMEDIATE``, waiting
+    for a write lock another process holds in short sleeps of its own.
+
+    While it takes the lock the connection's ``busy_timeout`` is 0, so SQLite reports a held lock at once
+    instead of sleeping in its own coarse steps; the lock is tried again after sleeps growing from
+    ``first_sleep`` to ``max_sleep`` (each drawn between half and all of the step, so that writers of
+    several processes do not retry in step). After ``timeout`` seconds of waiting the last try raises
+    SQLAlchemy's ``OperationalError`` ("database is locked"), as ``busy_timeout`` did. The statements of
+    the transaction run with ``busy_timeout`` at ``SQLITE_BUSY_TIMEOUT_MS`` again.
+
+    ``waits`` counts the transactions that found the lock held, ``retries`` the tries after the first;
+    both are also exported (``voicebook_ledger_lock_waits_total``, ``voicebook_ledger_lock_wait_seconds``).
+    """
+
+    def __init__(
+        self,
+        timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000,
+        *,
+        first_sleep: float = WRITE_LOCK_FIRST_SLEEP,
+        max_sleep: float = WRITE_LOCK_MAX_SLEEP,
+    ) -> None:
+        if timeout < 0 or not 0 < first_sleep <= max_sleep:
+            raise ValueError("need timeout >= 0 and 0 < first_sleep <= max_sleep")
+        self.timeout = timeout
+        self.first_sleep = first_sleep
+        self.max_sleep = max_sleep
+        self.waits = 0
+        self.retries = 0
+
+    def __call__(self, connection: Connection) -> None:
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        driver.execute("PRAGMA busy_timeout=0")
+        try:
+            self._begin(connection, driver)
+        finally:
+            driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+    def _begin(self, connection: Connection, driver: sqlite3.Connection) -> None:
+        try:
+            # Through SQLAlchemy, as before this class: its events and its error wrapping.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        except OperationalError as error:
+            if not _is_busy(error.orig):
+                raise
+        self.waits += 1
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            if self._retry(driver, deadline=started + self.timeout):
+                outcome = "acquired"
+                return
+            # The last try, through SQLAlchemy again: it raises the error busy_timeout would have raised.
+            self.retries += 1
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            outcome = "acquired"
+        finally:
+            metrics.LEDGER_LOCK_WAITS.labels(outcome).inc()
+            metrics.LEDGER_LOCK_WAIT_SECONDS.observe(time.monotonic() - started)
+
+    def _retry(self, driver: sqlite3.Connection, *, deadline: float) -> bool:
+        """Try ``BEGIN IMMEDIATE`` on the driver's connection (cheaper than through SQLAlchemy) until it
+        succeeds (True) or ``deadline`` passes or it fails otherwise than busy (False)."""
+        step = self.first_sleep
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(remaining, random.uniform(step / 2, step)))  # jitter: processes spread out
+            step = min(step * 1.5, self.max_sleep)
+            self.retries += 1
+            try:
+                driver.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error):
+                    return False
 
 
 def _begin_deferred(connection: Connection) -> None:
@@ -91,6 +185,7 @@ class Database:
         async_writer: AsyncEngine | None = None,
         sync_writer: Engine | None = None,
         writer_thread: ThreadPoolExecutor | None = None,
+        write_lock: SqliteWriteLock | None = None,
         lanes: int = 1,
     ) -> None:
         self.url = url
@@ -98,6 +193,7 @@ class Database:
         self._async_writer = async_writer
         self._sync_writer = sync_writer
         self._writer_thread = writer_thread
+        self.write_lock = write_lock  # SQLite only: how its writer takes the write lock, and its waits
         self.group_commit = GroupCommit(self._transaction, lanes=lanes)
 
     @property
@@ -105,7 +201,11 @@ class Database:
         return self.url.get_backend_name()
 
     @classmethod
-    def connect(cls, url: str, *, pool_size: int = 10) -> Database:
+    def connect(
+        cls, url: str, *, pool_size: int = 10, write_lock_timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000
+    ) -> Database:
+        """Engines for ``url``. ``write_lock_timeout`` (SQLite): how long a write waits for a write lock
+        another process holds before it fails."""
         parsed = normalise_database_url(url)
         if parsed.get_backend_name() == "sqlite":
             Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +214,10 @@ class Database:
             event.listen(reader.sync_engine, "begin", _begin_deferred)
             writer = create_engine(parsed.set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0)
             event.listen(writer, "connect", _sqlite_pragmas)
-            event.listen(writer, "begin", _begin_immediate)
+            write_lock = SqliteWriteLock(write_lock_timeout)
+            event.listen(writer, "begin", write_lock)
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
-            return cls(parsed, reader, sync_writer=writer, writer_thread=thread, lanes=1)
+            return cls(parsed, reader, sync_writer=writer, writer_thread=thread, write_lock=write_lock, lanes=1)
         # No pool_pre_ping: it costs a round trip on every checkout (measured: a quarter of a booking's
         # ledger time). A connection that died with a server restart fails its one transaction, SQLAlchemy
         # then invalidates the pool, and the caller's retry with the same idempotency key is safe.
