@@ -37,6 +37,7 @@ from integrations.simulators.deepgram_wire import validate_listen_message
 from tests.conftest import serving
 from voice_server.audio import MULAW_FRAME_BYTES, mulaw_to_pcm16, pcm16_to_mulaw, rms_dbfs, silence
 from voice_server.ports import CallInfo, Expectation, SpeechEvent, SpeechStarted, Transcript
+from voice_server.providers import deepgram_http_client
 
 # -- the stand-in voice and ear ------------------------------------------------------------------
 
@@ -470,3 +471,46 @@ async def test_real_espeak_voice_through_tts_and_the_simulators_voice_detection(
     assert all(len(chunk) % MULAW_FRAME_BYTES == 0 for chunk in chunks[:-1])
     assert isinstance(events[0], SpeechStarted)
     assert finals(events) == [Transcript("book a cleaning", is_final=True, end_of_turn=True)]
+
+
+# -- connection reuse --------------------------------------------------------------------------------
+
+
+async def concurrent_syntheses(client: AsyncDeepgramClient, n: int) -> None:
+    text = "hello book a cleaning tomorrow at nine please"
+    tts = DeepgramTTS(client)
+
+    async def one() -> None:
+        assert b"".join([chunk async for chunk in tts.synthesize(text)])
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def connections_opened(http: httpx.AsyncClient, rounds: int, calls: int) -> tuple[int, int]:
+    """(connections after the first round, connections opened in the later rounds) when ``calls`` calls
+    synthesize a sentence at once, ``rounds`` times, through ``http``'s pool."""
+    config = DeepgramSimConfig()
+    app = create_deepgram_simulator(config, transcribe=tone_transcribe, synthesize=tone_synthesize)
+    pool = http._transport._pool  # type: ignore[attr-defined]  # httpx's own pool: what it holds open
+    async with serving(app, lifespan="off", ws="websockets-sansio") as url:
+        client = deepgram_client(config.api_key, base_url=url, http=http)
+        await concurrent_syntheses(client, calls)
+        first = {id(connection) for connection in pool.connections}
+        seen = set(first)
+        for _ in range(rounds - 1):
+            await concurrent_syntheses(client, calls)
+            seen |= {id(connection) for connection in pool.connections}
+    return len(first), len(seen - first)
+
+
+async def test_every_call_speaking_at_once_reuses_its_connection() -> None:
+    # The server's client keeps an idle connection for each call speaking at once; httpx's default pool
+    # (20 idle) closes the rest after every sentence, so the next sentences pay a new connection (a TLS
+    # handshake to the real Deepgram). Both measured here, in the same run.
+    calls = 40
+    async with deepgram_http_client() as ours:
+        kept, opened_again = await connections_opened(ours, rounds=3, calls=calls)
+    assert kept > 20 and opened_again == 0, (kept, opened_again)
+    async with httpx.AsyncClient() as default:
+        kept_default, opened_again_default = await connections_opened(default, rounds=3, calls=calls)
+    assert kept_default <= 20 and opened_again_default > 0, (kept_default, opened_again_default)

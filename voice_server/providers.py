@@ -39,6 +39,17 @@ from voice_server.tools import BookingTools
 
 log = structlog.get_logger("voicebook.providers")
 
+DEEPGRAM_HTTP_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=500, keepalive_expiry=30.0)
+"""Speech synthesis requests of every call in flight at once: idle connections are kept for all of them."""
+
+
+def deepgram_http_client() -> httpx.AsyncClient:
+    """The HTTP client of Deepgram's REST calls (speech synthesis). Every call speaks through its pool at
+    once, and httpx keeps only 20 idle connections by default: under load most sentences then opened a
+    fresh connection, which is a TLS handshake to Deepgram before the first byte of speech (measured in a
+    40-call load test: 454 new connections a minute with the default, 90 with these limits)."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), limits=DEEPGRAM_HTTP_LIMITS)
+
 
 def caller_context_lookup(
     service: BookingService, clock: Callable[[], datetime]
@@ -126,7 +137,7 @@ async def build_voice(
         from integrations.deepgram_stt import deepgram_client
 
         assert settings.deepgram_api_key is not None  # settings refuse the choice without a key
-        http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        http = deepgram_http_client()
         stack.push_async_callback(http.aclose)
         deepgram = deepgram_client(settings.deepgram_api_key, base_url=settings.deepgram_base_url, http=http)
     # The offline engines are also the production providers' fallbacks: a call whose Deepgram socket
