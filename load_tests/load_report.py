@@ -211,6 +211,28 @@ def read_proc(pid: int, t: float) -> ProcSample | None:
         return None  # the process has gone
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of ``pid`` (``/proc/<pid>/task/*/children``; empty when it has none or has gone)."""
+    children: list[int] = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(word) for word in listing.read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return children
+
+
+def read_proc_tree(pid: int, t: float) -> ProcSample | None:
+    """``pid`` and its children added up: ``voicebook serve --processes N`` is a supervisor and N servers
+    (their RSS is a sum, so pages they share are counted once per process). None when ``pid`` has gone.
+    A child that exits between two samples takes its CPU seconds with it: restarts are rare enough."""
+    own = read_proc(pid, t)
+    if own is None:
+        return None
+    samples = [own, *(s for child in child_pids(pid) if (s := read_proc(child, t)) is not None)]
+    return ProcSample(t, sum(s.cpu_seconds for s in samples), sum(s.rss_bytes for s in samples))
+
+
 @dataclass(frozen=True)
 class CpuFigures:
     cpu_seconds: float

@@ -42,13 +42,13 @@ _SERVER_VARIABLES = (
 """What the shell may hold for another voicebook: never passed to the processes of a load test."""
 
 
-
 @dataclass(frozen=True)
 class StackOptions:
     scenario: str
     database_url: str | None = None
     redis_url: str | None = None
     separate_workers: bool = False
+    processes: int = 1
     resources: int = 3
     stt_final_ms: int = 150
     llm_first_token_ms: int = 250
@@ -212,8 +212,9 @@ class LoadStack:
             "VOICEBOOK_EFFECT_BACKOFF_PERCENT": str(self.options.backoff_percent),
             "VOICEBOOK_DRAIN_SECONDS": "5",
             "VOICEBOOK_RUN_WORKERS": "false" if self.options.separate_workers else "true",
+            "VOICEBOOK_PROCESSES": str(self.options.processes),
         }
-        if self.options.separate_workers:  # the server's /metrics then adds up the workers' figures
+        if self.options.separate_workers or self.options.processes > 1:  # /metrics adds up every process
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.folder / "prometheus")
             (self.folder / "prometheus").mkdir()
         for name, services in SIMULATORS.items():

@@ -1,7 +1,7 @@
 """One command for a complete local load test of the production stack on simulated providers.
 
     python load_tests/run_load.py --scenario steady|burst|mixed|faults --users 100 --spawn-rate 10 --seconds 60
-        [--database-url postgresql://... --redis-url redis://...] [--workers inprocess|separate]
+        [--database-url postgresql://... --redis-url redis://...] [--workers inprocess|separate] [--processes N]
         [--steps 25,50,100,150,200 --step-seconds 30] [--plot docs/load-latency.png] [--json summary.json]
         [--stt-final-ms 150 --llm-first-token-ms 250 --tts-first-byte-ms 100 --provider-ms 150]
 
@@ -96,7 +96,7 @@ class Monitor:
         while True:
             now = time.time()
             for name, pid in self.stack.pids().items():
-                sample = report.read_proc(pid, now)
+                sample = report.read_proc_tree(pid, now) if name == "server" else report.read_proc(pid, now)
                 if sample is not None:
                     self.proc.setdefault(name, []).append(sample)
             if now >= next_scrape:
@@ -310,6 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--database-url", help="a loopback PostgreSQL (a scratch database is made beside it)")
     parser.add_argument("--redis-url", help="a loopback Redis (default: a redis-server of the run's own)")
     parser.add_argument("--workers", choices=("inprocess", "separate"), default="inprocess")
+    parser.add_argument("--processes", type=int, default=1, help="server processes on the port (VOICEBOOK_PROCESSES)")
     parser.add_argument("--resources", type=int, help="bookable people in the load business (default users/10, >= 3)")
     parser.add_argument("--caller-pool", type=int, help="distinct caller numbers (default 5 per user)")
     parser.add_argument("--api-weight", type=int, help="booking API users' weight (default 1 in mixed, else 0)")
@@ -348,6 +349,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         database_url=args.database_url,
         redis_url=args.redis_url,
         separate_workers=args.workers == "separate",
+        processes=max(1, min(args.processes, 8)),
         resources=args.resources or max(3, math.ceil(users / 10)),
         stt_final_ms=args.stt_final_ms,
         llm_first_token_ms=args.llm_first_token_ms,

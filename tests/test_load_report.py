@@ -242,3 +242,26 @@ def test_run_load_measures_turns_and_finds_no_overlap(tmp_path: Path) -> None:
     assert summary["overlaps"] == 0
     assert summary["lost_bookings"] == 0
     assert summary["server"]["cpu_seconds"] > 0
+
+
+def test_a_process_tree_adds_up_its_children() -> None:
+    # ``voicebook serve --processes N`` is a supervisor and N servers: the server's figures are all of them.
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    children = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+    try:
+        pids = {child.pid for child in children}
+        deadline = datetime.now(UTC) + timedelta(seconds=20)
+        while datetime.now(UTC) < deadline:  # until both have burnt their CPU (then they sleep)
+            burnt = [report.read_proc(pid, 0.0) for pid in pids]
+            if all(sample is not None and sample.cpu_seconds >= 0.3 for sample in burnt):
+                break
+        alone, tree = report.read_proc(os.getpid(), 0.0), report.read_proc_tree(os.getpid(), 0.0)
+        assert alone is not None and tree is not None
+        assert pids <= set(report.child_pids(os.getpid()))
+        assert tree.cpu_seconds >= alone.cpu_seconds + 0.5  # both children's 0.3 s of CPU
+        assert tree.rss_bytes > alone.rss_bytes
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert report.read_proc_tree(children[0].pid, 0.0) is None  # gone

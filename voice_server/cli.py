@@ -21,6 +21,7 @@ from booking.errors import ConfigurationError
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
 from voice_server.logging import configure_logging, register_settings_secrets
 from voice_server.settings import Settings, SettingsError
+from voice_server.supervisor import CHILD_VARIABLE, Supervisor, SupervisorError, child_command, reuse_port_socket
 
 if TYPE_CHECKING:
     from integrations.google_oauth import GrantStatus
@@ -79,6 +80,12 @@ def serve(args: argparse.Namespace) -> int:
     settings = _development_admin_token(settings)
     host = args.host or settings.host
     port = args.port or settings.port
+    processes = args.processes or settings.processes
+    if processes > 1:
+        return _supervise(settings, host, port, processes, args.forwarded_allow_ips)
+    sockets = None
+    if os.environ.get(CHILD_VARIABLE) == "1":  # one of a supervisor's processes: the port is shared
+        sockets = [reuse_port_socket(host, port)]
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -92,8 +99,23 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
         forwarded_allow_ips=args.forwarded_allow_ips,
     )
-    DrainingServer(config, app, drain_seconds=settings.drain_seconds).run()
+    DrainingServer(config, app, drain_seconds=settings.drain_seconds).run(sockets=sockets)
     return 0
+
+
+def _supervise(settings: Settings, host: str, port: int, processes: int, forwarded_allow_ips: str | None) -> int:
+    supervisor = Supervisor(
+        settings,
+        host=host,
+        port=port,
+        processes=processes,
+        argv=child_command(host, port, forwarded_allow_ips),
+    )
+    try:
+        return asyncio.run(supervisor.run())
+    except SupervisorError as exc:
+        print(f"voicebook: {exc}", file=sys.stderr)
+        return 1
 
 
 def migrate_command(args: argparse.Namespace) -> int:
@@ -388,6 +410,17 @@ def _print_google_status(statuses: Sequence[GrantStatus], configured: str) -> in
     return 0 if usable else 1
 
 
+def _process_count(text: str) -> int:
+    """``--processes``: a whole number from 1 to 64 (as ``VOICEBOOK_PROCESSES``); 0 is refused, not ignored."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..64")
+    return value
+
+
 def _speed(text: str) -> float:
     value = float(text)
     if not 0 < value <= 100:
@@ -403,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--port", type=int, help="port (default VOICEBOOK_PORT)")
     serve_parser.add_argument(
         "--forwarded-allow-ips", default="127.0.0.1", help="proxies trusted for X-Forwarded-* headers"
+    )
+    serve_parser.add_argument(
+        "--processes",
+        type=_process_count,
+        help="server processes sharing the port, each on its own core (default VOICEBOOK_PROCESSES, 1)",
     )
     serve_parser.set_defaults(handler=serve)
     migrate_parser = commands.add_parser("migrate", help="upgrade the ledger's schema")

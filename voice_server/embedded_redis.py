@@ -79,6 +79,9 @@ class EmbeddedRedis:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            # Its own process group: a terminal's Ctrl-C reaches the server, which drains its calls (they
+            # still need Redis) and only then stops this one.
+            process_group=0,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STARTUP_TIMEOUT_SECONDS

@@ -60,6 +60,8 @@ class Settings:
     silence_reprompts: int = 2
     max_call_seconds: float = 900.0
     drain_seconds: float = 30.0
+    processes: int = 1
+    """How many server processes ``voicebook serve`` runs on its port (calls are spread over them)."""
     loop_stall_ms: int = 250
     """A stall of the event loop this long logs the stack that held it (0: not watched)."""
     record_calls: bool = False
@@ -218,6 +220,7 @@ class Settings:
             silence_reprompts=reader.integer("VOICEBOOK_SILENCE_REPROMPTS", 2, low=0, high=10),
             max_call_seconds=float(reader.integer("VOICEBOOK_MAX_CALL_SECONDS", 900, low=30, high=4 * 3600)),
             drain_seconds=float(reader.integer("VOICEBOOK_DRAIN_SECONDS", 30, low=0, high=3600)),
+            processes=reader.integer("VOICEBOOK_PROCESSES", 1, low=1, high=64),
             loop_stall_ms=reader.integer("VOICEBOOK_LOOP_STALL_MS", 250, low=0, high=60_000),
             record_calls=reader.boolean("VOICEBOOK_RECORD_CALLS", False),
             greeting=reader.text("VOICEBOOK_GREETING", "") or None,

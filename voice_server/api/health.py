@@ -4,6 +4,7 @@ job: Redis answers, the ledger answers and is migrated to the code's schema."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable
 
@@ -20,7 +21,8 @@ CHECK_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "version": __version__})
+    # The process that answered: with ``voicebook serve --processes N`` several share the port.
+    return JSONResponse({"status": "ok", "version": __version__, "pid": os.getpid()})
 
 
 async def _timed(name: str, check: Awaitable[dict[str, object]]) -> tuple[str, dict[str, object]]:
