@@ -79,9 +79,10 @@ class EmbeddedRedis:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            # Its own process group: a terminal's Ctrl-C reaches the server, which drains its calls (they
-            # still need Redis) and only then stops this one.
-            process_group=0,
+            # A session of its own: a terminal's Ctrl-C reaches the server, which drains its calls (they
+            # still need Redis) and only then stops this one. (uvloop, the server's loop, does not take
+            # ``process_group``.)
+            start_new_session=True,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STARTUP_TIMEOUT_SECONDS
