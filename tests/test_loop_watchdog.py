@@ -7,18 +7,9 @@ import asyncio
 import time
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
-from voice_server import loop_watchdog
 from voice_server.loop_watchdog import LoopWatchdog, watching_for_stalls
-
-
-@pytest.fixture(autouse=True)
-def uncached_logger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh module logger for each test: one cached by an earlier test (``configure_logging`` caches on
-    first use) keeps the processor list of that moment, and ``capture_logs`` edits only the current one."""
-    monkeypatch.setattr(loop_watchdog, "log", structlog.get_logger("voicebook.loop"))
 
 
 def hold_the_loop(seconds: float) -> None:

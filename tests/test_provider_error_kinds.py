@@ -11,13 +11,11 @@ import dataclasses
 from typing import get_args
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from booking.business import Business
 from booking.errors import EffectFailed
 from booking.metrics import sample
-from integrations import deepgram_stt
 from integrations.deepgram_stt import DeepgramSTT, StreamState, dropped_stream_kind, error_message_kind
 from integrations.google_calendar import GoogleCalendar, classify
 from integrations.metrics import ErrorKind, classify_error, google_error_reasons
@@ -51,15 +49,6 @@ def errors(provider: str) -> dict[str, float]:
 def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The kinds whose count changed, and by how much."""
     return {kind: after[kind] - before[kind] for kind in before if after[kind] != before[kind]}
-
-
-@pytest.fixture(autouse=True)
-def uncached_deepgram_logger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh module logger for each test. ``configure_logging`` caches a logger on its first use with
-    the processor list of that moment; once an earlier test has logged through ``deepgram_stt.log`` and
-    another has configured logging again, that logger keeps the old list, and ``capture_logs`` (which edits
-    the current one) never sees its lines."""
-    monkeypatch.setattr(deepgram_stt, "log", structlog.get_logger("voicebook.deepgram"))
 
 
 # -- Google Calendar: usage limits answered with 403 ------------------------------------------------
