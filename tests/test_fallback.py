@@ -11,6 +11,7 @@ import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from booking.metrics import sample
 from integrations.deepgram_stt import DeepgramSTT, deepgram_client
 from integrations.deepgram_tts import DeepgramTTS
 from integrations.simulators.deepgram import DeepgramSimConfig, create_deepgram_simulator
@@ -41,12 +42,16 @@ class Clock:
 
 class FakeVoice:
     """Three 160-byte chunks per sentence, each tagged with the voice's byte and its index. ``fail_at``
-    raises before chunk k (0: before the first byte); ``hang_at`` waits forever before chunk k."""
+    raises ``error`` (a ``ProviderDown`` unless given) before chunk k (0: before the first byte);
+    ``hang_at`` waits forever before chunk k."""
 
-    def __init__(self, tag: int, *, fail_at: int | None = None, hang_at: int | None = None) -> None:
+    def __init__(
+        self, tag: int, *, fail_at: int | None = None, hang_at: int | None = None, error: Exception | None = None
+    ) -> None:
         self.tag = tag
         self.fail_at = fail_at
         self.hang_at = hang_at
+        self.error = error
         self.requests: list[str] = []
         self.closed = 0  # iterators finished, closed or cancelled
 
@@ -61,7 +66,7 @@ class FakeVoice:
         try:
             for index in range(3):
                 if self.fail_at == index:
-                    raise ProviderDown(f"voice {self.tag} down")
+                    raise self.error or ProviderDown(f"voice {self.tag} down")
                 if self.hang_at == index:
                     await asyncio.Event().wait()
                 await asyncio.sleep(0)
@@ -76,7 +81,7 @@ async def spoken(tts: FallbackTTS, text: str = "Hello there.") -> bytes:
 
 async def test_a_primary_failing_before_its_first_byte_is_replaced_by_the_fallback_voice() -> None:
     primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
-    tts = FallbackTTS(primary, fallback)
+    tts = FallbackTTS(primary, fallback, failure_threshold=1)
     assert await spoken(tts, "Your booking is confirmed.") == fallback.sentence()
     assert fallback.requests == ["Your booking is confirmed."]
     assert primary.closed == 1 and fallback.closed == 1
@@ -92,7 +97,7 @@ async def test_a_healthy_primary_is_used_and_the_fallback_is_untouched() -> None
 
 async def test_a_primary_failing_mid_sentence_never_repeats_audio_and_the_next_sentence_falls_back() -> None:
     primary, fallback = FakeVoice(1, fail_at=2), FakeVoice(2)
-    tts = FallbackTTS(primary, fallback)
+    tts = FallbackTTS(primary, fallback, failure_threshold=1)
     assert await spoken(tts, "First sentence.") == primary.chunk(0) + primary.chunk(1)  # the rest is dropped
     assert fallback.requests == []
     assert await spoken(tts, "Second sentence.") == fallback.sentence()
@@ -102,7 +107,7 @@ async def test_a_primary_failing_mid_sentence_never_repeats_audio_and_the_next_s
 async def test_the_breaker_keeps_the_primary_out_for_the_cooldown_then_probes_it() -> None:
     clock = Clock()
     primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
-    tts = FallbackTTS(primary, fallback, cooldown_s=30.0, clock=clock)
+    tts = FallbackTTS(primary, fallback, cooldown_s=30.0, clock=clock, failure_threshold=1)
     await spoken(tts, "one")
     clock.now += 29.0
     assert await spoken(tts, "two") == fallback.sentence()
@@ -126,7 +131,7 @@ async def test_the_breaker_keeps_the_primary_out_for_the_cooldown_then_probes_it
 async def test_while_one_sentence_probes_the_primary_the_others_use_the_fallback() -> None:
     clock = Clock()
     primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
-    tts = FallbackTTS(primary, fallback, cooldown_s=30.0, clock=clock)
+    tts = FallbackTTS(primary, fallback, cooldown_s=30.0, clock=clock, failure_threshold=1)
     await spoken(tts, "one")
     clock.now += 30.0
     primary.fail_at, primary.hang_at = None, 0  # the probe hangs before its first byte
@@ -183,7 +188,7 @@ async def test_closing_the_speech_early_closes_the_fallback_iterator() -> None:
 
 async def test_a_primary_that_never_starts_is_given_up_after_the_first_byte_timeout() -> None:
     primary, fallback = FakeVoice(1, hang_at=0), FakeVoice(2)
-    tts = FallbackTTS(primary, fallback, first_byte_timeout_s=0.05)
+    tts = FallbackTTS(primary, fallback, first_byte_timeout_s=0.05, failure_threshold=1)
     assert await spoken(tts) == fallback.sentence()
     assert primary.closed == 1 and tts.breaker.is_open
 
@@ -192,6 +197,110 @@ async def test_when_both_voices_fail_the_sentence_ends_quietly() -> None:
     tts = FallbackTTS(FakeVoice(1, fail_at=0), FakeVoice(2, fail_at=1))
     assert await spoken(tts) == FakeVoice(2).chunk(0)  # what the fallback said before it failed
     assert await spoken(tts) == FakeVoice(2).chunk(0)  # and the next sentence is tried all the same
+
+
+async def test_failures_below_the_threshold_fall_back_for_their_sentence_only() -> None:
+    primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
+    tts = FallbackTTS(primary, fallback, failure_threshold=3)
+    assert await spoken(tts, "one") == fallback.sentence()  # the caller still hears the sentence
+    assert await spoken(tts, "two") == fallback.sentence()
+    assert primary.requests == ["one", "two"]  # each went to the primary first: the breaker stayed closed
+    assert not tts.breaker.is_open and tts.breaker.failures == 2
+    await spoken(tts, "three")  # the third in a row opens it
+    assert tts.breaker.is_open
+    assert await spoken(tts, "four") == fallback.sentence()
+    assert primary.requests == ["one", "two", "three"]
+
+
+async def test_a_success_starts_the_failure_count_again() -> None:
+    primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
+    tts = FallbackTTS(primary, fallback, failure_threshold=3)
+    await spoken(tts, "one")
+    await spoken(tts, "two")
+    primary.fail_at = None
+    assert await spoken(tts, "three") == primary.sentence()
+    assert tts.breaker.failures == 0
+    primary.fail_at = 0
+    await spoken(tts, "four")
+    await spoken(tts, "five")
+    assert not tts.breaker.is_open  # two in a row since the success, not four
+    await spoken(tts, "six")
+    assert tts.breaker.is_open
+
+
+async def test_a_failed_probe_opens_the_breaker_again_at_once() -> None:
+    clock = Clock()
+    primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
+    tts = FallbackTTS(primary, fallback, cooldown_s=30.0, clock=clock, failure_threshold=3)
+    for text in ("one", "two", "three"):
+        await spoken(tts, text)
+    clock.now += 30.0
+    assert await spoken(tts, "probe") == fallback.sentence()
+    assert tts.breaker.is_open  # one failed probe is enough: the threshold counts only while closed
+    await spoken(tts, "after")
+    assert primary.requests == ["one", "two", "three", "probe"]
+
+
+def fallbacks(role: str) -> dict[str, float]:
+    return {
+        reason: sample("voicebook_speech_fallbacks_total", {"role": role, "reason": reason})
+        for reason in ("failed", "breaker_open")
+    }
+
+
+def breaker_open(role: str) -> float:
+    return sample("voicebook_speech_breaker_open", {"role": role})
+
+
+async def test_fallbacks_are_counted_by_reason_and_the_breaker_state_is_a_gauge() -> None:
+    clock = Clock()
+    primary, fallback = FakeVoice(1, fail_at=0), FakeVoice(2)
+    tts = FallbackTTS(primary, fallback, cooldown_s=30.0, clock=clock, failure_threshold=2)
+    before = fallbacks("tts")
+    assert breaker_open("tts") == 0
+    await spoken(tts, "one")
+    assert breaker_open("tts") == 0
+    await spoken(tts, "two")
+    assert breaker_open("tts") == 1
+    await spoken(tts, "three")
+    await spoken(tts, "four")
+    after = fallbacks("tts")
+    assert after["failed"] - before["failed"] == 2
+    assert after["breaker_open"] - before["breaker_open"] == 2
+
+    clock.now += 30.0
+    primary.fail_at = None
+    assert await spoken(tts, "five") == primary.sentence()  # the probe closes the breaker
+    assert breaker_open("tts") == 0
+    assert fallbacks("tts") == after  # a sentence the primary spoke is no fallback
+
+    primary.fail_at = 2
+    await spoken(tts, "six")  # failed after some audio: nothing is handed to the fallback
+    assert fallbacks("tts") == after
+
+
+async def test_a_first_byte_timeout_counts_as_a_timeout_of_the_provider() -> None:
+    labels = {"provider": "deepgram", "kind": "timeout"}
+    before = sample("voicebook_provider_errors_total", labels)
+    tts = FallbackTTS(FakeVoice(1, hang_at=0), FakeVoice(2), first_byte_timeout_s=0.05, provider="deepgram")
+    assert await spoken(tts) == FakeVoice(2).sentence()
+    assert sample("voicebook_provider_errors_total", labels) - before == 1
+
+    # Without a provider nothing is counted; and a timeout the provider raised itself is the adapter's to
+    # count (it saw it), not this class's.
+    await spoken(FallbackTTS(FakeVoice(1, hang_at=0), FakeVoice(2), first_byte_timeout_s=0.05))
+    own_timeout = FakeVoice(1, fail_at=0, error=TimeoutError("read timed out"))
+    await spoken(FallbackTTS(own_timeout, FakeVoice(2), first_byte_timeout_s=5.0, provider="deepgram"))
+    assert sample("voicebook_provider_errors_total", labels) - before == 1
+
+
+def test_the_failure_threshold_must_be_at_least_one() -> None:
+    try:
+        FallbackTTS(FakeVoice(1), FakeVoice(2), failure_threshold=0)
+    except ValueError as error:
+        assert "failure_threshold" in str(error)
+    else:
+        raise AssertionError("a threshold of 0 should be refused")
 
 
 # -- speech to text ------------------------------------------------------------------------------
@@ -312,7 +421,7 @@ async def test_stt_replays_only_the_newest_audio_within_the_limit() -> None:
 async def test_stt_primary_failing_to_open_uses_the_fallback_and_the_breaker_spares_the_next_calls() -> None:
     clock = Clock()
     primary, fallback = FakeSTT(fail_open=True), FakeSTT()
-    stt = FallbackSTT(primary, fallback, cooldown_s=30.0, clock=clock)
+    stt = FallbackSTT(primary, fallback, cooldown_s=30.0, clock=clock, failure_threshold=1)
     stream = await stt.open(CALL)
     assert stream.on_fallback and primary.attempts == 1 and len(fallback.opened) == 1
     stream.expect(FIRST)
@@ -330,6 +439,40 @@ async def test_stt_primary_failing_to_open_uses_the_fallback_and_the_breaker_spa
     third = await stt.open(CALL)
     assert primary.attempts == 2 and not third.on_fallback and not stt.breaker.is_open
     await third.close()
+
+
+async def test_stt_open_failures_below_the_threshold_keep_trying_the_primary_and_are_counted() -> None:
+    primary, fallback = FakeSTT(fail_open=True), FakeSTT()
+    stt = FallbackSTT(primary, fallback, failure_threshold=2)
+    before = fallbacks("stt")
+    first = await stt.open(CALL)
+    assert first.on_fallback and not stt.breaker.is_open and breaker_open("stt") == 0
+    second = await stt.open(CALL)
+    assert second.on_fallback and primary.attempts == 2 and stt.breaker.is_open and breaker_open("stt") == 1
+    third = await stt.open(CALL)
+    assert third.on_fallback and primary.attempts == 2
+    after = fallbacks("stt")
+    assert after["failed"] - before["failed"] == 2
+    assert after["breaker_open"] - before["breaker_open"] == 1
+    for stream in (first, second, third):
+        await stream.close()
+
+
+async def test_stt_a_call_switching_mid_call_is_counted_and_one_switch_leaves_the_breaker_closed() -> None:
+    primary, fallback = FakeSTT(), FakeSTT()
+    stt = FallbackSTT(primary, fallback)
+    before = fallbacks("stt")
+    stream = await stt.open(CALL)
+    primary.opened[0].die()
+    while not stream.on_fallback:  # noqa: ASYNC110 - the switch finishes in the stream's own task
+        await asyncio.sleep(0)
+    assert fallbacks("stt")["failed"] - before["failed"] == 1
+    assert not stt.breaker.is_open and stt.breaker.failures == 1
+    following = await stt.open(CALL)
+    assert not following.on_fallback and len(primary.opened) == 2  # the next call still gets the primary
+    assert stt.breaker.failures == 0
+    await stream.close()
+    await following.close()
 
 
 async def test_stt_primary_send_failing_switches_with_that_audio_replayed() -> None:
@@ -466,7 +609,7 @@ async def test_deepgram_speak_failing_on_every_request_falls_back_to_the_other_v
     fallback = FakeVoice(2)
     async with serving(app, lifespan="off") as url, httpx.AsyncClient() as http:
         primary = DeepgramTTS(deepgram_client(config.api_key, base_url=url, http=http))
-        tts = FallbackTTS(primary, fallback)
+        tts = FallbackTTS(primary, fallback, failure_threshold=1)
         first = await spoken(tts, "book a cleaning")
         second = await spoken(tts, "tomorrow at nine")
     assert first == second == fallback.sentence()

@@ -4,19 +4,29 @@ engines) behind the same ports, so a provider outage changes the voice or the ea
 ``FallbackTTS`` speaks each sentence with the primary; when the primary fails before its first byte the
 fallback speaks the same sentence (the caller hears another voice, not silence). When it fails after
 some audio went out, the rest of that sentence is dropped: speaking it again from the start would repeat
-words the caller has heard, and where the audio stopped is not known in words. The next sentence is
-spoken by the fallback, because the failure opened the breaker.
+words the caller has heard, and where the audio stopped is not known in words.
 
 ``FallbackSTT`` opens the primary for each call (or the fallback when that fails); when the primary's
 stream fails mid-call, the same ``events()`` iteration carries on with a fallback stream that gets the
 last ``Expectation`` and the audio the primary had not yet finalised. A call that has switched stays on
 the fallback until it ends: switching back mid-call could lose or repeat words for little gain.
 
-Both share a ``CircuitBreaker`` per provider role: after a primary failure every new sentence (or call)
-goes straight to the fallback for ``cooldown_s``, so a provider that is down does not cost each sentence
-its own timeout and retries; then one attempt at a time probes the primary, and its first byte (or a
-successful open) closes the breaker. The breakers are per instance and the instances are built once per
-process, so one call's failure spares the others the wait.
+Both share a ``CircuitBreaker`` per provider role. It opens after ``failure_threshold`` consecutive
+primary failures (3 by default), not after one: opening it moves every call of the process onto the
+offline engines, which run in-process and cost far more CPU than a remote provider, so one slow answer
+under load must not do it (a slower loop makes more timeouts, which would open it again: a storm). A
+success while it is closed starts the count again. Once open, every new sentence (or call) goes straight
+to the fallback for ``cooldown_s``, so a provider that is down does not cost each sentence its own timeout
+and retries; then one attempt at a time probes the primary, and its first byte (or a successful open)
+closes the breaker, while a failed probe opens it again at once. The breakers are per instance and the
+instances are built once per process, so one call's failures spare the others the wait. A failure below
+the threshold still hands that sentence (or call) to the fallback: the caller never hears silence.
+
+Metrics: ``voicebook_speech_fallbacks_total{role, reason}`` counts the sentences (``tts``) and calls
+(``stt``) handed to the fallback, because the primary failed on them (``failed``) or because the breaker
+was open (``breaker_open``); ``voicebook_speech_breaker_open{role}`` is 1 while a breaker is open. With
+``provider`` given, a first-byte timeout of ``FallbackTTS`` also counts as a ``timeout`` error of that
+provider: the deadline cancels the SDK's request, and a cancelled request is not counted by the adapter.
 
 Only ``Exception`` counts as a failure: cancellation (a barge-in, a hang-up) goes straight through, and
 every iterator of a provider is closed when its consumer stops.
@@ -29,10 +39,12 @@ import contextlib
 import enum
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar, get_args
 
 import structlog
+from prometheus_client import Counter, Gauge
 
+from integrations.metrics import Provider, provider_stream_failed
 from voice_server.audio import SAMPLE_RATE
 from voice_server.ports import (
     CallInfo,
@@ -48,6 +60,24 @@ log = structlog.get_logger("voicebook.fallback")
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+Role = Literal["tts", "stt"]
+FallbackReason = Literal["failed", "breaker_open"]
+
+# Here rather than in voice_server/metrics.py: they are this module's own account of itself, and a module
+# that only builds the fallbacks (a worker, a test) registers them by importing it.
+SPEECH_FALLBACKS = Counter(
+    "voicebook_speech_fallbacks_total",
+    "Sentences (role tts) and calls (role stt) handed to the offline fallback, by reason: failed (the "
+    "primary provider failed on it) or breaker_open (the breaker kept the primary out of the way).",
+    ["role", "reason"],
+)
+SPEECH_BREAKER_OPEN = Gauge(
+    "voicebook_speech_breaker_open",
+    "1 while the speech provider's circuit breaker is open (new sentences or calls go to the fallback), "
+    "0 while it is closed, by role (tts, stt).",
+    ["role"],
+    multiprocess_mode="livemax",  # a host shows 1 while any of its processes has the breaker open
+)
 
 
 class Route(enum.Enum):
@@ -59,15 +89,39 @@ class Route(enum.Enum):
 
 
 class CircuitBreaker:
-    """Keeps a failing primary out of the way for ``cooldown_s`` after each failure, then lets a single
-    attempt probe it while the others stay on the fallback. Not thread-safe: one event loop."""
+    """Opens after ``failure_threshold`` consecutive failures of the primary, keeps it out of the way for
+    ``cooldown_s``, then lets a single attempt probe it while the others stay on the fallback (see the
+    module doc). Not thread-safe: one event loop. It owns its role's gauge, so build one per role and
+    process. ``provider`` only names the provider in the log lines."""
 
-    def __init__(self, role: str, *, cooldown_s: float, clock: Clock) -> None:
-        self.role = role
+    def __init__(
+        self,
+        role: Role,
+        *,
+        cooldown_s: float,
+        clock: Clock,
+        failure_threshold: int = 3,
+        provider: Provider | None = None,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be at least 1, got {failure_threshold}")
+        self.role: Role = role
         self.cooldown_s = cooldown_s
+        self.failure_threshold = failure_threshold
+        self.provider = provider
         self._clock = clock
         self._open_until: float | None = None
         self._probing = False
+        self._failures = 0  # consecutive primary failures while closed
+        # Every series exists from the start, so a dashboard shows 0 rather than nothing before a failure.
+        SPEECH_BREAKER_OPEN.labels(role).set(0)
+        for reason in get_args(FallbackReason):
+            SPEECH_FALLBACKS.labels(role, reason)
+
+    @property
+    def failures(self) -> int:
+        """Consecutive primary failures counted while closed (0 once it opens or a success comes)."""
+        return self._failures
 
     @property
     def is_open(self) -> bool:
@@ -85,16 +139,35 @@ class CircuitBreaker:
         if route is Route.PROBE:
             self._probing = False
             self._open_until = None
-            log.info("speech_provider_restored", role=self.role)
+            self._failures = 0
+            SPEECH_BREAKER_OPEN.labels(self.role).set(0)
+            log.info("speech_provider_restored", role=self.role, provider=self.provider)
+        elif not self.is_open:
+            # Only failures in a row open the breaker. (An attempt that began before it opened and
+            # answers after proves little: the probe decides when it closes.)
+            self._failures = 0
 
     def failed(self, route: Route, error: BaseException, **context: object) -> None:
-        """The primary failed (whatever the route: a failure while the breaker was closed opens it, a
-        failed probe starts the cooldown again)."""
+        """The primary failed (whatever the route). While closed the failure is counted, and the
+        ``failure_threshold``-th in a row opens the breaker; while open (a failed probe, or an attempt that
+        began before it opened) the cooldown starts again at once."""
         if route is Route.PROBE:
             self._probing = False
-        event = "speech_provider_still_down" if self.is_open else "speech_provider_down"
+        fields = {"role": self.role, "provider": self.provider, "error": repr(error), **context}
+        if self.is_open:
+            self._open_until = self._clock() + self.cooldown_s
+            log.warning("speech_provider_still_down", cooldown_s=self.cooldown_s, **fields)
+            return
+        self._failures += 1
+        if self._failures < self.failure_threshold:
+            log.warning(
+                "speech_provider_failed", failures=self._failures, failure_threshold=self.failure_threshold, **fields
+            )
+            return
         self._open_until = self._clock() + self.cooldown_s
-        log.warning(event, role=self.role, cooldown_s=self.cooldown_s, error=repr(error), **context)
+        self._failures = 0
+        SPEECH_BREAKER_OPEN.labels(self.role).set(1)
+        log.warning("speech_provider_down", cooldown_s=self.cooldown_s, failures=self.failure_threshold, **fields)
 
     def abandoned(self, route: Route) -> None:
         """The attempt ended without telling anything (cancelled, closed early): let another probe."""
@@ -117,15 +190,26 @@ class _Done:
 _DONE: Final = _Done()
 
 
+class DeadlineExceeded(TimeoutError):
+    """Our own deadline for an item fired and cancelled the provider's request: unlike a timeout the
+    provider (or its SDK) raised, no adapter has counted it."""
+
+
 async def _pull(iterator: AsyncIterator[T], timeout_s: float | None = None) -> T | _Done | Exception:
     """The next item, ``_DONE`` at the end, or the provider's failure as a value, so a ``yield`` is
-    never inside the ``try`` (an exception thrown into the consumer's generator is not the provider's)."""
+    never inside the ``try`` (an exception thrown into the consumer's generator is not the provider's).
+    When ``timeout_s`` runs out the failure is a ``DeadlineExceeded``."""
+    deadline = asyncio.timeout(timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline:
             return await anext(iterator)
     except StopAsyncIteration:
         return _DONE
-    except Exception as error:  # any failure of the provider, TimeoutError included
+    except Exception as error:  # any failure of the provider, its own TimeoutError included
+        if deadline.expired():
+            expired = DeadlineExceeded(f"nothing within {timeout_s} s")
+            expired.__cause__ = error
+            return expired
         return error
 
 
@@ -137,8 +221,10 @@ class FallbackTTS:
 
     ``first_byte_timeout_s`` (optional) counts a primary that has not started speaking in that time as
     failed, so a hung provider costs the caller at most that much silence; the primary's own timeouts
-    and retries apply otherwise. When the fallback fails too, the sentence ends without audio and the
-    failure is logged: the session carries on (listens, speaks the next sentence) rather than dying."""
+    and retries apply otherwise. ``provider`` (optional) names the primary's provider, whose
+    ``voicebook_provider_errors_total{kind="timeout"}`` such a timeout then counts. When the fallback
+    fails too, the sentence ends without audio and the failure is logged: the session carries on
+    (listens, speaks the next sentence) rather than dying."""
 
     def __init__(
         self,
@@ -148,15 +234,21 @@ class FallbackTTS:
         cooldown_s: float = 30.0,
         clock: Clock = time.monotonic,
         first_byte_timeout_s: float | None = None,
+        failure_threshold: int = 3,
+        provider: Provider | None = None,
     ) -> None:
         self._primary = primary
         self._fallback = fallback
-        self.breaker = CircuitBreaker("tts", cooldown_s=cooldown_s, clock=clock)
+        self.breaker = CircuitBreaker(
+            "tts", cooldown_s=cooldown_s, clock=clock, failure_threshold=failure_threshold, provider=provider
+        )
         self.first_byte_timeout_s = first_byte_timeout_s
+        self.provider = provider
 
     async def synthesize(self, text: str) -> AsyncGenerator[bytes, None]:
         route = self.breaker.route()
         if route is Route.FALLBACK:
+            SPEECH_FALLBACKS.labels("tts", "breaker_open").inc()
             async with contextlib.aclosing(self._speak_fallback(text)) as audio:
                 async for chunk in audio:
                     yield chunk
@@ -187,12 +279,15 @@ class FallbackTTS:
                 self.breaker.abandoned(route)
         if failure is None:
             return
+        if isinstance(failure, DeadlineExceeded) and self.provider is not None:
+            provider_stream_failed(self.provider, "timeout")
         self.breaker.failed(route, failure, text_chars=len(text), mid_sentence=started)
         if started:
             # Where the audio stopped is not known in words, so the fallback cannot say just the rest.
             log.warning("tts_sentence_cut", error=repr(failure), text_chars=len(text))
             return
         log.warning("tts_fallback", error=repr(failure), text_chars=len(text))
+        SPEECH_FALLBACKS.labels("tts", "failed").inc()
         async with contextlib.aclosing(self._speak_fallback(text)) as audio:
             async for chunk in audio:
                 yield chunk
@@ -225,7 +320,10 @@ class FallbackSTT:
     """``SpeechToText`` that opens ``primary`` and falls back to ``fallback`` (see module doc).
 
     ``replay_limit_s``: how much of the audio the primary has not finalised is kept to replay into the
-    fallback on a switch (the newest is kept). ``close_timeout_s`` bounds the wait for a stream to close."""
+    fallback on a switch (the newest is kept). ``close_timeout_s`` bounds the wait for a stream to close.
+    ``provider`` (optional) names the primary's provider in the breaker's log lines; no provider error is
+    counted here, as this class sets no deadline of its own on the primary: every failure it sees was
+    raised, and counted, by the adapter."""
 
     def __init__(
         self,
@@ -236,10 +334,14 @@ class FallbackSTT:
         clock: Clock = time.monotonic,
         replay_limit_s: float = 10.0,
         close_timeout_s: float = 5.0,
+        failure_threshold: int = 3,
+        provider: Provider | None = None,
     ) -> None:
         self._primary = primary
         self.fallback = fallback
-        self.breaker = CircuitBreaker("stt", cooldown_s=cooldown_s, clock=clock)
+        self.breaker = CircuitBreaker(
+            "stt", cooldown_s=cooldown_s, clock=clock, failure_threshold=failure_threshold, provider=provider
+        )
         self.replay_limit_bytes = int(replay_limit_s * SAMPLE_RATE)  # mu-law: a byte per sample
         self.close_timeout_s = close_timeout_s
 
@@ -251,12 +353,15 @@ class FallbackSTT:
             except Exception as error:
                 self.breaker.failed(route, error, call_sid=call.call_sid)
                 log.warning("stt_open_fallback", call_sid=call.call_sid, error=repr(error))
+                SPEECH_FALLBACKS.labels("stt", "failed").inc()
             except BaseException:
                 self.breaker.abandoned(route)
                 raise
             else:
                 self.breaker.succeeded(route)
                 return FallbackSTTStream(self, call, stream, on_fallback=False)
+        else:
+            SPEECH_FALLBACKS.labels("stt", "breaker_open").inc()
         return FallbackSTTStream(self, call, await self.fallback.open(call), on_fallback=True)
 
 
@@ -390,6 +495,7 @@ class FallbackSTTStream:
         self._switching = self._opening = True
         self._owner.breaker.failed(Route.PRIMARY, cause, call_sid=self.call.call_sid)
         log.warning("stt_fallback", call_sid=self.call.call_sid, error=repr(cause), replay_bytes=len(self._unconfirmed))
+        SPEECH_FALLBACKS.labels("stt", "failed").inc()
         self._retire(dead)
         try:
             fallback = await self._owner.fallback.open(self.call)
