@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -514,3 +515,25 @@ async def test_every_call_speaking_at_once_reuses_its_connection() -> None:
     async with httpx.AsyncClient() as default:
         kept_default, opened_again_default = await connections_opened(default, rounds=3, calls=calls)
     assert kept_default <= 20 and opened_again_default > 0, (kept_default, opened_again_default)
+
+
+async def test_requests_and_sockets_do_not_read_the_sdks_package_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's headers are computed once (``deepgram_client``): its own ``get_headers`` reads the
+    installed package's metadata on every request and socket, which stalled the event loop under load."""
+    reads: list[str] = []
+    real_version = importlib.metadata.version
+
+    def counting(name: str) -> str:
+        reads.append(name)
+        return real_version(name)
+
+    async with simulator(FAST_INTERIMS) as (client, state):
+        monkeypatch.setattr(importlib.metadata, "version", counting)
+        audio = [chunk async for chunk in DeepgramTTS(client).synthesize("book a cleaning tomorrow")]
+        stream = await DeepgramSTT(client).open(CALL)
+        await stream.close()
+        headers = client._client_wrapper.get_headers()
+    assert audio and state.speak_completed == 1 and state.listen_connections == 1
+    assert reads == []
+    assert headers["Authorization"] == f"Token {DeepgramSimConfig().api_key}"
+    assert headers["User-Agent"].startswith("deepgram-sdk/")

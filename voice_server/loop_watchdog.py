@@ -30,7 +30,9 @@ import structlog
 log = structlog.get_logger("voicebook.loop")
 
 STACK_FRAMES = 12
-"""How many of the innermost frames a report keeps (the blocking call and what led to it)."""
+"""How many of the innermost frames a report keeps (the blocking call and what led to it). The import
+machinery's own frames are left out: an import on the loop then shows the chain of modules being loaded
+and the code that imported them, not a dozen frames of ``importlib._bootstrap``."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,10 @@ class LoopWatchdog:
         frame = sys._current_frames().get(self._loop_thread)
         if frame is None:
             return ()
-        summary = traceback.extract_stack(frame)[-STACK_FRAMES:]
-        return tuple(f"{entry.filename}:{entry.lineno} {entry.name}" for entry in summary)
+        summary = [
+            entry for entry in traceback.extract_stack(frame) if not entry.filename.startswith("<frozen importlib")
+        ]
+        return tuple(f"{entry.filename}:{entry.lineno} {entry.name}" for entry in summary[-STACK_FRAMES:])
 
     def _report(self, stall: Stall) -> None:
         self.stalls = [*self.stalls[-9:], stall]
