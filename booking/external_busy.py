@@ -57,6 +57,21 @@ class BusySource(Protocol):
         ...
 
 
+class BusyFreshness(Protocol):
+    """What the booking service asks of the external-calendar refresher: whether a resource has a
+    calendar, whether its busy time is due for a refresh, and a refresh that never raises.
+    :class:`ExternalBusyRefresher` is one; ``booking.lane.CallLoopCalendar`` is the same refresher seen
+    from another event loop."""
+
+    def tracks(self, resource_id: str) -> bool: ...
+
+    def outdated(self, fetched_at: datetime | None) -> bool: ...
+
+    def is_stale(self, resource_id: str, window: Interval, fetched_at: Mapping[date, datetime]) -> bool: ...
+
+    async def try_ensure_fresh(self, resource_id: str, window: Interval, *, wait: timedelta | None = None) -> bool: ...
+
+
 class ExternalBusyRefresher:
     """Keeps each calendar-backed resource's external busy time in the index fresh. Build one per
     process; :meth:`run` is its scheduled loop, and :meth:`aclose` ends the loop and every fetch it

@@ -154,6 +154,11 @@ class FreeBusyIndex:
             name: redis.register_script(source) for name, source in _script_sources().items()
         }
 
+    @property
+    def prefix(self) -> str:
+        """The key prefix: another client on the same Redis with it sees the same index."""
+        return self._prefix
+
     def keys(self, resource_id: str) -> ResourceKeys:
         """Key names of ``resource_id`` under this index's prefix (for operations and tests)."""
         _check_resource(resource_id)

@@ -26,7 +26,7 @@ from booking.availability import SlotProblem, check_slot, free_slots, rank_slots
 from booking.business import Business, Service
 from booking.domain import Booking, BookingStatus, Interval, Slot, SmsConsent, ensure_utc
 from booking.errors import IdempotencyKeyReused, InvalidRequest, RequestInProgress
-from booking.external_busy import ExternalBusyRefresher, overlap_warnings
+from booking.external_busy import BusyFreshness, overlap_warnings
 from booking.freebusy import FreeBusyIndex, HoldGranted, HoldInProgress, HoldUnavailable, IndexNotReady
 from booking.ledger.repository import (
     Clock,
@@ -134,7 +134,7 @@ class BookingService:
         index: FreeBusyIndex,
         *,
         clock: Clock = utc_now,
-        external: ExternalBusyRefresher | None = None,
+        external: BusyFreshness | None = None,
         external_wait: timedelta = EXTERNAL_WAIT,
     ) -> None:
         """``external`` keeps resources' external calendar busy time in the index (None: no external

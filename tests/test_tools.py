@@ -1,12 +1,21 @@
-"""The agent's booking tools against a real booking service (real Redis, real ledger)."""
+"""The agent's booking tools against a real booking service (real Redis, real ledger). Every test runs
+twice: with the writes on the test's own loop, and on a booking lane (a loop of their own on another
+thread, with its own Redis client and ledger engines, as ``voicebook serve`` runs them)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from booking.domain import BookingStatus
+from booking.freebusy import FreeBusyIndex
+from booking.lane import BookingLane
+from booking.ledger.database import Database
+from booking.ledger.repository import Ledger
 from booking.service import BookingService
 from tests.conftest import FrozenClock
 from voice_server.ports import CallInfo, ToolCall
@@ -16,9 +25,33 @@ ALICE = CallInfo("CA-alice", "MZ-alice", "+12125550142", "+12125550100")
 BOB = CallInfo("CA-bob", "MZ-bob", "+16465550199", "+12125550100")
 
 
-@pytest.fixture
-def tools(service: BookingService, clock: FrozenClock) -> BookingTools:
-    return BookingTools(service, clock=clock)
+@pytest.fixture(params=["call loop", "booking lane"])
+async def tools(
+    request: pytest.FixtureRequest,
+    service: BookingService,
+    index: FreeBusyIndex,
+    clock: FrozenClock,
+    database_url: str,
+    redis_url: str,
+) -> AsyncIterator[BookingTools]:
+    if request.param == "call loop":
+        yield BookingTools(service, clock=clock)
+        return
+
+    async def build(stack: contextlib.AsyncExitStack) -> BookingService:
+        redis = aioredis.Redis.from_url(redis_url)
+        stack.push_async_callback(redis.aclose)
+        database = Database.connect(database_url)
+        stack.push_async_callback(database.dispose)
+        lane_index = FreeBusyIndex(redis, prefix=index.prefix)
+        return BookingService(service.business, Ledger(database, clock=clock), lane_index, clock=clock)
+
+    lane = BookingLane(build)
+    await lane.start()
+    try:
+        yield BookingTools(service, clock=clock, lane=lane)
+    finally:
+        await lane.stop()
 
 
 async def run(tools: BookingTools, name: str, info: CallInfo = ALICE, call_id: str = "call_1", **arguments: Any) -> Any:

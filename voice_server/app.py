@@ -17,9 +17,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from booking.business import load_business
+from booking.business import Business, load_business
 from booking.external_busy import ExternalBusyRefresher
 from booking.freebusy import FreeBusyIndex
+from booking.lane import BookingLane, CallLoopCalendar
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
 from booking.ledger.repository import Clock, Ledger, utc_now
@@ -66,6 +67,37 @@ async def _start_refresher(refresher: ExternalBusyRefresher, stack: contextlib.A
         await task
 
     stack.push_async_callback(stop)
+
+
+async def _start_booking_lane(
+    settings: Settings,
+    business: Business,
+    redis_url: str,
+    refresher: ExternalBusyRefresher | None,
+    stack: contextlib.AsyncExitStack,
+    *,
+    clock: Clock,
+) -> BookingLane:
+    """The booking tools' writes on a loop of their own (``booking.lane``): a second BookingService on
+    its own Redis client and ledger engines. Stopped after the calls have ended (the exit stack unwinds
+    in reverse), so a booking a hang-up left in flight still commits."""
+    call_loop = asyncio.get_running_loop()
+
+    async def build(lane_stack: contextlib.AsyncExitStack) -> BookingService:
+        redis = aioredis.Redis.from_url(redis_url, max_connections=128)
+        lane_stack.push_async_callback(redis.aclose)
+        database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
+        lane_stack.push_async_callback(database.dispose)
+        ledger = Ledger(database, clock=clock, notify_effects=RedisNotifier(redis, settings.effects_channel))
+        refresh = timedelta(seconds=settings.calendar_refresh_seconds)
+        index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * refresh)
+        external = CallLoopCalendar(refresher, call_loop) if refresher is not None else None
+        return BookingService(business, ledger, index, clock=clock, external=external)
+
+    lane = BookingLane(build)
+    await lane.start()
+    stack.push_async_callback(lane.stop)
+    return lane
 
 
 def create_app(
@@ -126,7 +158,14 @@ def create_app(
             else:  # the workers sample the outbox gauges; without them here, the server does
                 await stack.enter_async_context(sampling_outbox(database, clock=clock))
             calls = CallLedger(database, clock=clock, notify_effects=notify)
-            ports = voice if voice is not None else await build_voice(settings, business, service, stack, clock=clock)
+            lane = None
+            if settings.booking_lane and voice is None:
+                lane = await _start_booking_lane(settings, business, redis_url, refresher, stack, clock=clock)
+            ports = (
+                voice
+                if voice is not None
+                else await build_voice(settings, business, service, stack, clock=clock, lane=lane)
+            )
             app.state.components = Components(
                 settings, business, redis, database, service, calls, ports, reports=reporting.pipeline, clock=clock
             )

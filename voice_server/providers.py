@@ -20,6 +20,7 @@ import structlog
 
 from booking.business import Business
 from booking.errors import BookingError
+from booking.lane import BookingLane
 from booking.service import BookingService
 from integrations.twilio_rest import TwilioCallControl
 from voice_server.agent_prompt import BookingView, CallerContext, build_system_prompt
@@ -130,8 +131,9 @@ async def build_voice(
     stack: contextlib.AsyncExitStack,
     *,
     clock: Callable[[], datetime],
+    lane: BookingLane | None = None,
 ) -> VoicePorts:
-    tools = BookingTools(service, clock=clock)
+    tools = BookingTools(service, clock=clock, lane=lane)
     deepgram = None
     if settings.stt == "deepgram" or settings.tts == "deepgram":
         from integrations.deepgram_stt import deepgram_client
@@ -155,6 +157,7 @@ async def build_voice(
                 utterance_end_ms=settings.deepgram_utterance_end_ms,
             ),
             _LazySphinx(),
+            provider="deepgram",
         )
     else:
         offline = _LazySphinx()
@@ -165,7 +168,10 @@ async def build_voice(
         from integrations.deepgram_tts import DeepgramTTS
 
         tts = FallbackTTS(
-            DeepgramTTS(deepgram, model=settings.deepgram_tts_model), _LazyEspeak(), first_byte_timeout_s=2.5
+            DeepgramTTS(deepgram, model=settings.deepgram_tts_model),
+            _LazyEspeak(),
+            first_byte_timeout_s=2.5,
+            provider="deepgram",
         )
     else:
         tts = _LazyEspeak()

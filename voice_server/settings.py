@@ -83,6 +83,7 @@ class Settings:
     openai_model: str = "gpt-4.1-mini"
     openai_timeout_seconds: float = 8.0
     run_workers: bool = True
+    booking_lane: bool = True
     """Run the outbox's effect workers inside the server (``voicebook worker`` runs them on their own)."""
     worker_concurrency: int = 32
     """Effects one worker runs at once per integration (calendar, SMS): its backpressure bound."""
@@ -238,6 +239,7 @@ class Settings:
             openai_model=reader.text("OPENAI_MODEL", "gpt-4.1-mini"),
             openai_timeout_seconds=float(reader.integer("OPENAI_TIMEOUT_SECONDS", 8, low=1, high=120)),
             run_workers=reader.boolean("VOICEBOOK_RUN_WORKERS", True),
+            booking_lane=reader.boolean("VOICEBOOK_BOOKING_LANE", True),
             worker_concurrency=reader.integer("VOICEBOOK_WORKER_CONCURRENCY", 32, low=1, high=256),
             effect_lease_seconds=reader.integer("VOICEBOOK_EFFECT_LEASE_SECONDS", 120, low=2, high=3600),
             reconcile_seconds=reader.integer("VOICEBOOK_RECONCILE_SECONDS", 300, low=5, high=86_400),

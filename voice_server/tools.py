@@ -10,10 +10,10 @@ tool error the agent can read aloud or fix; it never reaches the ledger.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,12 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from booking.business import Business, Resource, Service
 from booking.domain import Booking, Interval, Slot, SmsConsent, ensure_utc
 from booking.errors import BookingError, InvalidRequest, NotFound
+from booking.lane import BookingLane
 from booking.ledger.repository import CustomerDetails, utc_now
 from booking.service import Booked, BookingService, BookRequest, Held
 from booking.timeutil import local_day_bounds, local_to_utc
 from voice_server.ports import CallInfo, ToolCall, ToolSpec
 
 log = structlog.get_logger("voicebook.tools")
+
+T = TypeVar("T")
 
 MAX_OFFERED = 3
 HOLDS_PER_CALL = 8
@@ -36,6 +39,11 @@ PARTS_OF_DAY: Mapping[str, tuple[time, time]] = {
     "evening": (time(17, 0), time(23, 59)),
 }
 _LOCAL_MINUTE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}$")
+
+
+async def _release_all(service: BookingService, tokens: Sequence[str]) -> None:
+    for token in tokens:
+        await service.release_hold(token)
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -193,8 +201,17 @@ class BookingTools:
 
     specs: Sequence[ToolSpec] = ALL_TOOL_SPECS
 
-    def __init__(self, service: BookingService, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        service: BookingService,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        lane: BookingLane | None = None,
+    ) -> None:
+        """``lane`` (optional) runs the writes (holds, bookings, reschedules, cancellations) on a booking
+        loop of their own (``booking.lane``); reads stay on the caller's loop with ``service``."""
         self._service = service
+        self._lane = lane
         self._business = service.business
         self._clock = clock
         self._holds: dict[str, list[_HeldSlot]] = {}
@@ -287,6 +304,12 @@ class BookingTools:
             "status": booking.status.value,
         }
 
+    async def _write(self, work: Callable[[BookingService], Coroutine[Any, Any, T]]) -> T:
+        """``work`` on the booking lane when there is one, else here."""
+        if self._lane is None:
+            return await work(self._service)
+        return await self._lane.run(work)
+
     # -- the tools ------------------------------------------------------------------------------------
     async def _check(self, args: CheckAvailability, info: CallInfo) -> dict[str, Any]:
         service = self._resolve_service(args.service)
@@ -309,8 +332,10 @@ class BookingTools:
             # time they now ask for, so it goes back first.
             await self._release_holds(info.call_sid)
             try:
-                outcome = await self._service.hold(
-                    service.id, start, resource_id=resource_id, owner=f"call:{info.call_sid}"
+                outcome = await self._write(
+                    lambda bookings: bookings.hold(
+                        service.id, start, resource_id=resource_id, owner=f"call:{info.call_sid}"
+                    )
                 )
             except InvalidRequest as error:
                 # Outside hours, too soon, closed: not bookable, but the nearest times are.
@@ -346,8 +371,9 @@ class BookingTools:
         return answer
 
     async def _release_holds(self, call_sid: str) -> None:
-        for held in self._holds.pop(call_sid, []):
-            await self._service.release_hold(held.token)
+        tokens = [held.token for held in self._holds.pop(call_sid, [])]
+        if tokens:
+            await self._write(lambda bookings: _release_all(bookings, tokens))
 
     def _remember(self, call_sid: str, held: Held) -> None:
         # Expiry is Redis's business (server time): a stale token is simply not honoured at booking.
@@ -381,7 +407,7 @@ class BookingTools:
             # Calling from the number and booking: texts about this booking are implied unless discussed.
             sms_consent=SmsConsent.from_answer(args.texts_ok),
         )
-        outcome = await self._service.book(request)
+        outcome = await self._write(lambda bookings: bookings.book(request))
         if isinstance(outcome, Booked):
             booking = outcome.booking
             with structlog.contextvars.bound_contextvars(booking_id=booking.id):
@@ -404,8 +430,11 @@ class BookingTools:
         booking = await self._own_booking(args.booking_id, info)
         resource_id = self._resolve_resource(args.resource)
         await self._release_holds(info.call_sid)  # the caller's own hold must not block the new time
-        outcome = await self._service.reschedule(
-            booking.id, self._local(args.new_start), resource_id=resource_id, actor=f"call:{info.call_sid}"
+        new_start = self._local(args.new_start)
+        outcome = await self._write(
+            lambda bookings: bookings.reschedule(
+                booking.id, new_start, resource_id=resource_id, actor=f"call:{info.call_sid}"
+            )
         )
         if isinstance(outcome, Booked):
             log.info("tool_rescheduled", call_sid=info.call_sid)
@@ -424,8 +453,10 @@ class BookingTools:
                 "booking_id": booking.id,
                 "spoken": spoken_time(booking.start, self._business),
             }
-        cancelled = await self._service.cancel(
-            booking.id, reason=args.reason or "cancelled by the caller", actor=f"call:{info.call_sid}"
+        cancelled = await self._write(
+            lambda bookings: bookings.cancel(
+                booking.id, reason=args.reason or "cancelled by the caller", actor=f"call:{info.call_sid}"
+            )
         )
         log.info("tool_cancelled", call_sid=info.call_sid)
         return {
