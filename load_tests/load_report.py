@@ -375,6 +375,9 @@ class Summary:
     effect_retries_ledger: int | None = None
     effects_dead_ledger: int | None = None
     provider_errors: dict[str, float] | None = None
+    # Sentences (tts) and calls (stt) served by the offline fallback, by role/reason: each is the server's
+    # own CPU spent on a voice or an ear the provider should have supplied.
+    speech_fallbacks: dict[str, float] | None = None
     bookings: int | None = None
     overlaps: int | None = None
     effects_pending: int | None = None
@@ -430,6 +433,12 @@ def render(summary: Summary) -> list[str]:
             "n/a"
             if s.provider_errors is None
             else ", ".join(f"{k} {v:.0f}" for k, v in sorted(s.provider_errors.items()) if v) or "0",
+        ),
+        (
+            "speech fallbacks (role/reason)",
+            "n/a"
+            if s.speech_fallbacks is None
+            else ", ".join(f"{k} {v:.0f}" for k, v in sorted(s.speech_fallbacks.items()) if v) or "0",
         ),
         ("bookings made in the run", _num(s.bookings, "", 0)),
         ("overlapping bookings (must be 0)", _num(s.overlaps, "", 0)),

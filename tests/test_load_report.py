@@ -162,6 +162,9 @@ def test_calls_per_core_counts_only_steps_within_the_lag_target(tmp_path: Path) 
     table = "\n".join(report.render(summary))
     assert "calls per core (largest with loop lag p99 < 10 ms): 320" in table
     assert "booking commit (server histogram)  p50 n/a  p99 n/a" in table
+    assert "speech fallbacks (role/reason)" in table and "n/a" in table.split("speech fallbacks")[1].split("\n")[0]
+    counted = "\n".join(report.render(Summary("steady", 100, 90.0, speech_fallbacks={"tts/breaker_open": 12.0})))
+    assert "speech fallbacks (role/reason)     tts/breaker_open 12" in counted
     pytest.importorskip("matplotlib")
     report.plot(steps, tmp_path / "latency.png")
     assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
