@@ -60,6 +60,7 @@ from integrations.simulators.openai import ChatPolicy, OpenAISimConfig, create_o
 from integrations.simulators.scripted_speech import VAD_THRESHOLD_DBFS, ScriptRecogniser
 from integrations.simulators.twilio import TwilioState, create_twilio_simulator
 from integrations.simulators.twilio_messages import Fault, MessagesState, Outcome, add_message_routes
+from voice_server.loop_watchdog import watching_for_stalls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_tests/ is a folder of scripts, not a package
 from bench_turns import tone_voice
@@ -253,6 +254,9 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
+SIM_STALL_SECONDS = 0.2
+
+
 async def serve(options: SimOptions) -> None:
     business = load_business(options.business_file)
     simulators = Simulators(options, business)
@@ -275,6 +279,10 @@ async def serve(options: SimOptions) -> None:
         servers[name] = (uvicorn.Server(config), sock)
     tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers.values()]
     stop = asyncio.Event()
+    # A simulator that stalls makes the server look slow (late transcripts, late first bytes of speech):
+    # its own stalls are logged with the stack that held its loop, once a second at most.
+    stalls = contextlib.AsyncExitStack()
+    await stalls.enter_async_context(watching_for_stalls(SIM_STALL_SECONDS, cooldown=1.0))
     try:
         with _stop_on_signals(stop):
             while not all(server.started for server, _ in servers.values()):
@@ -298,6 +306,7 @@ async def serve(options: SimOptions) -> None:
         await receipts.aclose()
         for _, sock in servers.values():
             sock.close()
+        await stalls.aclose()
 
 
 def parse_args(argv: list[str] | None = None) -> SimOptions:
