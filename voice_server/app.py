@@ -69,6 +69,20 @@ async def _start_refresher(refresher: ExternalBusyRefresher, stack: contextlib.A
     stack.push_async_callback(stop)
 
 
+def _calendar_refresh(settings: Settings) -> timedelta:
+    """How often external calendars' busy time is fetched; the index keeps it for three of these."""
+    return timedelta(seconds=settings.calendar_refresh_seconds)
+
+
+def _ledger_and_index(
+    settings: Settings, redis: aioredis.Redis, database: Database, notify: RedisNotifier, *, clock: Clock
+) -> tuple[Ledger, FreeBusyIndex]:
+    """A booking service's ledger and free/busy index. The call loop's service and the booking lane's
+    are built from it, so the two agree on the index's keys and on how long external busy time lives."""
+    index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * _calendar_refresh(settings))
+    return Ledger(database, clock=clock, notify_effects=notify), index
+
+
 async def _start_booking_lane(
     settings: Settings,
     business: Business,
@@ -88,9 +102,8 @@ async def _start_booking_lane(
         lane_stack.push_async_callback(redis.aclose)
         database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
         lane_stack.push_async_callback(database.dispose)
-        ledger = Ledger(database, clock=clock, notify_effects=RedisNotifier(redis, settings.effects_channel))
-        refresh = timedelta(seconds=settings.calendar_refresh_seconds)
-        index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * refresh)
+        notify = RedisNotifier(redis, settings.effects_channel)
+        ledger, index = _ledger_and_index(settings, redis, database, notify, clock=clock)
         external = CallLoopCalendar(refresher, call_loop) if refresher is not None else None
         return BookingService(business, ledger, index, clock=clock, external=external)
 
@@ -131,14 +144,14 @@ def create_app(
             elif await database.schema_revision() != head_revision():
                 raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
             notify = RedisNotifier(redis, settings.effects_channel)
-            ledger = Ledger(database, clock=clock, notify_effects=notify)
-            refresh = timedelta(seconds=settings.calendar_refresh_seconds)
-            index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * refresh)
+            ledger, index = _ledger_and_index(settings, redis, database, notify, clock=clock)
             calendar = await load_google_calendar(settings, database)  # shared: effects and free/busy
             if calendar is not None:
                 stack.callback(calendar.close)  # after the workers and the refresher, which use it
             refresher = (
-                ExternalBusyRefresher(business, ledger, index, calendar, interval=refresh, clock=clock)
+                ExternalBusyRefresher(
+                    business, ledger, index, calendar, interval=_calendar_refresh(settings), clock=clock
+                )
                 if calendar is not None
                 else None
             )
