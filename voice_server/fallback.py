@@ -243,7 +243,6 @@ class FallbackTTS:
             "tts", cooldown_s=cooldown_s, clock=clock, failure_threshold=failure_threshold, provider=provider
         )
         self.first_byte_timeout_s = first_byte_timeout_s
-        self.provider = provider
 
     async def synthesize(self, text: str) -> AsyncGenerator[bytes, None]:
         route = self.breaker.route()
@@ -279,8 +278,9 @@ class FallbackTTS:
                 self.breaker.abandoned(route)
         if failure is None:
             return
-        if isinstance(failure, DeadlineExceeded) and self.provider is not None:
-            provider_stream_failed(self.provider, "timeout")
+        provider = self.breaker.provider
+        if isinstance(failure, DeadlineExceeded) and provider is not None:
+            provider_stream_failed(provider, "timeout")
         self.breaker.failed(route, failure, text_chars=len(text), mid_sentence=started)
         if started:
             # Where the audio stopped is not known in words, so the fallback cannot say just the rest.
