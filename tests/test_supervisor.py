@@ -29,7 +29,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 
 from tests.test_server import free_port
-from tests.twilio_caller import TwilioCaller
+from tests.twilio_caller import TwilioCaller, inbound_call, ring
 from voice_server.settings import Settings
 
 # Every server process is a fresh interpreter importing every client; two or three start per test.
@@ -41,15 +41,7 @@ STOP_MARGIN_SECONDS = 15  # past the drain: uvicorn's shutdown, the lifespan's, 
 # The variables that would point a run at the test environment's services or metrics folder.
 INHERITED = ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
-CALL = {
-    "CallSid": "CA" + "6" * 32,
-    "AccountSid": "AC" + "0" * 32,
-    "From": "+16465550199",
-    "To": "+12125550100",
-    "CallStatus": "ringing",
-    "Direction": "inbound",
-    "ApiVersion": "2010-04-01",
-}
+CALL = inbound_call("CA" + "6" * 32)
 
 
 @dataclass
@@ -292,17 +284,13 @@ async def test_a_signal_to_the_whole_group_drains_calls_once(app_settings: Setti
     }
     async with voicebook(tmp_path, "serve", "--processes", "2", env=env) as run:
         await wait_until_ready(run)
-        validator = RequestValidator(AUTH_TOKEN)
-        webhook = f"{run.base}/twilio/voice"
         async with httpx.AsyncClient(timeout=10) as client:
-            answer = await client.post(
-                webhook, data=CALL, headers={"X-Twilio-Signature": validator.compute_signature(webhook, CALL)}
-            )
+            answer = await ring(client, run.base, CALL, auth_token=AUTH_TOKEN)
         assert answer.status_code == 200, answer.text
         stream = re.search(r'<Stream url="([^"]+)"', answer.text)
         assert stream is not None, answer.text
         stream_url = html.unescape(stream.group(1))
-        upgrade = {"X-Twilio-Signature": validator.compute_signature(stream_url, {})}
+        upgrade = {"X-Twilio-Signature": RequestValidator(AUTH_TOKEN).compute_signature(stream_url, {})}
         async with (
             connect(stream_url, additional_headers=upgrade) as ws,
             TwilioCaller(ws, call_sid=CALL["CallSid"]) as caller,

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from twilio.request_validator import RequestValidator
 
 from tests.test_server import free_port
 from tests.tracing_support import otlp_receiver
+from tests.twilio_caller import inbound_call, ring
 from voice_server.settings import Settings
 
 # A fresh interpreter importing every client, then a graceful stop: longer than the suite's default.
@@ -24,15 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
 SERVICE_NAME = "voicebook-serve-test"
-CALL = {
-    "CallSid": "CA" + "5" * 32,
-    "AccountSid": "AC" + "0" * 32,
-    "From": "+16465550199",
-    "To": "+12125550100",
-    "CallStatus": "ringing",
-    "Direction": "inbound",
-    "ApiVersion": "2010-04-01",
-}
+CALL = inbound_call("CA" + "5" * 32)
 
 
 async def wait_until_ready(base: str, process: asyncio.subprocess.Process, log: Path) -> None:
@@ -77,9 +69,8 @@ async def test_voicebook_serve_exports_the_webhook_span_on_sigterm(app_settings:
             )
         try:
             await wait_until_ready(base, process, log)
-            signature = RequestValidator(AUTH_TOKEN).compute_signature(f"{base}/twilio/voice", CALL)
             async with httpx.AsyncClient(timeout=10) as client:
-                answer = await client.post(f"{base}/twilio/voice", data=CALL, headers={"X-Twilio-Signature": signature})
+                answer = await ring(client, base, CALL, auth_token=AUTH_TOKEN)
             assert answer.status_code == 200, answer.text
             assert received == [], "nothing is exported before the batch is due or the server stops"
         finally:

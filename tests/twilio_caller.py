@@ -10,11 +10,33 @@ import contextlib
 import time
 from typing import Any
 
+import httpx
 import orjson
+from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection
 
 LOUD = bytes([0x10]) * 160  # a loud mu-law frame (about -8 dBFS)
 QUIET = bytes([0xFF]) * 160  # mu-law silence
+
+
+def inbound_call(call_sid: str) -> dict[str, str]:
+    """The form Twilio posts to the voice webhook when ``call_sid`` rings the business."""
+    return {
+        "CallSid": call_sid,
+        "AccountSid": "AC" + "0" * 32,
+        "From": "+16465550199",
+        "To": "+12125550100",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+        "ApiVersion": "2010-04-01",
+    }
+
+
+async def ring(client: httpx.AsyncClient, base: str, form: dict[str, str], *, auth_token: str) -> httpx.Response:
+    """Post ``form`` to the voice webhook at ``base``, signed with ``auth_token`` as Twilio signs it."""
+    webhook = f"{base}/twilio/voice"
+    signature = RequestValidator(auth_token).compute_signature(webhook, form)
+    return await client.post(webhook, data=form, headers={"X-Twilio-Signature": signature})
 
 
 class TwilioCaller:
