@@ -228,17 +228,27 @@ async def test_finalize_through_the_sdk_answers_from_finalize() -> None:
     assert [w.word for w in message.channel.alternatives[0].words] == ["hello"]
 
 
+DROP_AFTER_FIRST_RESULT = dataclasses.replace(FAST_INTERIMS, listen=ListenFaults(drop_after_results=1))
+
+
+async def speak_through_a_drop(client: AsyncDeepgramClient) -> list[SpeechEvent]:
+    """One turn spoken across a dropped socket (``DROP_AFTER_FIRST_RESULT``): "book a cleaning" until the
+    first interim (then Deepgram drops the socket), the reconnect, "tomorrow at nine", the end of the
+    turn; the stream closed. Returns what the stream heard."""
+    stream = await DeepgramSTT(client, endpointing_ms=200, reconnect_backoff_s=0.01).open(CALL)
+    events: list[SpeechEvent] = []
+    await feed(stream, utterance("book a cleaning"))
+    await collect(stream, lambda seen: bool(interims(seen)), events)  # the first interim, then the drop
+    await eventually(lambda: stream.reconnects == 1 and stream.state is StreamState.OPEN)
+    await feed(stream, tone_synthesize("tomorrow at nine") + silence(500))
+    await collect(stream, end_of_turn, events)
+    await stream.close()
+    return events
+
+
 async def test_a_socket_dropped_mid_utterance_reconnects_and_loses_no_words() -> None:
-    config = dataclasses.replace(FAST_INTERIMS, listen=ListenFaults(drop_after_results=1))
-    async with simulator(config) as (client, state):
-        stream = await DeepgramSTT(client, endpointing_ms=200, reconnect_backoff_s=0.01).open(CALL)
-        events: list[SpeechEvent] = []
-        await feed(stream, utterance("book a cleaning"))
-        await collect(stream, lambda seen: bool(interims(seen)), events)  # the first interim, then the drop
-        await eventually(lambda: stream.reconnects == 1 and stream.state is StreamState.OPEN)
-        await feed(stream, tone_synthesize("tomorrow at nine") + silence(500))
-        await collect(stream, end_of_turn, events)
-        await stream.close()
+    async with simulator(DROP_AFTER_FIRST_RESULT) as (client, state):
+        events = await speak_through_a_drop(client)
 
     assert state.listen_closes[0] == (1011, "simulated drop")
     assert state.listen_connections == 2

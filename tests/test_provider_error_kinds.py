@@ -24,20 +24,19 @@ from integrations.simulators.deepgram_listen import ListenFaults
 from integrations.simulators.google_calendar import CalendarFaults, CalendarState, FaultKind, service_account_info
 from tests.test_deepgram import (
     CALL,
+    DROP_AFTER_FIRST_RESULT,
     FAST_INTERIMS,
     collect,
     end_of_turn,
     eventually,
     feed,
     finals,
-    interims,
     simulator,
-    tone_synthesize,
+    speak_through_a_drop,
     utterance,
 )
 from tests.test_google_calendar import http_error, make_booking
-from voice_server.audio import silence
-from voice_server.ports import SpeechEvent, Transcript
+from voice_server.ports import Transcript
 
 KINDS: tuple[ErrorKind, ...] = get_args(ErrorKind)
 
@@ -124,20 +123,12 @@ LISTEN_FAILED = {**LISTEN_OK, "outcome": "error"}
 
 
 async def test_a_stream_dropped_mid_call_counts_once_as_unavailable_and_the_call_carries_on() -> None:
-    config = dataclasses.replace(FAST_INTERIMS, listen=ListenFaults(drop_after_results=1))
     before = errors("deepgram")
     handshakes = sample("voicebook_provider_requests_total", LISTEN_OK)
     failed_requests = sample("voicebook_provider_requests_total", LISTEN_FAILED)
-    async with simulator(config) as (client, state):
+    async with simulator(DROP_AFTER_FIRST_RESULT) as (client, state):
         with capture_logs() as logs:
-            stream = await DeepgramSTT(client, endpointing_ms=200, reconnect_backoff_s=0.01).open(CALL)
-            events: list[SpeechEvent] = []
-            await feed(stream, utterance("book a cleaning"))
-            await collect(stream, lambda seen: bool(interims(seen)), events)  # the first interim, then the drop
-            await eventually(lambda: stream.reconnects == 1 and stream.state is StreamState.OPEN)
-            await feed(stream, tone_synthesize("tomorrow at nine") + silence(500))
-            await collect(stream, end_of_turn, events)
-            await stream.close()
+            events = await speak_through_a_drop(client)
 
     assert state.listen_closes == [(1011, "simulated drop"), (1000, "")]
     assert grown(before, errors("deepgram")) == {"unavailable": 1}
