@@ -34,6 +34,7 @@ import httpx
 import structlog
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from integrations import ws_masking
 from integrations.metrics import ErrorKind, provider_connect, provider_stream_failed
 from voice_server.audio import SAMPLE_RATE
 from voice_server.ports import CallInfo, Expectation, SpeechEvent, SpeechStarted, Transcript
@@ -118,7 +119,9 @@ def deepgram_client(
     api_key: str, *, base_url: str | None = None, http: httpx.AsyncClient | None = None
 ) -> AsyncDeepgramClient:
     """The SDK client, built once at start-up. Retries are the adapters' (the SDK's own retry loop does
-    not cover streamed responses), so the SDK's are turned off."""
+    not cover streamed responses), so the SDK's are turned off. The live sockets mask their frames with
+    buffered randomness (:mod:`integrations.ws_masking`)."""
+    ws_masking.install()
     environment = DeepgramClientEnvironment.PRODUCTION if base_url is None else loopback_environment(base_url)
     client = AsyncDeepgramClient(api_key=api_key, environment=environment, httpx_client=http, max_retries=0)
     _fix_request_headers(client)

@@ -57,7 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_tests/ is a fol
 from load_script import SCENARIOS, CallerPool, Conversation, Scenario, conversation, mixed_task, read_utterances
 from media_stream import FRAME_BYTES, CallFailed, MediaStream
 
+from integrations import ws_masking
 from voice_server.softphone import parse_answer
+
+ws_masking.install()  # each caller masks 50 frames a second; keys from buffered randomness, as the server's
 
 CALLER_WEIGHT = 10
 ACCOUNT_SID = "AC" + "0" * 32
