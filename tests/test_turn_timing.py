@@ -134,7 +134,8 @@ async def test_the_timer_splits_a_turn_into_provider_waits_and_overhead() -> Non
     timing = timer.finish()
 
     payloads = [base64.b64decode(m["media"]["payload"]) for m in sent if m["event"] == "media"]  # type: ignore[index]
-    assert b"".join(payloads) == bytes(range(200)) + bytes(300) + b"\x01" * 140 and len(payloads) == 4
+    assert b"".join(payloads) == bytes(range(200)) + bytes(300) + b"\x01" * 140
+    assert [len(payload) for payload in payloads] == [160, 320, 160]  # the first frame alone, then what is at hand
     assert timing.agent_rounds == 2
     assert timing.agent_first_token == pytest.approx(0.253)  # asked, our 3 ms after the Expect, 250 ms of model
     assert timing.tool == pytest.approx(0.05)
@@ -150,18 +151,20 @@ async def test_the_timer_splits_a_turn_into_provider_waits_and_overhead() -> Non
 
 
 async def test_the_first_frame_bytes_are_the_same_stream() -> None:
-    """The timer hands the first frame's bytes over alone; the frames the playout sends do not change."""
+    """The timer hands the first frame's bytes over alone; the audio the playout sends does not change
+    (only how it is grouped into messages: the first frame goes out in one of its own)."""
     chunks = [b"\x10" * 70, b"\x20" * 500, b"\x30" * 33]
 
     async def tts() -> AsyncIterator[bytes]:
         for chunk in chunks:
             yield chunk
 
-    async def frames(timed: bool) -> list[str]:
-        sent: list[str] = []
+    async def frames(timed: bool) -> list[bytes | str]:
+        sent: list[bytes | str] = []
 
         async def send(text: str) -> None:
-            sent.append(text)
+            message = orjson.loads(text)
+            sent.append(base64.b64decode(message["media"]["payload"]) if message["event"] == "media" else text)
 
         playout = Playout(send, "MZ1", lead=10.0)
         timer = TurnTimer("dtmf", 0.0)
@@ -172,7 +175,11 @@ async def test_the_first_frame_bytes_are_the_same_stream() -> None:
             assert timer.finish().first_frame_at is not None
         return sent
 
-    assert await frames(timed=True) == await frames(timed=False)
+    timed, untimed = await frames(timed=True), await frames(timed=False)
+    assert len(timed) == 4 and len(untimed) == 3  # the first frame alone; the rest as it came; the mark
+    audio = [b"".join(part for part in sent if isinstance(part, bytes)) for sent in (timed, untimed)]
+    assert audio[0] == audio[1] == b"\x10" * 70 + b"\x20" * 500 + b"\x30" * 33 + b"\xff" * 37
+    assert timed[-1] == untimed[-1]
 
 
 async def test_a_first_utterance_shorter_than_a_frame_still_marks_the_first_frame() -> None:

@@ -1,7 +1,11 @@
 """Agent audio out to Twilio: paced in real time, a little ahead, with a mark after each utterance.
 
-Audio sent far ahead of real time cannot be taken back quickly, and bursts jitter; so frames go out when
-Twilio's buffer holds less than ``lead`` of audio. A ``mark`` follows each utterance; Twilio echoes it
+Audio sent far ahead of real time cannot be taken back quickly, and bursts jitter; so audio goes out when
+Twilio's buffer holds less than ``lead`` of it. The whole 20 ms frames at hand when the speech provider's
+chunk arrives go out together, up to ``frames_per_message`` in one ``media`` message (Twilio plays a
+message's payload of any length): a fifth of the messages, and of their framing, JSON and base64, that a
+message per frame would cost. Audio is never held back to fill a message. ``clear`` still drops whatever
+Twilio has buffered, so a larger message does not slow a barge-in. A ``mark`` follows each utterance; Twilio echoes it
 when the audio before it has played, which is how the session knows what the caller actually heard.
 ``clear`` empties Twilio's buffer; marks still pending then come back too, but they were not heard.
 """
@@ -12,11 +16,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from voice_server.audio import MULAW_FRAME_BYTES, Framer
+from voice_server.audio import Framer
 from voice_server.media_streams import MediaStreamCodec
 
 FRAME_SECONDS = 0.02
 DEFAULT_LEAD_SECONDS = 0.1
+DEFAULT_FRAMES_PER_MESSAGE = 5  # up to 100 ms of audio per media message
 
 Send = Callable[[str], Awaitable[None]]
 
@@ -28,12 +33,14 @@ class Playout:
         stream_sid: str,
         *,
         lead: float = DEFAULT_LEAD_SECONDS,
+        frames_per_message: int = DEFAULT_FRAMES_PER_MESSAGE,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._send = send
         self._stream_sid = stream_sid
         self._lead = lead
+        self._frames_per_message = frames_per_message
         self._clock = clock
         self._sleep = sleep
         self._buffer_end = 0.0  # when the audio already sent will have finished playing
@@ -49,24 +56,26 @@ class Playout:
         return max(0.0, self._buffer_end - self._clock())
 
     async def play(self, audio: AsyncIterator[bytes], mark: str) -> None:
-        """Send one utterance frame by frame, paced, then its mark. Cancelling stops sending at once."""
+        """Send one utterance, paced, then its mark. Cancelling stops sending at once."""
         framer = Framer()
         async for chunk in audio:
-            for frame in framer.push(chunk):
-                await self._send_frame(frame)
+            await self._send_frames(framer.push(chunk))
         tail = framer.flush(pad=True)
         if tail is not None:
-            await self._send_frame(tail)
+            await self._send_frames([tail])
         self._pending[mark] = asyncio.get_running_loop().create_future()
         await self._send(MediaStreamCodec.mark(self._stream_sid, mark))
 
-    async def _send_frame(self, frame: bytes) -> None:
-        ahead = self._buffer_end - self._clock()
-        if ahead > self._lead:
-            await self._sleep(ahead - self._lead)
-        await self._send(MediaStreamCodec.media(self._stream_sid, frame))
-        self.frames_sent += 1
-        self._buffer_end = max(self._buffer_end, self._clock()) + FRAME_SECONDS * len(frame) / MULAW_FRAME_BYTES
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        step = self._frames_per_message
+        for start in range(0, len(frames), step):
+            batch = frames[start : start + step]
+            ahead = self._buffer_end - self._clock()
+            if ahead > self._lead:
+                await self._sleep(ahead - self._lead)
+            await self._send(MediaStreamCodec.media(self._stream_sid, b"".join(batch)))
+            self.frames_sent += len(batch)
+            self._buffer_end = max(self._buffer_end, self._clock()) + FRAME_SECONDS * len(batch)
 
     def on_mark(self, name: str) -> None:
         """Twilio echoed a mark: the utterance before it has played (unless it was cleared first)."""
