@@ -5,6 +5,12 @@ A caller on the phone must never hear dead air or a crash. The SDK's own retries
 kept at zero by default: on a rate limit, an outage, a timeout or a dropped stream this adapter says a
 short holding line once, retries a few times with a short backoff, and if the model is still unreachable
 says a fallback line offering a call back. ``respond()`` never raises (cancellation aside).
+
+Requests go through the client's own ``post()`` (which the SDK offers for requests its typed methods do
+not cover) rather than ``chat.completions.create()``: same base URL, auth, timeout and stream parsing, but
+not the walk ``create()`` makes through every message and tool to transform them for the wire. Ours are
+the wire's JSON already, and that walk cost 2.2 ms on the event loop for a 12-message conversation, on
+every request of every turn.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from openai import (
     APIError,
     APIStatusError,
     AsyncOpenAI,
+    AsyncStream,
     RateLimitError,
-    omit,
 )
 from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
@@ -375,13 +383,21 @@ class OpenAIAgent:
         self, messages: list[ChatCompletionMessageParam], call: CallInfo
     ) -> AsyncGenerator[AgentEvent, None]:
         """One request: text deltas as they arrive, then the tool calls once the model has finished."""
-        stream = await self._client.chat.completions.create(
-            model=self._model,
-            messages=messages,
-            tools=self._tools,
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": messages,
+            "tools": self._tools,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self._temperature is not None:
+            body["temperature"] = self._temperature
+        stream = await self._client.post(
+            "/chat/completions",
+            cast_to=ChatCompletion,
+            body=body,
             stream=True,
-            stream_options={"include_usage": True},
-            temperature=omit if self._temperature is None else self._temperature,
+            stream_cls=AsyncStream[ChatCompletionChunk],
         )
         partials: dict[int, _PartialCall] = {}
         finished = False
