@@ -3,8 +3,8 @@
 libespeak-ng keeps its state in globals (the voice, the parameters, the synth callback) and is not
 thread-safe, so one process-wide engine initialises the library once and serialises every synthesis
 with a lock. In synchronous mode ``espeak_Synth`` renders on the calling thread and hands audio to our
-callback in short chunks as it goes; a callback that returns 1 aborts the synthesis, which is how a
-cancelled stream stops early.
+callback in short chunks as it goes; a callback that returns 1 aborts the synthesis. The server speaks
+through ``integrations.espeak_process``, which renders each sentence with this in a worker process.
 
 espeak renders at 22050 Hz; the phone wants 8 kHz mu-law, so each chunk goes through a streaming
 resampler (soxr, state kept across chunks) and the mu-law table of ``voice_server.audio``.
@@ -12,17 +12,16 @@ resampler (soxr, state kept across chunks) and the mu-law table of ``voice_serve
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import espeakng_loader  # type: ignore[import-untyped]  # no type information shipped
 import numpy as np
 import numpy.typing as npt
 
-from voice_server.audio import SAMPLE_RATE, Framer, StreamResampler, pcm16_to_mulaw
+from voice_server.audio import SAMPLE_RATE, StreamResampler, pcm16_to_mulaw
 
 # Values from espeak-ng's speak_lib.h.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2  # render on the calling thread, audio through the callback
@@ -32,7 +31,7 @@ _CHARS_UTF8 = 1
 _ENDPAUSE = 0x1000  # a short pause after the text, so the last word is not cut
 _RATE = 1  # espeak_PARAMETER: words per minute
 _EE_OK = 0
-_CALLBACK_CHUNK_MS = 100  # audio handed to the callback at a time: small enough to stream early
+_CALLBACK_CHUNK_MS = 100  # audio handed to the callback at a time
 
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
@@ -176,35 +175,6 @@ class Espeak:
         out += encoder.flush()
         return bytes(out)
 
-    def stream_mulaw(self, text: str, sink: Callable[[bytes], bool]) -> None:
-        """Speak ``text`` as 8 kHz mu-law in whole 20 ms frames, handed to ``sink`` as they are rendered
-        (the last frame padded with silence). ``sink`` returns False to stop early."""
-        if not text.strip():
-            return
-        encoder = _MulawEncoder(_get_engine().sample_rate)
-        framer = Framer()
-
-        def on_chunk(chunk: npt.NDArray[np.int16]) -> bool:
-            frames = framer.push(encoder.encode(chunk))
-            return sink(b"".join(frames)) if frames else True
-
-        stopped = False
-
-        def guarded(chunk: npt.NDArray[np.int16]) -> bool:
-            nonlocal stopped
-            stopped = not on_chunk(chunk)
-            return not stopped
-
-        _get_engine().render(text, self.voice, self.wpm, guarded)
-        if stopped:
-            return
-        frames = framer.push(encoder.flush())
-        tail = framer.flush(pad=True)
-        if tail is not None:
-            frames.append(tail)
-        if frames:
-            sink(b"".join(frames))
-
 
 class _MulawEncoder:
     """Native-rate int16 chunks in, 8 kHz mu-law out, with resampler state kept between chunks."""
@@ -217,45 +187,3 @@ class _MulawEncoder:
 
     def flush(self) -> bytes:
         return pcm16_to_mulaw(self._resampler.flush())
-
-
-class EspeakTTS:
-    """The offline ``TextToSpeech``: espeak renders on a worker thread while the caller hears the first
-    sentence. Closing or cancelling the iteration stops the synthesis at its next chunk."""
-
-    def __init__(self, espeak: Espeak | None = None) -> None:
-        self._espeak = espeak or Espeak()
-
-    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        if not text.strip():
-            return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        stop = threading.Event()
-
-        def sink(frames: bytes) -> bool:
-            if stop.is_set():
-                return False
-            loop.call_soon_threadsafe(queue.put_nowait, frames)
-            return True
-
-        def work() -> None:
-            try:
-                self._espeak.stream_mulaw(text, sink)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)  # the end, or the failure to raise
-
-        worker = asyncio.ensure_future(asyncio.to_thread(work))
-        try:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            await worker  # raises what the synthesis raised
-        finally:
-            stop.set()
-            if not worker.done():
-                # The thread notices the stop flag at its next chunk (~100 ms of audio, well under a
-                # millisecond of work); wait for it so no synthesis outlives its stream. Its outcome no
-                # longer matters: the consumer has gone or something else is already being raised.
-                await asyncio.wait({worker})
-                if not worker.cancelled():
-                    worker.exception()

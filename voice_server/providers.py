@@ -14,6 +14,7 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
@@ -37,6 +38,9 @@ from voice_server.ports import (
 )
 from voice_server.settings import Settings
 from voice_server.tools import BookingTools
+
+if TYPE_CHECKING:
+    from integrations.espeak_process import EspeakProcessTTS
 
 log = structlog.get_logger("voicebook.providers")
 
@@ -111,17 +115,28 @@ class _LazySphinx:
 
 
 class _LazyEspeak:
-    """libespeak-ng, loaded on the first sentence that needs it."""
+    """libespeak-ng in a worker process (``integrations.espeak_process``), started on the first sentence
+    that needs it, or at once with :meth:`warm_up`."""
 
     def __init__(self) -> None:
-        self._tts: TextToSpeech | None = None
+        self._tts: EspeakProcessTTS | None = None
+
+    def _load(self) -> EspeakProcessTTS:
+        if self._tts is None:
+            from integrations.espeak_process import EspeakProcessTTS
+
+            self._tts = EspeakProcessTTS()
+        return self._tts
+
+    async def warm_up(self) -> None:
+        await self._load().start()
 
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        if self._tts is None:
-            from integrations.espeak import EspeakTTS
+        return self._load().synthesize(text)
 
-            self._tts = EspeakTTS()
-        return self._tts.synthesize(text)
+    async def aclose(self) -> None:
+        if self._tts is not None:
+            await self._tts.aclose()
 
 
 async def build_voice(
@@ -164,17 +179,20 @@ async def build_voice(
         await offline.warm_up()
         stt = offline
     tts: TextToSpeech
+    offline_voice = _LazyEspeak()
+    stack.push_async_callback(offline_voice.aclose)
     if settings.tts == "deepgram" and deepgram is not None:
         from integrations.deepgram_tts import DeepgramTTS
 
         tts = FallbackTTS(
             DeepgramTTS(deepgram, model=settings.deepgram_tts_model),
-            _LazyEspeak(),
+            offline_voice,
             first_byte_timeout_s=2.5,
             provider="deepgram",
         )
     else:
-        tts = _LazyEspeak()
+        await offline_voice.warm_up()  # every call's greeting needs it: start the worker before the first
+        tts = offline_voice
     agent: Agent
     if settings.agent == "openai":
         from openai import AsyncOpenAI
