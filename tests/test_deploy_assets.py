@@ -32,6 +32,7 @@ METRIC_MODULES = (
     "booking.metrics",
     "booking.reconciler",
     "integrations.metrics",
+    "voice_server.fallback",
     "voice_server.metrics",
     "voice_server.turn_timing",
 )
@@ -58,6 +59,8 @@ REQUIRED_ALERTS = {
     "VoicebookEffectQueueGrowing": "voicebook_effect_queue_depth",
     "VoicebookEffectOldestDueHigh": "voicebook_effect_oldest_due_seconds",
     "VoicebookCalendarSuccessRateLow": "voicebook_provider_requests_total",
+    "VoicebookSpeechBreakerOpen": "voicebook_speech_breaker_open",
+    "VoicebookSpeechFallbackShareHigh": "voicebook_speech_fallbacks_total",
     "VoicebookTargetDown": "up",
 }
 PINNED_FOR = {
