@@ -63,7 +63,8 @@ class Line:
 
     base: str
     app: Starlette
-    dialled: dict[str, str] = dataclasses.field(default_factory=dict)  # caller -> call SID, for failure reports
+    # scenario (its task's name) -> the call SID it dialled, to show a failed scenario's own call
+    dialled: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def components(self) -> Components:
@@ -180,7 +181,8 @@ def _locked_espeak() -> Callable[[str], bytes]:
 @contextlib.asynccontextmanager
 async def dial(line: Line, caller: str) -> AsyncIterator[Softphone]:
     async with Softphone.dial(line.base, auth_token=AUTH_TOKEN, caller=caller, called=BUSINESS_NUMBER) as phone:
-        line.dialled[caller] = phone.call_sid
+        task = asyncio.current_task()
+        line.dialled[task.get_name() if task is not None else caller] = phone.call_sid
         await phone.wait_for_reply(within=20)  # the greeting
         yield phone
 
@@ -328,10 +330,14 @@ SCENARIOS: list[Callable[[Line], Awaitable[None]]] = [
 
 
 async def test_calls_book_reschedule_cancel_barge_in_and_hang_up(line: Line) -> None:
-    outcomes = await asyncio.gather(*(scenario(line) for scenario in SCENARIOS), return_exceptions=True)
+    tasks = [asyncio.create_task(scenario(line), name=scenario.__name__) for scenario in SCENARIOS]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     failed = {s.__name__: repr(o) for s, o in zip(SCENARIOS, outcomes, strict=True) if isinstance(o, BaseException)}
-    heard: dict[str, list[tuple[str, str]]] = {}
-    if failed:  # what each call heard and did, to tell a misheard word from a logic error, in the message
-        for caller, call_sid in line.dialled.items():
-            heard[caller] = [(t.role, t.text[:120]) for t in await line.components.calls.transcript(call_sid)]
+    # What each failed call heard and did, to tell a misheard word from a logic error; only the failed
+    # calls, so the message is short enough to survive a CI log's truncation.
+    heard = {
+        name: [(t.role, t.text[:80]) for t in await line.components.calls.transcript(line.dialled[name])]
+        for name in failed
+        if name in line.dialled
+    }
     assert not failed, (failed, heard)
