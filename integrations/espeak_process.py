@@ -8,9 +8,9 @@ under load. Measured under 100 calls with the primary voice failing over to this
 engine time per sentence, every sentence of every call through the one engine, first bytes queued for up
 to 5 s, and the resampling and encoding on the calls' interpreter.
 
-Here each sentence is rendered whole, resampled and encoded in a worker process (``spawn``: the server
-has threads, which ``fork`` would copy mid-state), with an engine of its own and no interpreter shared
-with the calls. The server's side is one request and one reply per sentence. A sentence's audio then
+Here each sentence is rendered whole, resampled and encoded in a worker process
+(``integrations.worker_processes``), with an engine of its own and no interpreter shared with the
+calls. The server's side is one request and one reply per sentence. A sentence's audio then
 comes back at once, so there is nothing to stop part way; a caller who barges in drops the reply, and
 the worker's few milliseconds of work are not worth interrupting. A worker that dies fails the sentences
 it held with :class:`EspeakError` (the session speaks the next one) and the next sentence starts a new
@@ -19,14 +19,11 @@ pool. The pool starts on the first sentence, or at once with :meth:`start`.
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 from integrations.espeak import Espeak, EspeakError
+from integrations.worker_processes import WorkerDied, WorkerProcesses
 from voice_server.audio import MULAW_FRAME_BYTES, MULAW_SILENCE
 
 CHUNK_BYTES = 8 * MULAW_FRAME_BYTES
@@ -50,44 +47,26 @@ class EspeakProcessTTS:
     """Sentences rendered by libespeak-ng in ``workers`` processes (see the module doc)."""
 
     def __init__(self, espeak: Espeak | None = None, *, workers: int = 1) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
         self._espeak = espeak or Espeak()
-        self._workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
-        return self._pool
+        self._processes = WorkerProcesses(workers)
 
     async def start(self) -> list[int]:
         """Start the workers and load the library in each; returns their process ids."""
-        loop = asyncio.get_running_loop()
-        pool = self._executor()
-        return list(await asyncio.gather(*(loop.run_in_executor(pool, _worker_ready) for _ in range(self._workers))))
+        return await self._processes.start(_worker_ready)
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         if not text.strip():
             return
-        pool = self._executor()
         try:
-            audio = await asyncio.get_running_loop().run_in_executor(
-                pool, render_mulaw, self._espeak.voice, self._espeak.wpm, text
-            )
-        except BrokenProcessPool as error:
-            if self._pool is pool:
-                self._pool = None  # the next sentence starts a new pool
-                pool.shutdown(wait=False, cancel_futures=True)
+            audio = await self._processes.run(render_mulaw, self._espeak.voice, self._espeak.wpm, text)
+        except WorkerDied as error:
             raise EspeakError(f"the espeak worker process died: {error}") from error
         for start in range(0, len(audio), CHUNK_BYTES):
             yield audio[start : start + CHUNK_BYTES]
 
     async def aclose(self) -> None:
         """Stop the workers (sentences still queued are dropped)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        await self._processes.aclose()
 
 
 __all__ = ["CHUNK_BYTES", "EspeakProcessTTS", "render_mulaw"]

@@ -9,9 +9,9 @@ exit stack.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -84,31 +84,35 @@ def caller_context_lookup(
 
 
 @functools.cache
-def _shared_sphinx() -> SpeechToText:
-    """One recogniser per process: its decoder pool is thread-safe and every call shares it."""
+def _shared_sphinx(pid: int) -> SpeechToText:
+    """One offline ear per server process (keyed by process id, so a forked child builds its own): its
+    decoder processes serve every call of every app in the process."""
     from integrations.sphinx import SphinxSTT
+    from integrations.sphinx_process import SphinxProcessRecognizer
 
-    return SphinxSTT()
+    return SphinxSTT(SphinxProcessRecognizer())
 
 
 class _LazySphinx:
-    """pocketsphinx, loaded on the first call that needs it (its decoders take a moment and memory)."""
+    """pocketsphinx in worker processes, started on the first call that needs it (the model takes a
+    moment and memory), or at once with :meth:`warm_up`."""
 
     def __init__(self) -> None:
         self._stt: SpeechToText | None = None
 
     def _load(self) -> SpeechToText:
         if self._stt is None:
-            self._stt = _shared_sphinx()
+            self._stt = _shared_sphinx(os.getpid())
         return self._stt
 
     async def warm_up(self) -> None:
-        """Load the model and build a decoder now, off the event loop, so the first caller does not wait."""
+        """Start the decoder processes and build their decoders now, so the first caller does not wait."""
         from integrations.sphinx import SphinxSTT
+        from integrations.sphinx_process import SphinxProcessRecognizer
 
         stt = self._load()
-        assert isinstance(stt, SphinxSTT)
-        await asyncio.to_thread(stt.recognizer.warm_up)
+        assert isinstance(stt, SphinxSTT) and isinstance(stt.recognizer, SphinxProcessRecognizer)
+        await stt.recognizer.start()
 
     async def open(self, call: CallInfo) -> SpeechToTextStream:
         return await self._load().open(call)
