@@ -32,6 +32,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from booking.domain import Booking, BookingStatus, Customer, Interval, SmsConsent, ensure_utc
 from booking.errors import EffectFailed
+from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.database import Database
 from booking.trace_context import current_traceparent
@@ -85,6 +86,7 @@ class EffectKind(enum.StrEnum):
     # Housekeeping (neither booking nor call): scheduled by the workers.
     CRM_PUSH = "crm.push"  # bookings changed since the last push (made online, by text, by staff)
     CRM_PULL = "crm.pull"  # changes people made in the CRM (two-way sync)
+    CRM_ERASE = "crm.erase"  # a person's rows removed from the CRM (a privacy erasure)
     RETENTION_SWEEP = "retention.sweep"
 
 
@@ -179,13 +181,20 @@ class Effect:
         return datetime.fromisoformat(scheduled) if isinstance(scheduled, str) else ensure_utc(self.created_at)
 
 
+def seal_payload(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An effect row with its payload sealed to its idempotency key: payloads carry the customer's
+    number, name and the text of the message."""
+    key = row["idempotency_key"]
+    return {**row, "payload": pii.cipher().encrypt_json(row["payload"], table="effects", column="payload", row=key)}
+
+
 def effect_from_row(row: Row[Any]) -> Effect:
     m = row._mapping
     return Effect(
         id=int(m["id"]),
         booking_id=m["booking_id"],
         kind=m["kind"],
-        payload=dict(m["payload"]),
+        payload=pii.cipher().decrypt_json(m["payload"], table="effects", column="payload", row=m["idempotency_key"]),
         status=EffectStatus(m["status"]),
         attempts=m["attempts"],
         max_attempts=m["max_attempts"],
@@ -334,7 +343,7 @@ def _cancel_pending_reminders(conn: Connection, booking_id: str, now: datetime) 
 def insert_effects(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     # One statement, rows in list order: their ids give the order in which the booking's effects run.
     if rows:
-        conn.execute(insert(t.effects), list(rows))
+        conn.execute(insert(t.effects), [seal_payload(row) for row in rows])
     return len(rows)
 
 
@@ -361,7 +370,7 @@ def insert_effects_once(conn: Connection, rows: Sequence[dict[str, Any]]) -> int
         return 0
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = dialect_insert(t.effects).on_conflict_do_nothing(index_elements=["idempotency_key"])
-    return sum(conn.execute(statement, [row]).rowcount for row in rows)
+    return sum(conn.execute(statement, [seal_payload(row)]).rowcount for row in rows)
 
 
 def report_effect_row(call_sid: str, now: datetime, latencies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -26,8 +26,9 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.engine import Connection
 
 from booking.ledger import schema as t
+from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.database import Database
-from booking.ledger.reports_repository import AuditAction
+from booking.ledger.reports_repository import open_report, seal_report
 
 log = structlog.get_logger("voicebook.retention")
 
@@ -106,19 +107,19 @@ def _purge_call(conn: Connection, call_sid: str, objects: list[str], now: dateti
     r = t.call_reports.c
     versions = conn.execute(select(r.version, r.body).where(r.call_sid == call_sid)).all()
     for version, body in versions:
+        kept = _without_transcripts(open_report(call_sid, version, body))
         conn.execute(
             update(t.call_reports)
             .where(r.call_sid == call_sid, r.version == version)
-            .values(body=_without_transcripts(dict(body)))
+            .values(body=seal_report(call_sid, version, kept))
         )
     conn.execute(update(t.calls).where(t.calls.c.call_sid == call_sid).values(transcript_deleted_at=now))
-    conn.execute(
-        t.audit_events.insert().values(
-            at=now,
-            actor=actor,
-            action=AuditAction.DELETED.value,
-            subject_kind="call",
-            subject_id=call_sid,
-            details={"turns": turns, "report_versions": len(versions), "objects": objects},
-        )
+    append_audit(
+        conn,
+        at=now,
+        actor=actor,
+        action=AuditAction.DELETED,
+        subject_kind="call",
+        subject_id=call_sid,
+        details={"turns": turns, "report_versions": len(versions), "objects": objects},
     )

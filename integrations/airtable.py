@@ -44,6 +44,7 @@ from pyairtable.utils import datetime_from_iso_str
 from requests.adapters import HTTPAdapter
 
 from booking.errors import EffectFailed
+from integrations.egress import Allowlist, guard_session
 from integrations.http_headers import retry_after
 from integrations.metrics import provider_request
 from integrations.redis_rate_limit import RedisRateLimiter
@@ -331,6 +332,7 @@ class AirtableCRM:
         timeout: tuple[int, int] = (5, 30),
         rate_limit_penalty: float = RATE_LIMIT_PENALTY,
         threads: int = DEFAULT_THREADS,
+        egress: Allowlist | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
@@ -344,6 +346,8 @@ class AirtableCRM:
         adapter = _RateLimitedAdapter(self._take_slot)
         for scheme in ("https://", "http://"):
             self._api.session.mount(scheme, adapter)
+        if egress is not None:  # after mounting: the gate wraps the adapters in place
+            guard_session(self._api.session, egress)
 
     def close(self) -> None:
         self._api.session.close()
@@ -503,6 +507,36 @@ class AirtableCRM:
                 )
             )
         return sorted(changes, key=lambda change: change.modified_at)
+
+    async def erase(
+        self, *, phone: str, booking_ids: Sequence[str], call_sids: Sequence[str], activity_ids: Sequence[str]
+    ) -> int:
+        """Delete a person's rows (a privacy erasure): their calls, activities, appointments and contact,
+        links first so no row is left pointing at a deleted one. Returns how many rows went; safe to repeat
+        (what is gone is not found again)."""
+        deleted = 0
+        for table, key, values in (
+            (CALLS, "Call SID", call_sids),
+            (ACTIVITIES, "Activity ID", activity_ids),
+            (APPOINTMENTS, "Booking ID", booking_ids),
+            (CONTACTS, "Phone", [phone]),
+        ):
+            found = await self._find_all(table, key, set(values))
+            if found:
+                target = self._api.table(self.base_id, table)
+                await self._call(functools.partial(target.batch_delete, found), f"the erasure from {table}")
+                deleted += len(found)
+        return deleted
+
+    async def _find_all(self, table: str, key: str, values: set[str]) -> list[str]:
+        """Record ids of every row whose ``key`` is one of ``values``."""
+        target = self._api.table(self.base_id, table)
+        found: list[str] = []
+        for value in sorted(values):
+            search = functools.partial(target.all, formula=match({key: value}))
+            records = await self._call(search, f"the search of {table}")
+            found.extend(record["id"] for record in records)
+        return found
 
     async def _find(self, table: str, key: str, values: set[str]) -> dict[str, str]:
         """Record ids of the rows whose ``key`` is one of ``values`` (one query per value)."""

@@ -43,6 +43,7 @@ from googleapiclient.errors import HttpError  # type: ignore[import-untyped]  # 
 from booking.business import Business, Resource
 from booking.domain import Booking, Interval
 from booking.errors import EffectFailed
+from integrations.egress import Allowlist, GuardedHttp
 from integrations.http_headers import retry_after
 from integrations.metrics import GOOGLE_RATE_LIMIT_REASONS, google_error_reasons, provider_request
 
@@ -206,12 +207,15 @@ class GoogleCalendar:
         templates: EventTemplates = EventTemplates(),  # frozen, so one shared default is safe
         invite_customers: bool = False,
         threads: int = DEFAULT_THREADS,
+        egress: Allowlist | None = None,
     ) -> None:
+        """``egress``: the hosts requests (token refreshes included) may go to; None sends anywhere."""
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="google-calendar")
         self._credentials = credentials
         self._timeout = timeout
+        self._egress = egress
         self._templates = templates
         self._invite = invite_customers
         options = {"api_endpoint": api_endpoint} if api_endpoint is not None else None
@@ -410,7 +414,12 @@ class GoogleCalendar:
         def run() -> Any:
             # A fresh Http per request: httplib2 is not thread-safe, and effects are rare enough that
             # connection reuse does not matter. One refresh on 401, then the 401 stands.
-            http = AuthorizedHttp(self._credentials, http=httplib2.Http(timeout=self._timeout), max_refresh_attempts=1)
+            plain = (
+                httplib2.Http(timeout=self._timeout)
+                if self._egress is None
+                else GuardedHttp(self._egress, timeout=self._timeout)
+            )
+            http = AuthorizedHttp(self._credentials, http=plain, max_refresh_attempts=1)
             try:
                 # An error ``done_if`` accepts (a 404 deleting what is gone) is an answer, not a failure.
                 with provider_request(

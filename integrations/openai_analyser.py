@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+import httpx2
 import openai
 import structlog
 from openai import AsyncOpenAI
@@ -280,11 +281,12 @@ class OpenAIAnalyser:
         model: str = DEFAULT_MODEL,
         timeout: float = 30.0,
         max_retries: int = 2,
+        http_client: httpx2.AsyncClient | None = None,
     ) -> OpenAIAnalyser:
-        """An analyser with a client of its own (``base_url`` None is OpenAI's), closed by :meth:`aclose`."""
-        analyser = cls(
-            AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries), model=model, timeout=timeout
-        )
+        """An analyser with a client of its own (``base_url`` None is OpenAI's), closed by :meth:`aclose`;
+        ``http_client`` is the HTTP client it sends with (the app's egress-guarded one), None the SDK's."""
+        client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, http_client=http_client)
+        analyser = cls(client, model=model, timeout=timeout)
         analyser._owns_client = True
         return analyser
 

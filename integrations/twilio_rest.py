@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 
 from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
+from integrations.egress import Allowlist, guard_session
 from integrations.metrics import provider_request
 
 
@@ -25,8 +27,14 @@ class CallControlError(RuntimeError):
 
 
 class TwilioCallControl:
-    def __init__(self, account_sid: str, auth_token: str, *, api_base_url: str | None = None) -> None:
-        self._client = Client(account_sid, auth_token)
+    def __init__(
+        self, account_sid: str, auth_token: str, *, api_base_url: str | None = None, egress: Allowlist | None = None
+    ) -> None:
+        """``egress``: the hosts requests may go to (:mod:`integrations.egress`); None sends anywhere."""
+        http_client = TwilioHttpClient()
+        if egress is not None and http_client.session is not None:
+            guard_session(http_client.session, egress)
+        self._client = Client(account_sid, auth_token, http_client=http_client)
         if api_base_url is not None:
             self._client.api.base_url = api_base_url.rstrip("/")
 

@@ -40,6 +40,7 @@ from twilio.rest import Client
 
 from booking.errors import EffectFailed
 from booking.messages import MAX_BODY_CHARS, segments
+from integrations.egress import Allowlist, guard_session
 from integrations.http_headers import retry_after
 from integrations.metrics import provider_request
 
@@ -149,6 +150,7 @@ class TwilioSMS:
         rate_limiter: SenderRateLimiter | None = None,
         warn_above_segments: int = 3,
         threads: int = DEFAULT_THREADS,
+        egress: Allowlist | None = None,
     ) -> None:
         if (messaging_service_sid is None) == (from_number is None):
             raise ValueError("give exactly one of messaging_service_sid and from_number")
@@ -162,6 +164,8 @@ class TwilioSMS:
             # request beyond that would open, and then drop, a TLS connection of its own.
             for scheme in ("https://", "http://"):
                 http_client.session.mount(scheme, HTTPAdapter(pool_maxsize=threads))
+            if egress is not None:  # after mounting: the gate wraps the adapters in place
+                guard_session(http_client.session, egress)
         self._client = Client(account_sid, auth_token, http_client=http_client)
         if api_base_url is not None:
             self._client.api.base_url = api_base_url.rstrip("/")

@@ -33,6 +33,7 @@ import httpx
 import orjson
 
 from booking.errors import EffectFailed
+from integrations.egress import EgressRefused
 from integrations.http_headers import retry_after
 from integrations.metrics import provider_call
 
@@ -175,6 +176,13 @@ class WebhookSender:
                 excerpt = await _excerpt(response)
             finally:
                 await response.aclose()
+        except EgressRefused as error:  # a host no trigger names, or a redirect: a person must look
+            raise EffectFailed(
+                f"webhook to {target} refused: {error}",
+                permanent=True,
+                code="redirected" if error.redirect else "host_not_allowed",
+                **context,
+            ) from error
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             raise EffectFailed(
                 f"webhook receiver {target} could not be reached: {error!r}",

@@ -9,6 +9,7 @@ default ``postgresql://postgres@127.0.0.1:5432/test``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
@@ -33,7 +34,9 @@ from starlette.types import ASGIApp
 
 from booking.business import EXAMPLE_BUSINESS_FILE, Business, load_business
 from booking.freebusy import FreeBusyIndex
+from booking.ledger import pii
 from booking.ledger.database import Database, migrate
+from booking.ledger.pii import FieldCipher
 from booking.ledger.repository import Ledger
 from booking.ledger.schema import metadata
 from booking.service import BookingService
@@ -133,8 +136,31 @@ async def _migrate(url: str) -> None:
         await database.dispose()
 
 
+# The keys personal data is sealed with in tests: installed for the whole session, and given to every app
+# the tests build (app_settings), so what a test writes through the ledger the app reads, and back.
+TEST_PII_KEYS = f"test1={base64.urlsafe_b64encode(bytes(range(32))).decode()}"
+TEST_PII_INDEX_KEY = base64.urlsafe_b64encode(bytes(range(32, 64))).decode()
+TEST_PII_ENV = {"VOICEBOOK_PII_KEYS": TEST_PII_KEYS, "VOICEBOOK_PII_INDEX_KEY": TEST_PII_INDEX_KEY}
+"""For a server or worker the tests start as a process of its own, reading the ledger the tests read."""
+os.environ.update(TEST_PII_ENV)  # and for every process the tests start that inherits the environment
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pii_keys() -> FieldCipher:
+    cipher = FieldCipher.parse(TEST_PII_KEYS, TEST_PII_INDEX_KEY)
+    pii.install(cipher)
+    return cipher
+
+
+@pytest.fixture(autouse=True)
+def _pii_keys_restored(pii_keys: FieldCipher) -> Iterator[None]:
+    """A test that installs other keys (rotation, an app with its own) leaves the session's behind it."""
+    yield
+    pii.install(pii_keys)
+
+
 @pytest.fixture(scope="session")
-def database_template() -> Iterator[str]:
+def database_template(pii_keys: FieldCipher) -> Iterator[str]:
     """A migrated database made once per session: a SQLite file to copy, or a PostgreSQL database whose
     tables are emptied before each test."""
     if BACKEND == "services":
@@ -241,6 +267,8 @@ def app_settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
         database_url=database_url,
         admin_token="test-admin-token-0123456789",
         redis_prefix=f"t{uuid.uuid4().hex[:8]}",
+        pii_keys=TEST_PII_KEYS,
+        pii_index_key=TEST_PII_INDEX_KEY,
     )
 
 

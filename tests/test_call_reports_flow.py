@@ -24,7 +24,7 @@ from booking.ledger.database import Database
 from booking.ledger.reports_repository import AuditAction, ReportLedger
 from booking.ledger.repository import CustomerDetails
 from booking.outbox import EffectKind, EffectStatus, Outbox
-from booking.reports.pipeline import HANG_UP, ReportPipeline, transcript_key
+from booking.reports.pipeline import HANG_UP, ReportPipeline, open_archived, transcript_key
 from booking.reports.schema import CallReport
 from booking.reports.vocabulary import BookingAction, Outcome
 from booking.retention import sweep
@@ -126,7 +126,10 @@ async def test_hang_up_enqueues_one_report_and_the_worker_stores_it_once(
     assert report.turn_latencies is not None and report.turn_latencies[0].parts["voice_to_voice_server"] == 0.42
     assert "555" not in " ".join(turn.text for turn in report.cleaned_transcript.value)  # the number is masked
     call = await calls.require_call(CALL)
-    archived = json.loads(await archive.get(transcript_key(call)))
+    key = transcript_key(call)
+    stored = await archive.get(key)
+    assert b"transcript" not in stored  # sealed: the archive alone holds no words
+    archived = json.loads(open_archived(key, stored))
     assert archived["call_sid"] == CALL and len(archived["transcript"]) == 5
     # The effect run again (a worker died after storing): the hang-up's version is found, not doubled.
     again = await pipeline.build(CALL)

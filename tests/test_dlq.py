@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from booking.errors import EffectFailed
 from booking.ledger.database import Database
 from booking.outbox import Effect, EffectStatus, Outbox
-from tests.conftest import FrozenClock, running_app
+from tests.conftest import TEST_PII_ENV, FrozenClock, running_app
 from voice_server import dlq_cli
 from voice_server.cli import main
 from voice_server.settings import Settings
@@ -303,6 +303,7 @@ async def test_worker_process_runs_a_retried_effect_and_stops_on_sigterm(
         "VOICEBOOK_REDIS_PREFIX": app_settings.redis_prefix,
         "VOICEBOOK_DATA_DIR": str(tmp_path),
         "VOICEBOOK_LOG_FORMAT": "console",
+        **TEST_PII_ENV,
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,

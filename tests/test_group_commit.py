@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 from booking.ledger import schema as t
 from booking.ledger.database import Database
 from booking.ledger.group_commit import GroupCommit
+from booking.ledger.repository import CustomerDetails, seal_customer
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
@@ -20,7 +21,12 @@ NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 def add_customer(number: int) -> object:
     def work(connection: Connection) -> int:
         connection.execute(
-            insert(t.customers).values(id=f"c{number}", phone=f"+1212555{number:04d}", created_at=NOW, updated_at=NOW)
+            insert(t.customers).values(
+                id=f"c{number}",
+                **seal_customer(CustomerDetails(f"+1212555{number:04d}")),
+                created_at=NOW,
+                updated_at=NOW,
+            )
         )
         return number
 
@@ -28,7 +34,8 @@ def add_customer(number: int) -> object:
 
 
 def failing(connection: Connection) -> None:
-    connection.execute(insert(t.customers).values(id="doomed", phone="+12125559999", created_at=NOW, updated_at=NOW))
+    sealed = seal_customer(CustomerDetails("+12125559999"))
+    connection.execute(insert(t.customers).values(id="doomed", **sealed, created_at=NOW, updated_at=NOW))
     raise LookupError("this write changes its mind after writing")
 
 

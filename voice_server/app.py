@@ -42,8 +42,10 @@ from voice_server.logging import register_settings_secrets
 from voice_server.loop_watchdog import watching_for_stalls
 from voice_server.metrics import WebhookMetrics, sampling_outbox, watching_event_loop
 from voice_server.ports import VoicePorts
+from voice_server.privacy_keys import install_pii_cipher
 from voice_server.providers import build_voice
 from voice_server.reporting import build_reporting
+from voice_server.request_limits import RequestSizeLimit
 from voice_server.settings import Settings
 from voice_server.tracing import tracing_enabled
 
@@ -120,6 +122,7 @@ def create_app(
     (tests pass scripted ones)."""
     settings = settings or Settings.from_env()
     register_settings_secrets(settings)  # from now on no log line carries a configured secret
+    install_pii_cipher(settings)  # the ledger's personal data is sealed and opened with these keys
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -228,6 +231,8 @@ def create_app(
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
     app.state.settings = settings
+    # Innermost of ours: a body refused for its size is still counted by the webhook metrics and logged with the id.
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(WebhookMetrics, routes=[*twilio_webhooks.routes, *sms_webhooks.routes, *media_endpoint.routes])
     app.add_middleware(CorrelationMiddleware)  # added last, so outermost: every other layer logs with the id
     return app

@@ -1,5 +1,6 @@
 """The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``, ``simulators``, ``call``,
-``dlq``, ``worker``, ``google``."""
+``dlq``, ``worker``, ``reconcile``, ``google``, ``report``, ``crm``, ``audit``, ``tokens``, ``keys``,
+``privacy``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from booking.business import load_business
 from booking.errors import ConfigurationError
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
 from voice_server.logging import configure_logging, register_settings_secrets
+from voice_server.privacy_keys import install_pii_cipher
 from voice_server.settings import Settings, SettingsError
 from voice_server.supervisor import CHILD_VARIABLE, Supervisor, SupervisorError, child_command, reuse_port_socket
 
@@ -35,6 +37,7 @@ def _settings() -> Settings:
     except SettingsError as exc:
         raise SystemExit(f"voicebook: {exc}") from None
     register_settings_secrets(settings, os.environ)  # the S3 credentials too: boto3 reads them from there
+    install_pii_cipher(settings)  # every command that reads the ledger reads personal data through it
     return settings
 
 
@@ -71,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from voice_server.app import create_app
+    from voice_server.request_limits import MEDIA_WS_MAX_BYTES
     from voice_server.server import DrainingServer
 
     settings = _settings()
@@ -94,6 +98,7 @@ def serve(args: argparse.Namespace) -> int:
         # Twilio's media frames are small JSON; compressing them costs CPU on every frame for nothing.
         ws="websockets-sansio",
         ws_per_message_deflate=False,
+        ws_max_size=MEDIA_WS_MAX_BYTES,  # a Twilio media message is under 1 KB; uvicorn's default is 16 MiB
         log_config=None,
         lifespan="on",
         proxy_headers=True,
@@ -254,6 +259,7 @@ def _dlq_settings() -> Settings | None:
         print(f"voicebook: {exc}", file=sys.stderr)
         return None
     register_settings_secrets(settings, os.environ)
+    install_pii_cipher(settings)
     return settings
 
 
@@ -331,6 +337,34 @@ def crm_command(args: argparse.Namespace) -> int:
     if args.action == "conflicts":
         return asyncio.run(report_cli.crm_conflicts(settings, every=args.all))
     return asyncio.run(report_cli.crm_check(settings, create=args.action == "create"))
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    """``voicebook audit verify``: 0 the chain holds, 1 broken (printed), 2 unusable configuration."""
+    from voice_server import audit_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(audit_cli.audit_verify(settings))
+
+
+def tokens_command(args: argparse.Namespace) -> int:
+    from booking.ledger.api_token_repository import Role
+    from voice_server import audit_cli
+
+    settings = _dlq_settings()
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if args.action == "create":
+        return asyncio.run(audit_cli.tokens_create(settings, args.name, Role(args.role), tenant=args.tenant))
+    if args.action == "list":
+        return asyncio.run(audit_cli.tokens_list(settings))
+    if args.action == "set-role":
+        return asyncio.run(audit_cli.tokens_set_role(settings, args.id, Role(args.role)))
+    return asyncio.run(audit_cli.tokens_revoke(settings, args.id))
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
@@ -471,7 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq_and_worker(commands)
     _add_google(commands)
     _add_reports(commands)
+    _add_audit_and_tokens(commands)
+    _add_privacy(commands)
     return parser
+
+
+def _add_privacy(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from voice_server import privacy_cli
+
+    privacy_cli.add_parsers(commands)
+    commands.choices["keys"].set_defaults(handler=lambda args: privacy_cli.keys_command(_settings(), args))
+    commands.choices["privacy"].set_defaults(handler=lambda args: privacy_cli.privacy_command(_settings(), args))
 
 
 def _add_simulators_and_call(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -550,6 +594,29 @@ def _add_reports(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     conflicts = crm_actions.add_parser("conflicts", help="where the two-way sync and Airtable disagreed (JSON)")
     conflicts.add_argument("--all", action="store_true", help="resolved ones too")
     crm.set_defaults(handler=crm_command)
+
+
+def _add_audit_and_tokens(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser("audit", help="the audit log of access and changes (a hash chain)")
+    audit_actions = audit.add_subparsers(dest="action", required=True)
+    audit_actions.add_parser(
+        "verify",
+        help="check every entry's hash and link; exit 1 and say where if one was edited, removed or reordered",
+    )
+    audit.set_defaults(handler=audit_command)
+    tokens = commands.add_parser("tokens", help="the admin API's bearer tokens and their roles")
+    actions = tokens.add_subparsers(dest="action", required=True)
+    roles = ("viewer", "operator", "admin")
+    create = actions.add_parser("create", help="make a token (printed once; only its hash is kept)")
+    create.add_argument("--name", required=True, help="who or what it is for")
+    create.add_argument("--role", required=True, choices=roles)
+    create.add_argument("--tenant", help="the tenant it belongs to (optional)")
+    actions.add_parser("list", help="every token: id, name, role, tenant, last use, revoked or live")
+    set_role = actions.add_parser("set-role", help="give a live token another role")
+    set_role.add_argument("id", type=int)
+    set_role.add_argument("role", choices=roles)
+    actions.add_parser("revoke", help="revoke a token (servers drop it within 30 s)").add_argument("id", type=int)
+    tokens.set_defaults(handler=tokens_command)
 
 
 def _add_google(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

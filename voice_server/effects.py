@@ -26,6 +26,7 @@ from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import BookingView, MessageKind, render
 from booking.outbox import SERIES, Effect, EffectKind, booking_from_payload
 from booking.worker import Handler
+from voice_server import egress_policy
 from voice_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def build_twilio_sms(settings: Settings, *, threads: int) -> TwilioSMS | None:
         rate_limiter=SenderRateLimiter(settings.sms_per_minute / 60, settings.sms_burst),
         warn_above_segments=settings.sms_warn_segments,
         threads=threads,
+        egress=egress_policy.twilio(settings),
     )
 
 

@@ -30,6 +30,7 @@ import httpx
 import structlog
 
 from booking.ledger.database import Database
+from voice_server import egress_policy
 from voice_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,7 +63,10 @@ def build_google_calendar(settings: Settings) -> GoogleCalendar | None:
 
     info = json.loads(settings.google_service_account_file.read_text(encoding="utf-8"))
     return GoogleCalendar.from_service_account(
-        info, subject=settings.google_delegated_subject, api_endpoint=settings.google_calendar_api_url
+        info,
+        subject=settings.google_delegated_subject,
+        api_endpoint=settings.google_calendar_api_url,
+        egress=egress_policy.google(settings),
     )
 
 
@@ -95,7 +99,9 @@ async def load_google_calendar(settings: Settings, database: Database) -> Google
             f"{client.client_id} of GOOGLE_OAUTH_CLIENT_FILE: run `{connect}`"
         )
     credentials = StoredGrantCredentials(grant, client, grants, asyncio.get_running_loop())
-    return GoogleCalendar(credentials, api_endpoint=settings.google_calendar_api_url)
+    return GoogleCalendar(
+        credentials, api_endpoint=settings.google_calendar_api_url, egress=egress_policy.google(settings)
+    )
 
 
 def secret_keys(settings: Settings) -> tuple[str, ...]:

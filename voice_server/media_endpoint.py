@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 import structlog
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from twilio.request_validator import RequestValidator
 
 from booking.calls import CallTurn
 from booking.ledger.repository import utc_now
@@ -29,6 +28,7 @@ from voice_server.ports import CallInfo
 from voice_server.recording import CallRecording
 from voice_server.session import CallSession, SessionPolicy
 from voice_server.tools import BookingTools
+from voice_server.twilio_signature import matching_token
 
 log = structlog.get_logger("voicebook.media")
 
@@ -51,7 +51,7 @@ def _signed(websocket: WebSocket, components: Components) -> bool:
     if websocket.url.query:
         url += f"?{websocket.url.query}"
     signature = websocket.headers.get("x-twilio-signature", "")
-    return bool(signature) and bool(RequestValidator(settings.twilio_auth_token).validate(url, {}, signature))
+    return matching_token(settings, url, {}, signature) is not None  # either token during a rotation
 
 
 async def media_stream(websocket: WebSocket) -> None:

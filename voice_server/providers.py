@@ -23,7 +23,9 @@ from booking.business import Business
 from booking.errors import BookingError
 from booking.lane import BookingLane
 from booking.service import BookingService
+from integrations.egress import Allowlist, httpx2_client, httpx_client
 from integrations.twilio_rest import TwilioCallControl
+from voice_server import egress_policy
 from voice_server.agent_prompt import BookingView, CallerContext, build_system_prompt
 from voice_server.dialog import DialogAgent
 from voice_server.fallback import FallbackSTT, FallbackTTS
@@ -48,12 +50,16 @@ DEEPGRAM_HTTP_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connecti
 """Speech synthesis requests of every call in flight at once: idle connections are kept for all of them."""
 
 
-def deepgram_http_client() -> httpx.AsyncClient:
+def deepgram_http_client(egress: Allowlist | None = None) -> httpx.AsyncClient:
     """The HTTP client of Deepgram's REST calls (speech synthesis). Every call speaks through its pool at
     once, and httpx keeps only 20 idle connections by default: under load most sentences then opened a
     fresh connection, which is a TLS handshake to Deepgram before the first byte of speech (measured in a
-    40-call load test: 454 new connections a minute with the default, 90 with these limits)."""
-    return httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), limits=DEEPGRAM_HTTP_LIMITS)
+    40-call load test: 454 new connections a minute with the default, 90 with these limits). With
+    ``egress`` it sends only to those hosts and refuses redirects (:mod:`integrations.egress`)."""
+    timeout = httpx.Timeout(10.0, connect=5.0)
+    if egress is None:
+        return httpx.AsyncClient(timeout=timeout, limits=DEEPGRAM_HTTP_LIMITS)
+    return httpx_client(egress, timeout=timeout, limits=DEEPGRAM_HTTP_LIMITS)
 
 
 def caller_context_lookup(
@@ -158,7 +164,7 @@ async def build_voice(
         from integrations.deepgram_stt import deepgram_client
 
         assert settings.deepgram_api_key is not None  # settings refuse the choice without a key
-        http = deepgram_http_client()
+        http = deepgram_http_client(egress_policy.deepgram(settings))
         stack.push_async_callback(http.aclose)
         deepgram = deepgram_client(settings.deepgram_api_key, base_url=settings.deepgram_base_url, http=http)
     # The offline engines are also the production providers' fallbacks: a call whose Deepgram socket
@@ -199,11 +205,16 @@ async def build_voice(
         tts = offline_voice
     agent: Agent
     if settings.agent == "openai":
-        from openai import AsyncOpenAI
+        from openai import DEFAULT_CONNECTION_LIMITS, AsyncOpenAI
 
         from integrations.openai_agent import OpenAIAgent
 
-        client = AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url)
+        client = AsyncOpenAI(
+            api_key=settings.openai_api_key,
+            base_url=settings.openai_base_url,
+            # The SDK's own pool size, behind the egress gate (its default client follows redirects).
+            http_client=httpx2_client(egress_policy.openai(settings), limits=DEFAULT_CONNECTION_LIMITS),
+        )
         stack.push_async_callback(client.close)
         context = caller_context_lookup(service, clock)
 
@@ -222,7 +233,10 @@ async def build_voice(
     control: CallControl | None = None
     if settings.twilio_account_sid and settings.twilio_auth_token:
         control = TwilioCallControl(
-            settings.twilio_account_sid, settings.twilio_auth_token, api_base_url=settings.twilio_api_base_url
+            settings.twilio_account_sid,
+            settings.twilio_auth_token,
+            api_base_url=settings.twilio_api_base_url,
+            egress=egress_policy.twilio(settings),
         )
     log.info(
         "voice_providers",

@@ -59,6 +59,31 @@ def contact_row(booking: Booking) -> ContactRow:
 
 
 @dataclass(frozen=True, slots=True)
+class CrmErase:
+    """``crm.erase``: a person's contact, appointments, calls and activities deleted from the CRM (a
+    privacy erasure, booking/privacy.py); once done, the effect's own payload, which held the number, is
+    replaced too."""
+
+    database: Database
+    crm: AirtableCRM
+
+    async def __call__(self, effect: Effect) -> None:
+        from booking.privacy import scrub_payload
+
+        payload = effect.payload
+        if payload.get("erased"):
+            return  # a repeat after the payload was scrubbed: nothing left to do
+        deleted = await self.crm.erase(
+            phone=str(payload["phone"]),
+            booking_ids=[str(b) for b in payload.get("booking_ids", [])],
+            call_sids=[str(c) for c in payload.get("call_sids", [])],
+            activity_ids=[str(a) for a in payload.get("activity_ids", [])],
+        )
+        log.info("crm_erased", rows=deleted, effect_id=effect.id)
+        await scrub_payload(self.database, effect.id, effect.idempotency_key)
+
+
+@dataclass(frozen=True, slots=True)
 class CrmCallSync:
     """``crm.call``: the call's newest report version, its caller and the bookings it touched."""
 

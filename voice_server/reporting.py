@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import redis.asyncio as aioredis
 
 from booking.business import Business
@@ -30,10 +29,13 @@ from booking.reports.ports import Analyser
 from booking.reports.schema import CallReport
 from booking.service import BookingService
 from booking.worker import Handler
+from integrations.egress import httpx2_client, httpx_client
+from voice_server import egress_policy
 from voice_server.effects import build_twilio_sms
 from voice_server.report_effects import (
     CrmBookingPush,
     CrmCallSync,
+    CrmErase,
     crm_call_row,
     crm_pull_handler,
     report_handler,
@@ -68,6 +70,7 @@ def build_analyser(settings: Settings, stack: contextlib.AsyncExitStack) -> Anal
         model=settings.report_model or settings.openai_model,
         timeout=settings.openai_timeout_seconds * 2,  # a whole call's analysis, not one reply
         max_retries=1,  # then the offline analysers: the report must not wait long
+        http_client=httpx2_client(egress_policy.openai(settings)),
     )
     stack.push_async_callback(primary.aclose)
     return FallbackAnalyser(primary)
@@ -84,6 +87,7 @@ def build_crm(settings: Settings, redis: aioredis.Redis) -> AirtableCRM | None:
         settings.airtable_base_id,
         airtable_rate_limiter(redis),
         endpoint_url=settings.airtable_api_url or "https://api.airtable.com",
+        egress=egress_policy.airtable(settings),
     )
 
 
@@ -144,7 +148,8 @@ async def build_reporting(
         if settings.webhook_secrets:
             from integrations.webhooks import WebhookSender
 
-            http = await stack.enter_async_context(httpx.AsyncClient())
+            # Only to the receivers the business's triggers name; redirects are refused (integrations.egress).
+            http = await stack.enter_async_context(httpx_client(egress_policy.webhooks(business)))
             webhooks = WebhookSender(http, secret=[key.encode() for key in settings.webhook_secrets])
 
         def follow_ups(report: CallReport, version: int, now: datetime) -> Sequence[dict[str, Any]]:
@@ -174,6 +179,7 @@ async def build_reporting(
         if crm is not None:
             reporting.handlers[EffectKind.CRM_CALL] = CrmCallSync(database, business, crm, clock=clock)
             reporting.handlers[EffectKind.CRM_PUSH] = CrmBookingPush(database, business, crm, clock=clock)
+            reporting.handlers[EffectKind.CRM_ERASE] = CrmErase(database, crm)
             if settings.crm_two_way:
                 reporting.handlers[EffectKind.CRM_PULL] = crm_pull_handler(
                     CrmPull(

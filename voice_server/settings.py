@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from booking.business import EXAMPLE_BUSINESS_FILE
 
@@ -49,8 +50,15 @@ class Settings:
     """The base URL Twilio reaches us at (``https://voice.example.com``). Signatures are checked against it,
     never against what a proxy reports. None means ``http://host:port``, for direct local use."""
     twilio_auth_token: str | None = field(default=None, repr=False)
+    twilio_auth_token_secondary: str | None = field(default=None, repr=False)
+    """During a rotation of the auth token, the other one: requests signed with either are accepted
+    (outbound REST calls use ``twilio_auth_token`` only)."""
     twilio_account_sid: str | None = None
     skip_twilio_signature: bool = False
+    max_request_bytes: int = 64 * 1024
+    """Request bodies larger than this are refused with 413 before any handler reads them."""
+    webhook_dedupe_seconds: int = 24 * 3600
+    """How long a Twilio webhook's idempotency token (or SID and event) is remembered to drop replays."""
     consent_notice: str | None = None
     blocked_numbers: tuple[str, ...] = ()
     twilio_api_base_url: str | None = None
@@ -108,6 +116,14 @@ class Settings:
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     """Fernet keys that encrypt stored tokens: the first encrypts, all decrypt (rotation). Empty in
     development means a key generated once into ``data_dir/secret-key``."""
+    pii_keys: str | None = field(default=None, repr=False)
+    """Keys that encrypt personal data in the ledger, ``id=key,id=key`` (booking/ledger/pii.py): the first
+    (or ``pii_active_key``) encrypts, all decrypt. None in development means keys made once into
+    ``data_dir/pii-keys``; required in production."""
+    pii_index_key: str | None = field(default=None, repr=False)
+    """The key of the blind index phone lookups go through (never rotated with ``pii_keys``)."""
+    pii_active_key: str | None = None
+    """Which of ``pii_keys`` encrypts (a rotation makes a new key known everywhere before it encrypts)."""
     twilio_sms_from: str | None = None
     twilio_messaging_service_sid: str | None = None
     sms_locale: str = "en"
@@ -209,11 +225,14 @@ class Settings:
             log_format=reader.choice("VOICEBOOK_LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
             public_url=reader.url("VOICEBOOK_PUBLIC_URL", ("http", "https")),
             twilio_auth_token=reader.secret("TWILIO_AUTH_TOKEN"),
+            twilio_auth_token_secondary=reader.secret("TWILIO_AUTH_TOKEN_SECONDARY"),
             twilio_account_sid=reader.text(
                 "TWILIO_ACCOUNT_SID", "", pattern_ok=lambda v: v.startswith("AC") and len(v) == 34
             )
             or None,
             skip_twilio_signature=reader.boolean("VOICEBOOK_INSECURE_SKIP_TWILIO_SIGNATURE", False),
+            max_request_bytes=reader.integer("VOICEBOOK_MAX_REQUEST_BYTES", 64 * 1024, low=1024, high=64 * 1024 * 1024),
+            webhook_dedupe_seconds=reader.integer("VOICEBOOK_WEBHOOK_DEDUPE_SECONDS", 86_400, low=0, high=30 * 86_400),
             consent_notice=reader.text("VOICEBOOK_CONSENT_NOTICE", "") or None,
             twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", ("http", "https")),
             transfer_number=reader.text("VOICEBOOK_TRANSFER_NUMBER", "") or None,
@@ -255,6 +274,9 @@ class Settings:
                 pattern_ok=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None,
             ),
             secret_keys=reader.fernet_keys("VOICEBOOK_SECRET_KEY"),
+            pii_keys=reader.secret("VOICEBOOK_PII_KEYS"),
+            pii_index_key=reader.secret("VOICEBOOK_PII_INDEX_KEY"),
+            pii_active_key=reader.text("VOICEBOOK_PII_ACTIVE_KEY", "") or None,
             twilio_sms_from=reader.text("TWILIO_SMS_FROM", "") or None,
             twilio_messaging_service_sid=reader.text(
                 "TWILIO_MESSAGING_SERVICE_SID", "", pattern_ok=lambda v: v.startswith("MG") and len(v) == 34
@@ -304,6 +326,20 @@ class Settings:
                 "VOICEBOOK_SECRET_KEY: required with GOOGLE_OAUTH_CLIENT_FILE when VOICEBOOK_ENV=production "
                 "(it encrypts the stored Google tokens)"
             )
+        if bool(settings.pii_keys) != bool(settings.pii_index_key):
+            reader.problems.append("VOICEBOOK_PII_INDEX_KEY: set it together with VOICEBOOK_PII_KEYS (both or neither)")
+        elif settings.pii_keys and settings.pii_index_key:
+            from booking.ledger.pii import FieldCipher, PiiKeyError
+
+            try:
+                FieldCipher.parse(settings.pii_keys, settings.pii_index_key, settings.pii_active_key)
+            except PiiKeyError as exc:
+                reader.problems.append(f"VOICEBOOK_PII_KEYS: {exc}")
+        elif environment == "production":
+            reader.problems.append(
+                "VOICEBOOK_PII_KEYS: required when VOICEBOOK_ENV=production, with VOICEBOOK_PII_INDEX_KEY "
+                "(they encrypt personal data in the ledger; `voicebook keys new` prints fresh ones)"
+            )
         if bool(settings.airtable_api_key) != bool(settings.airtable_base_id):
             reader.problems.append("AIRTABLE_BASE_ID: set it together with AIRTABLE_API_KEY (both or neither)")
         if settings.crm_two_way and not settings.crm_enabled:
@@ -319,9 +355,93 @@ class Settings:
         ):
             if chosen and not key:
                 reader.problems.append(f"{variable}: the chosen provider needs {needed}")
+        reader.problems.extend(secret_problems(settings))
         if reader.problems:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(reader.problems))
         return settings
+
+
+SECRET_VARIABLES = {
+    "admin_token": "VOICEBOOK_ADMIN_TOKEN",
+    "twilio_auth_token": "TWILIO_AUTH_TOKEN",
+    "twilio_auth_token_secondary": "TWILIO_AUTH_TOKEN_SECONDARY",
+    "deepgram_api_key": "DEEPGRAM_API_KEY",
+    "openai_api_key": "OPENAI_API_KEY",
+    "airtable_api_key": "AIRTABLE_API_KEY",
+    "webhook_secrets": "VOICEBOOK_WEBHOOK_SECRET",
+}
+"""The plain-text secrets and the variables they come from (``NAME`` or ``NAME_FILE``). The Fernet keys and
+the OTLP headers are parsed, and so checked, where they are read."""
+_TWILIO_AUTH_TOKEN = re.compile(r"[0-9a-f]{32}")
+
+
+def secret_problems(settings: Settings) -> list[str]:
+    """What is wrong with the configured secrets, each naming its variable and never showing a value.
+
+    Everywhere: no whitespace, control character or quote inside a secret (a pasted line break, a file
+    with two lines, ``"quotes"`` copied from a shell), and a secondary Twilio token only beside a different
+    primary. In production also the shapes the real providers issue: a Twilio auth token is 32 lower-case
+    hex digits, an OpenAI key starts ``sk-`` and an Airtable token ``pat`` (unless a base URL points at a
+    compatible server of another kind). The Google files must be the JSON Google issues."""
+    problems: list[str] = []
+    for name, variable in SECRET_VARIABLES.items():
+        value = getattr(settings, name)
+        for secret in value if isinstance(value, tuple) else (value,):
+            if secret is not None and any(ch.isspace() or not ch.isprintable() or ch in "\"'" for ch in secret):
+                problems.append(
+                    f"{variable}: contains whitespace, a quote or a control character (the value is not shown; "
+                    "check the file or the quoting)"
+                )
+                break
+    primary, secondary = settings.twilio_auth_token, settings.twilio_auth_token_secondary
+    if secondary is not None and primary is None:
+        problems.append("TWILIO_AUTH_TOKEN_SECONDARY: set only during a rotation, beside TWILIO_AUTH_TOKEN")
+    elif secondary is not None and secondary == primary:
+        problems.append("TWILIO_AUTH_TOKEN_SECONDARY: is the same as TWILIO_AUTH_TOKEN; it must be the other token")
+    if settings.environment == "production":
+        for variable, token in (("TWILIO_AUTH_TOKEN", primary), ("TWILIO_AUTH_TOKEN_SECONDARY", secondary)):
+            if token is not None and _TWILIO_AUTH_TOKEN.fullmatch(token) is None:
+                problems.append(f"{variable}: is not a Twilio auth token (32 lower-case hexadecimal characters)")
+        openai_key, airtable_key = settings.openai_api_key, settings.airtable_api_key
+        if openai_key and settings.openai_base_url is None and not openai_key.startswith("sk-"):
+            problems.append("OPENAI_API_KEY: is not an OpenAI API key (they start with sk-)")
+        if airtable_key and settings.airtable_api_url is None and not airtable_key.startswith("pat"):
+            problems.append("AIRTABLE_API_KEY: is not an Airtable personal access token (they start with pat)")
+    problems.extend(_google_file_problems(settings))
+    return problems
+
+
+def _google_file_problems(settings: Settings) -> list[str]:
+    """The Google credential files parse and are of the kind their variable says (read at start-up, so a
+    wrong file fails here rather than at the first calendar request). Messages never quote the files."""
+    problems: list[str] = []
+    shapes: tuple[tuple[str, Path | None, Callable[[dict[str, Any]], bool]], ...] = (
+        (
+            "GOOGLE_SERVICE_ACCOUNT_FILE",
+            settings.google_service_account_file,
+            lambda d: d.get("type") == "service_account" and bool(d.get("private_key") and d.get("client_email")),
+        ),
+        (
+            "GOOGLE_OAUTH_CLIENT_FILE",
+            settings.google_oauth_client_file,
+            lambda doc: any(isinstance(doc.get(k), dict) and doc[k].get("client_id") for k in ("installed", "web")),
+        ),
+    )
+    for variable, path, valid in shapes:
+        if path is None:
+            continue
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            problems.append(f"{variable}: cannot read {path}: {exc.strerror}")
+            continue
+        except ValueError:  # neither JSON's message nor its document is shown: they may quote the key
+            problems.append(f"{variable}: {path} is not JSON")
+            continue
+        if not isinstance(document, dict) or not valid(document):
+            kind = "a service account key" if variable == "GOOGLE_SERVICE_ACCOUNT_FILE" else "an OAuth client"
+            problems.append(f"{variable}: {path} is not {kind} as Google issues it")
+    return problems
 
 
 def _traces_url(base: str | None) -> str | None:

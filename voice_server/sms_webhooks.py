@@ -21,6 +21,7 @@ from booking.messages import Keyword, classify_inbound
 from booking.phone import region_of
 from voice_server.components import Components
 from voice_server.twilio_webhooks import TwilioXMLResponse, components_of, form_field, normalised_number, verified_form
+from voice_server.webhook_dedupe import claim
 
 log = structlog.get_logger("voicebook.sms")
 
@@ -61,13 +62,17 @@ async def message_status(request: Request) -> Response:
     error_code = int(code_text) if code_text.isdigit() else None
     to_number = normalised_number(form_field(form, "To"), region_of(components.business.phone))
     effect_key = request.query_params.get(EFFECT_PARAM) or None
+    delivery = await claim(components, request, form, "message-status")
+    if delivery.replay:  # applied already (the ledger would say so too, one round trip later)
+        return Response(status_code=204)
     ledger = sms_ledger(components)
-    message, applied = await ledger.apply_status(
-        message_sid=message_sid, status=status, error_code=error_code, to_number=to_number, effect_key=effect_key
-    )
-    if error_code == OPTED_OUT_ERROR and to_number:
-        await ledger.set_opted_out(to_number, True, keyword=None, source=SuppressionSource.RECEIPT)
-        log.info("sms_recipient_opted_out", message_sid=message_sid, source=SuppressionSource.RECEIPT.value)
+    async with delivery.applying():
+        message, applied = await ledger.apply_status(
+            message_sid=message_sid, status=status, error_code=error_code, to_number=to_number, effect_key=effect_key
+        )
+        if error_code == OPTED_OUT_ERROR and to_number:
+            await ledger.set_opted_out(to_number, True, keyword=None, source=SuppressionSource.RECEIPT)
+            log.info("sms_recipient_opted_out", message_sid=message_sid, source=SuppressionSource.RECEIPT.value)
     log.info(
         "sms_status",
         message_sid=message_sid,
@@ -96,9 +101,15 @@ async def inbound_sms(request: Request) -> Response:
         return TwilioXMLResponse(messaging_twiml(help_text(components.business)))
     if keyword is Keyword.OPT_OUT or keyword is Keyword.OPT_IN:
         opted_out = keyword is Keyword.OPT_OUT
-        await sms_ledger(components).set_opted_out(
-            sender, opted_out, keyword=body.strip().upper(), source=SuppressionSource.INBOUND
-        )
+        # A replayed STOP or START gets the same (empty) reply and changes nothing: a START sent after a
+        # STOP must not be undone by a late replay of the STOP.
+        delivery = await claim(components, request, form, "sms")
+        if delivery.replay:
+            return TwilioXMLResponse(messaging_twiml())
+        async with delivery.applying():
+            await sms_ledger(components).set_opted_out(
+                sender, opted_out, keyword=body.strip().upper(), source=SuppressionSource.INBOUND
+            )
         log.info("sms_opt_out" if opted_out else "sms_opt_in", message_sid=message_sid, keyword=body.strip().upper())
         return TwilioXMLResponse(messaging_twiml())
     # Ordinary replies are not read by anyone yet: log that one came (not what it said) and stay silent.

@@ -135,7 +135,9 @@ class Supervisor:
 
     async def _migrate(self) -> None:
         from booking.ledger.database import Database, migrate
+        from voice_server.privacy_keys import install_pii_cipher
 
+        install_pii_cipher(self.settings)  # rows written before encryption are sealed by the migration
         database = Database.connect(self.settings.effective_database_url)
         try:
             await migrate(database)

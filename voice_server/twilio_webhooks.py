@@ -2,8 +2,10 @@
 
 Every request is checked against ``X-Twilio-Signature`` with twilio's own ``RequestValidator``, over the
 URL Twilio was configured with: the public base URL from configuration plus the path and query, never
-the URL a proxy in front of us reports. Requests that fail are refused with 403 before anything is
-recorded.
+the URL a proxy in front of us reports; during a token rotation either token may have signed it
+(:mod:`voice_server.twilio_signature`). Requests that fail are refused with 403 before anything is
+recorded. A request Twilio sends again (a retry, a replay) is recognised by
+:mod:`voice_server.webhook_dedupe` and not applied twice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from twilio.request_validator import RequestValidator
 
 from booking.calls import CallStatus, StatusUpdate
 from booking.errors import InvalidRequest
@@ -24,6 +25,8 @@ from booking.ledger.repository import utc_now
 from booking.phone import normalise_phone, region_of
 from voice_server import tracing, twiml
 from voice_server.components import Components
+from voice_server.twilio_signature import matching_token
+from voice_server.webhook_dedupe import claim
 
 log = structlog.get_logger("voicebook.twilio")
 
@@ -67,7 +70,7 @@ async def verified_form(request: Request, components: Components) -> FormData | 
     signature = request.headers.get("x-twilio-signature", "")
     params = {key: str(value) for key, value in form.multi_items()}
     url = signed_url(request, settings.effective_public_url)
-    if not signature or not RequestValidator(settings.twilio_auth_token).validate(url, params, signature):
+    if matching_token(settings, url, params, signature) is None:
         log.warning(
             "twilio_webhook_refused", path=request.url.path, reason="bad signature", call_sid=params.get("CallSid")
         )
@@ -121,15 +124,19 @@ async def incoming_call(request: Request) -> Response:
         status = CallStatus(status_text)
     except ValueError:
         status = CallStatus.RINGING
-    await components.calls.record_call(
-        call_sid=call_sid,
-        account_sid=form_field(form, "AccountSid"),
-        from_number=caller,
-        to_number=called,
-        direction=form_field(form, "Direction") or "inbound",
-        status=status,
-        refused_reason=refusal,
-    )
+    # A replay is answered with the same TwiML (Twilio needs a document) but not recorded again.
+    delivery = await claim(components, request, form, "voice")
+    if not delivery.replay:
+        async with delivery.applying():
+            await components.calls.record_call(
+                call_sid=call_sid,
+                account_sid=form_field(form, "AccountSid"),
+                from_number=caller,
+                to_number=called,
+                direction=form_field(form, "Direction") or "inbound",
+                status=status,
+                refused_reason=refusal,
+            )
     structlog.contextvars.bind_contextvars(call_sid=call_sid)
     if refusal is not None:
         log.info("call_refused", reason=refusal)
@@ -169,19 +176,23 @@ async def call_status(request: Request) -> Response:
     sequence = form_field(form, "SequenceNumber")
     duration = form_field(form, "CallDuration")
     region = region_of(components.business.phone)
-    record, applied = await components.calls.apply_status(
-        StatusUpdate(
-            call_sid=call_sid,
-            status=status,
-            sequence=int(sequence) if sequence.isdigit() else None,
-            duration_seconds=int(duration) if duration.isdigit() else None,
-            at=_callback_time(form),
-        ),
-        account_sid=form_field(form, "AccountSid"),
-        from_number=normalised_number(form_field(form, "From"), region),
-        to_number=normalised_number(form_field(form, "To"), region),
-        direction=form_field(form, "Direction") or "inbound",
-    )
+    delivery = await claim(components, request, form, "call-status")
+    if delivery.replay:
+        return Response(status_code=204)
+    async with delivery.applying():
+        record, applied = await components.calls.apply_status(
+            StatusUpdate(
+                call_sid=call_sid,
+                status=status,
+                sequence=int(sequence) if sequence.isdigit() else None,
+                duration_seconds=int(duration) if duration.isdigit() else None,
+                at=_callback_time(form),
+            ),
+            account_sid=form_field(form, "AccountSid"),
+            from_number=normalised_number(form_field(form, "From"), region),
+            to_number=normalised_number(form_field(form, "To"), region),
+            direction=form_field(form, "Direction") or "inbound",
+        )
     log.info("call_status", call_sid=call_sid, status=status.value, applied=applied, now=record.status.value)
     return Response(status_code=204)
 

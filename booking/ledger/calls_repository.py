@@ -12,19 +12,43 @@ from sqlalchemy.engine import Connection
 
 from booking.calls import CallRecord, CallStatus, CallTurn, StatusUpdate
 from booking.errors import NotFound
+from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
 from booking.outbox import insert_effects_once, report_effect_row
 
 
-def _record(row: Row[Any]) -> CallRecord:
+def seal_numbers(call_sid: str, from_number: str, to_number: str) -> dict[str, str | None]:
+    """A call's numbers as stored: ciphertext bound to the call, and the caller's blind index."""
+    vault = pii.cipher()
+    return {
+        "from_number": vault.encrypt(from_number, table="calls", column="from_number", row=call_sid),
+        "to_number": vault.encrypt(to_number, table="calls", column="to_number", row=call_sid),
+        "from_index": vault.blind_index(from_number),
+    }
+
+
+def seal_turn_text(call_sid: str, position: int, text: str) -> str:
+    sealed = pii.cipher().encrypt(text, table="call_turns", column="text", row=f"{call_sid}:{position}")
+    assert sealed is not None
+    return sealed
+
+
+def open_turn_text(call_sid: str, position: int, stored: str) -> str:
+    text = pii.cipher().decrypt(stored, table="call_turns", column="text", row=f"{call_sid}:{position}")
+    assert text is not None
+    return text
+
+
+def call_from_row(row: Row[Any]) -> CallRecord:
     m = row._mapping
+    vault = pii.cipher()
     return CallRecord(
         call_sid=m["call_sid"],
         account_sid=m["account_sid"],
-        from_number=m["from_number"],
-        to_number=m["to_number"],
+        from_number=vault.decrypt(m["from_number"], table="calls", column="from_number", row=m["call_sid"]) or "",
+        to_number=vault.decrypt(m["to_number"], table="calls", column="to_number", row=m["call_sid"]) or "",
         direction=m["direction"],
         status=CallStatus(m["status"]),
         created_at=m["created_at"],
@@ -66,8 +90,7 @@ class CallLedger:
             .values(
                 call_sid=call_sid,
                 account_sid=account_sid,
-                from_number=from_number,
-                to_number=to_number,
+                **seal_numbers(call_sid, from_number, to_number),
                 direction=direction,
                 status=status.value,
                 refused_reason=refused_reason,
@@ -95,8 +118,7 @@ class CallLedger:
             .values(
                 call_sid=update_.call_sid,
                 account_sid=account_sid,
-                from_number=from_number,
-                to_number=to_number,
+                **seal_numbers(update_.call_sid, from_number, to_number),
                 direction=direction,
                 status=update_.status.value,
                 created_at=now,
@@ -144,7 +166,7 @@ class CallLedger:
     async def get_call(self, call_sid: str) -> CallRecord | None:
         async with self._db.reader.connect() as conn:
             row = (await conn.execute(select(t.calls).where(t.calls.c.call_sid == call_sid))).first()
-        return _record(row) if row is not None else None
+        return call_from_row(row) if row is not None else None
 
     async def require_call(self, call_sid: str) -> CallRecord:
         record = await self.get_call(call_sid)
@@ -179,7 +201,7 @@ class CallLedger:
                 "call_sid": call_sid,
                 "position": position,
                 "role": turn.role,
-                "text": turn.text,
+                "text": seal_turn_text(call_sid, position, turn.text),
                 "truncated": turn.truncated,
                 "tool": turn.tool,
                 "at": turn.at,
@@ -191,8 +213,7 @@ class CallLedger:
             .values(
                 call_sid=call_sid,
                 account_sid="",
-                from_number="",
-                to_number="",
+                **seal_numbers(call_sid, "", ""),
                 direction="inbound",
                 status=CallStatus.IN_PROGRESS.value,
                 created_at=now,
@@ -220,6 +241,12 @@ class CallLedger:
         query = select(t.call_turns).where(t.call_turns.c.call_sid == call_sid).order_by(t.call_turns.c.position)
         async with self._db.reader.connect() as conn:
             return [
-                CallTurn(role=row.role, text=row.text, truncated=row.truncated, tool=row.tool, at=row.at)
+                CallTurn(
+                    role=row.role,
+                    text=open_turn_text(call_sid, row.position, row.text),
+                    truncated=row.truncated,
+                    tool=row.tool,
+                    at=row.at,
+                )
                 for row in await conn.execute(query)
             ]

@@ -24,9 +24,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from booking.domain import Booking
+from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.database import Database
-from booking.ledger.repository import BOOKING_COLUMNS, Clock, booking_from_row, utc_now
+from booking.ledger.repository import BOOKING_COLUMNS, Clock, booking_from_row, seal_notes, utc_now
 
 
 class Winner(enum.StrEnum):
@@ -73,15 +74,22 @@ class Conflict(NewConflict):
     resolved_at: datetime | None
 
 
+def _conflict_row(record_id: str, field: str) -> str:
+    """The associated-data row of a conflict's values (booking notes may hold personal data): its CRM
+    row and field, known before the insert assigns an id."""
+    return f"{record_id}:{field}"
+
+
 def _conflict(row: Row[Any]) -> Conflict:
     m = row._mapping
+    vault, where = pii.cipher(), {"table": "crm_conflicts", "row": _conflict_row(m["record_id"], m["field"])}
     return Conflict(
         id=int(m["id"]),
         booking_id=m["booking_id"],
         record_id=m["record_id"],
         field=m["field"],
-        ledger_value=m["ledger_value"],
-        airtable_value=m["airtable_value"],
+        ledger_value=vault.decrypt(m["ledger_value"], column="ledger_value", **where),
+        airtable_value=vault.decrypt(m["airtable_value"], column="airtable_value", **where),
         ledger_at=m["ledger_at"],
         airtable_at=m["airtable_at"],
         winner=Winner(m["winner"]),
@@ -122,8 +130,18 @@ class CrmLedger:
                         booking_id=conflict.booking_id,
                         record_id=conflict.record_id,
                         field=conflict.field,
-                        ledger_value=conflict.ledger_value,
-                        airtable_value=conflict.airtable_value,
+                        ledger_value=pii.cipher().encrypt(
+                            conflict.ledger_value,
+                            table="crm_conflicts",
+                            column="ledger_value",
+                            row=_conflict_row(conflict.record_id, conflict.field),
+                        ),
+                        airtable_value=pii.cipher().encrypt(
+                            conflict.airtable_value,
+                            table="crm_conflicts",
+                            column="airtable_value",
+                            row=_conflict_row(conflict.record_id, conflict.field),
+                        ),
                         ledger_at=conflict.ledger_at,
                         airtable_at=conflict.airtable_at,
                         winner=conflict.winner.value,
@@ -191,7 +209,13 @@ class CrmLedger:
             changed = conn.execute(
                 update(t.bookings)
                 .where(b.id == booking_id, b.version == expected_version)
-                .values(notes=notes, version=b.version + 1, updated_at=now, changed_by=actor, change_reason=None)
+                .values(
+                    notes=seal_notes(booking_id, notes),
+                    version=b.version + 1,
+                    updated_at=now,
+                    changed_by=actor,
+                    change_reason=None,
+                )
             )
             if changed.rowcount != 1:
                 return None

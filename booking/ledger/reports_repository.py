@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,18 +25,13 @@ from sqlalchemy import Row, func, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from booking.ledger import pii
 from booking.ledger import schema as t
+from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
 
-
-class AuditAction(enum.StrEnum):
-    GENERATED = "generated"
-    EDITED = "edited"
-    EXPORTED = "exported"
-    READ = "read"
-    DELETED = "deleted"  # a transcript or recording removed by retention
-    APPROVED = "approved"  # an operator let a trigger held for review run its actions
+__all__ = ["AuditAction", "AuditEvent", "ReportLedger", "StoredReport", "pick_version"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +63,23 @@ def pick_version(versions: Sequence[StoredReport], number: int | None) -> Stored
     return next((stored for stored in versions if stored.version == number), None)
 
 
+def seal_report(call_sid: str, version: int, body: Mapping[str, Any]) -> dict[str, str]:
+    """A report body as stored: the whole document sealed to its call and version (it holds the
+    transcript, the summary and what the caller said about themselves)."""
+    return pii.cipher().encrypt_json(body, table="call_reports", column="body", row=f"{call_sid}:{version}")
+
+
+def open_report(call_sid: str, version: int, stored: Mapping[str, Any]) -> dict[str, Any]:
+    return pii.cipher().decrypt_json(stored, table="call_reports", column="body", row=f"{call_sid}:{version}")
+
+
 def _report(row: Row[Any]) -> StoredReport:
     m = row._mapping
     return StoredReport(
         call_sid=m["call_sid"],
         version=m["version"],
         schema_version=m["schema_version"],
-        body=dict(m["body"]),
+        body=open_report(m["call_sid"], m["version"], m["body"]),
         produced_by=m["produced_by"],
         reason=m["reason"],
         created_at=m["created_at"],
@@ -96,15 +100,14 @@ class ReportLedger:
         actor: str,
         details: Mapping[str, Any] | None = None,
     ) -> None:
-        conn.execute(
-            insert(t.audit_events).values(
-                at=self._clock(),
-                actor=actor,
-                action=action.value,
-                subject_kind=subject_kind,
-                subject_id=subject_id,
-                details=dict(details or {}),
-            )
+        append_audit(
+            conn,
+            at=self._clock(),
+            actor=actor,
+            action=action,
+            subject_kind=subject_kind,
+            subject_id=subject_id,
+            details=details,
         )
 
     async def add_version(
@@ -135,7 +138,7 @@ class ReportLedger:
                         call_sid=call_sid,
                         version=version,
                         schema_version=schema_version,
-                        body=dict(body),
+                        body=seal_report(call_sid, version, body),
                         produced_by=produced_by,
                         reason=reason,
                         created_at=created_at or self._clock(),

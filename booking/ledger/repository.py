@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, and_, bindparam, func, insert, select, update
+from sqlalchemy import Row, RowMapping, and_, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -33,7 +33,9 @@ from booking.domain import (
     new_id,
 )
 from booking.errors import InvalidTransition, NotFound, VersionConflict
+from booking.ledger import pii
 from booking.ledger import schema as t
+from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.database import Database
 
 Clock = Callable[[], datetime]
@@ -124,6 +126,7 @@ def _is_idempotency_clash(error: IntegrityError) -> bool:
 
 BOOKING_COLUMNS = (
     t.bookings,
+    t.customers.c.phone_index,
     t.customers.c.phone,
     t.customers.c.name.label("customer_name"),
     t.customers.c.email,
@@ -136,19 +139,45 @@ _INSERT_SERIES = insert(t.booking_series)
 _INSERT_BOOKING = insert(t.bookings)
 
 
+def seal_customer(customer: CustomerDetails) -> dict[str, str | None]:
+    """The customer's columns as stored: ciphertext bound to the row's blind index (its unique key,
+    known before the row exists, so the upsert stays one statement), and that index."""
+    vault = pii.cipher()
+    index = vault.blind_index(customer.phone)
+    return {
+        "phone_index": index,
+        "phone": vault.encrypt(customer.phone, table="customers", column="phone", row=index),
+        "name": vault.encrypt(customer.name, table="customers", column="name", row=index),
+        "email": vault.encrypt(customer.email, table="customers", column="email", row=index),
+    }
+
+
+def open_customer(customer_id: str, m: Mapping[str, Any] | RowMapping, *, name_key: str = "name") -> Customer:
+    """A customer row (``phone_index``, ``phone``, name, ``email``, ``time_zone``) decrypted."""
+    vault = pii.cipher()
+    index = m["phone_index"]
+    phone = vault.decrypt(m["phone"], table="customers", column="phone", row=index)
+    assert phone is not None
+    return Customer(
+        id=customer_id,
+        phone=phone,
+        name=vault.decrypt(m[name_key], table="customers", column="name", row=index),
+        email=vault.decrypt(m["email"], table="customers", column="email", row=index),
+        time_zone=m["time_zone"],
+    )
+
+
+def seal_notes(booking_id: str, notes: str | None) -> str | None:
+    return pii.cipher().encrypt(notes, table="bookings", column="notes", row=booking_id)
+
+
 def booking_from_row(row: Row[Any]) -> Booking:
     m = row._mapping
     return Booking(
         id=m["id"],
         resource_id=m["resource_id"],
         service_id=m["service_id"],
-        customer=Customer(
-            id=m["customer_id"],
-            phone=m["phone"],
-            name=m["customer_name"],
-            email=m["email"],
-            time_zone=m["time_zone"],
-        ),
+        customer=open_customer(m["customer_id"], m, name_key="customer_name"),
         start=m["start_at"],
         end=m["end_at"],
         block=Interval(m["block_start"], m["block_end"]),
@@ -158,8 +187,46 @@ def booking_from_row(row: Row[Any]) -> Booking:
         updated_at=m["updated_at"],
         series_id=m["series_id"],
         source=m["source"],
-        notes=m["notes"],
+        notes=pii.cipher().decrypt(m["notes"], table="bookings", column="notes", row=m["id"]),
         sms_consent=SmsConsent(m["sms_consent"]),
+    )
+
+
+def _when(booking: Booking) -> dict[str, str]:
+    return {"start": booking.start.isoformat(), "end": booking.end.isoformat(), "resource_id": booking.resource_id}
+
+
+def audit_booking_change(
+    conn: Connection,
+    now: datetime,
+    actor: str,
+    after: Sequence[Booking],
+    *,
+    before: Booking | None = None,
+    series_id: str | None = None,
+) -> None:
+    """The audit entry of a booking change, last in its transaction: the booking (or a new series), its
+    status and time before and after. Never the customer's details nor the free-text reason: the audit
+    log outlives an erasure."""
+    first = after[0]
+    details: dict[str, Any] = {
+        "booking_ids": [b.id for b in after],
+        "service_id": first.service_id,
+        "from_status": before.status.value if before is not None else None,
+        "to_status": first.status.value,
+        "from": _when(before) if before is not None else None,
+        "to": _when(first),
+        "version": first.version,
+    }
+    subject_kind, subject_id = ("series", series_id) if series_id is not None else ("booking", first.id)
+    append_audit(
+        conn,
+        at=now,
+        actor=actor,
+        action=AuditAction.BOOKING_CHANGED,
+        subject_kind=subject_kind,
+        subject_id=subject_id,
+        details=details,
     )
 
 
@@ -179,19 +246,19 @@ class Ledger:
         upsert = dialect_insert(t.customers).values(
             {
                 column: bindparam(column)
-                for column in ("id", "phone", "name", "email", "time_zone", "created_at", "updated_at")
+                for column in ("id", "phone", "phone_index", "name", "email", "time_zone", "created_at", "updated_at")
             }
         )
         # Built once: constructing an upsert per call cost more than running it.
         self._upsert_customer_stmt = upsert.on_conflict_do_update(
-            index_elements=["phone"],
+            index_elements=["phone_index"],
             set_={
                 "name": func.coalesce(upsert.excluded.name, c.name),
                 "email": func.coalesce(upsert.excluded.email, c.email),
                 "time_zone": func.coalesce(upsert.excluded.time_zone, c.time_zone),
                 "updated_at": upsert.excluded.updated_at,
             },
-        ).returning(c.id, c.phone, c.name, c.email, c.time_zone)
+        ).returning(c.id, c.phone_index, c.phone, c.name, c.email, c.time_zone)
 
     @property
     def database(self) -> Database:
@@ -307,7 +374,7 @@ class Ledger:
                         "block_start": b.block.start,
                         "block_end": b.block.end,
                         "source": source,
-                        "notes": notes,
+                        "notes": seal_notes(b.id, notes),
                         "sms_consent": sms_consent.value,
                         "version": 1,
                         "created_at": now,
@@ -342,6 +409,7 @@ class Ledger:
             )
             # The calendar event and SMS exist if and only if these bookings commit.
             outbox.record_created(conn, bookings, now, series_rule=series.rrule if series is not None else None)
+            audit_booking_change(conn, now, actor, bookings, series_id=series_id)
             return bookings
 
         try:
@@ -368,15 +436,13 @@ class Ledger:
             self._upsert_customer_stmt,
             {
                 "id": new_id(),
-                "phone": customer.phone,
-                "name": customer.name,
-                "email": customer.email,
+                **seal_customer(customer),
                 "time_zone": customer.time_zone,
                 "created_at": now,
                 "updated_at": now,
             },
         ).one()
-        return Customer(id=row.id, phone=row.phone, name=row.name, email=row.email, time_zone=row.time_zone)
+        return open_customer(row.id, row._mapping)
 
     async def reschedule(
         self,
@@ -428,6 +494,7 @@ class Ledger:
                 updated_at=now,
             )
             outbox.record_rescheduled(conn, current, moved, now)
+            audit_booking_change(conn, now, actor, (moved,), before=current)
 
         try:
             await self._db.write(work)
@@ -459,7 +526,9 @@ class Ledger:
                 )
             )
             changed = dataclasses.replace(current, status=target, version=current.version + 1, updated_at=now)
-            return outbox.record_status_change(conn, changed, now, reason=reason)
+            enqueued = outbox.record_status_change(conn, changed, now, reason=reason)
+            audit_booking_change(conn, now, actor, (changed,), before=current)
+            return enqueued
 
         if await self._db.write(work):
             await self._effects_enqueued()
@@ -502,7 +571,8 @@ class Ledger:
     async def bookings_for_phone(
         self, phone: str, *, since: datetime | None = None, active_only: bool = False
     ) -> list[Booking]:
-        query = select(*BOOKING_COLUMNS).join(t.customers).where(t.customers.c.phone == phone)
+        index = pii.cipher().blind_index(phone)
+        query = select(*BOOKING_COLUMNS).join(t.customers).where(t.customers.c.phone_index == index)
         if since is not None:
             query = query.where(t.bookings.c.end_at > since)
         if active_only:

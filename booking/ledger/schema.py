@@ -112,7 +112,9 @@ customers = Table(
     "customers",
     metadata,
     _id(primary_key=True),
-    Column("phone", String(32), nullable=False, unique=True),
+    # Personal data is ciphertext (booking/ledger/pii.py); the phone is looked up by its blind index.
+    Column("phone", Text, nullable=False),
+    Column("phone_index", String(64), nullable=False, unique=True),
     Column("name", Text),
     Column("email", Text),
     Column("time_zone", String(64)),
@@ -188,8 +190,9 @@ calls = Table(
     metadata,
     Column("call_sid", String(64), primary_key=True),
     Column("account_sid", String(64), nullable=False),
-    Column("from_number", String(32), nullable=False),
-    Column("to_number", String(32), nullable=False),
+    Column("from_number", Text, nullable=False),  # ciphertext, as is to_number
+    Column("to_number", Text, nullable=False),
+    Column("from_index", String(64), nullable=False),  # the caller's blind index
     Column("direction", String(32), nullable=False),
     Column("status", String(16), nullable=False),
     Column("refused_reason", Text),
@@ -200,7 +203,7 @@ calls = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("transcript_deleted_at", UTCDateTime),  # retention removed the transcript and recording
-    Index("ix_calls_from_number", "from_number", "created_at"),
+    Index("ix_calls_from_index", "from_index", "created_at"),
 )
 
 # One row per distinct status callback: (call, SequenceNumber or status) recognises a replay.
@@ -275,7 +278,8 @@ sms_messages = Table(
     # answer was lost. Not a foreign key: a receipt may name an effect this ledger has since pruned.
     Column("effect_key", String(255)),
     _id("booking_id"),
-    Column("to_number", String(32), nullable=False),
+    Column("to_number", Text, nullable=False),  # ciphertext
+    Column("to_index", String(64), nullable=False),  # its blind index
     Column("status", String(16), nullable=False),
     Column("error_code", Integer),
     Column("segments", Integer),
@@ -283,6 +287,7 @@ sms_messages = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_sms_messages_effect_key", "effect_key"),
     Index("ix_sms_messages_updated", "updated_at"),
+    Index("ix_sms_messages_to_index", "to_index", "created_at"),
 )
 
 # Every distinct receipt, once: (message, status) recognises a replay, since Twilio sends no sequence.
@@ -300,7 +305,8 @@ sms_status_events = Table(
 sms_suppressions = Table(
     "sms_suppressions",
     metadata,
-    Column("phone", String(32), primary_key=True),
+    Column("phone_index", String(64), primary_key=True),  # the number's blind index
+    Column("phone", Text, nullable=False),  # ciphertext
     Column("opted_out", Boolean, nullable=False),
     Column("keyword", String(32)),
     Column("changed_at", UTCDateTime, nullable=False),
@@ -314,7 +320,7 @@ sms_sends = Table(
     "sms_sends",
     metadata,
     Column("effect_key", String(255), primary_key=True),
-    Column("to_number", String(32), nullable=False),
+    Column("to_number", Text, nullable=False),  # ciphertext
     Column("started_at", UTCDateTime, nullable=False),
 )
 
@@ -362,6 +368,35 @@ audit_events = Table(
     Column("subject_id", String(255), nullable=False),
     Column("details", JSONDocument, nullable=False),
     Index("ix_audit_events_subject", "subject_kind", "subject_id", "id"),
+    # The hash chain (booking/ledger/audit.py): the previous entry's hash and this entry's own.
+    Column("prev_hash", String(64), nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+)
+
+# The audit chain's newest id and hash, one row: appends lock it, so two never chain onto one entry.
+audit_chain_head = Table(
+    "audit_chain_head",
+    metadata,
+    Column("chain", String(32), primary_key=True),
+    Column("last_id", BigInteger, nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+)
+
+# Bearer tokens of the admin API, each with a role (viewer, operator, admin) and an optional tenant. Only
+# a SHA-256 of each token is kept: tokens are long random strings, so a fast hash cannot be reversed by
+# guessing, and a lookup costs one indexed read.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("tenant", String(64)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),
+    Column("last_used_at", UTCDateTime),
+    CheckConstraint("role IN ('viewer', 'operator', 'admin')", name="role_known"),
 )
 
 # The two-way CRM sync (booking/crm_pull.py): how far each pull has read, on the CRM's own clock (the

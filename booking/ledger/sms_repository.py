@@ -21,6 +21,7 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
@@ -82,13 +83,22 @@ class Suppression:
     source: str
 
 
+def _sealed_to(message_sid: str, to_number: str) -> dict[str, str | None]:
+    vault = pii.cipher()
+    return {
+        "to_number": vault.encrypt(to_number, table="sms_messages", column="to_number", row=message_sid),
+        "to_index": vault.blind_index(to_number),
+    }
+
+
 def _message(row: Row[Any]) -> SmsMessage:
     m = row._mapping
+    to_number = pii.cipher().decrypt(m["to_number"], table="sms_messages", column="to_number", row=m["message_sid"])
     return SmsMessage(
         message_sid=m["message_sid"],
         effect_key=m["effect_key"],
         booking_id=m["booking_id"],
-        to_number=m["to_number"],
+        to_number=to_number or "",
         status=m["status"],
         error_code=m["error_code"],
         segments=m["segments"],
@@ -122,7 +132,7 @@ class SmsLedger:
             message_sid=message_sid,
             effect_key=effect_key,
             booking_id=booking_id,
-            to_number=to_number,
+            **_sealed_to(message_sid, to_number),
             status=status,
             segments=segments,
             created_at=now,
@@ -163,7 +173,7 @@ class SmsLedger:
                 message_sid=message_sid,
                 effect_key=effect_key,
                 booking_id=booking_id,
-                to_number=to_number,
+                **_sealed_to(message_sid, to_number),
                 status=status,
                 error_code=error_code,
                 created_at=now,
@@ -219,7 +229,11 @@ class SmsLedger:
         now = self._clock()
         stmt = (
             self._insert(t.sms_sends)
-            .values(effect_key=effect_key, to_number=to_number, started_at=now)
+            .values(
+                effect_key=effect_key,
+                to_number=pii.cipher().encrypt(to_number, table="sms_sends", column="to_number", row=effect_key),
+                started_at=now,
+            )
             .on_conflict_do_nothing(index_elements=["effect_key"])
         )
         inserted = await self._db.write(lambda conn: conn.execute(stmt).rowcount)
@@ -240,7 +254,8 @@ class SmsLedger:
         return _message(row) if row is not None else None
 
     async def messages_to(self, phone: str) -> list[SmsMessage]:
-        query = select(t.sms_messages).where(t.sms_messages.c.to_number == phone).order_by(t.sms_messages.c.created_at)
+        m = t.sms_messages.c
+        query = select(t.sms_messages).where(m.to_index == pii.cipher().blind_index(phone)).order_by(m.created_at)
         async with self._db.reader.connect() as conn:
             return [_message(row) for row in await conn.execute(query)]
 
@@ -278,10 +293,13 @@ class SmsLedger:
         """Opt ``phone`` out (or back in). The latest change wins, whatever it was before."""
         now = self._clock()
         values = {"opted_out": opted_out, "keyword": keyword, "changed_at": now, "source": source.value}
+        vault = pii.cipher()
+        index = vault.blind_index(phone)
+        sealed = vault.encrypt(phone, table="sms_suppressions", column="phone", row=index)
         stmt = (
             self._insert(t.sms_suppressions)
-            .values(phone=phone, **values)
-            .on_conflict_do_update(index_elements=["phone"], set_=values)
+            .values(phone_index=index, phone=sealed, **values)
+            .on_conflict_do_update(index_elements=["phone_index"], set_=values)
         )
 
         def work(conn: Connection) -> None:
@@ -291,14 +309,14 @@ class SmsLedger:
         return Suppression(phone=phone, keyword=keyword, changed_at=now, source=source.value, opted_out=opted_out)
 
     async def suppression(self, phone: str) -> Suppression | None:
-        query = select(t.sms_suppressions).where(t.sms_suppressions.c.phone == phone)
+        query = select(t.sms_suppressions).where(t.sms_suppressions.c.phone_index == pii.cipher().blind_index(phone))
         async with self._db.reader.connect() as conn:
             row = (await conn.execute(query)).first()
         if row is None:
             return None
         m = row._mapping
         return Suppression(
-            phone=m["phone"],
+            phone=phone,
             opted_out=m["opted_out"],
             keyword=m["keyword"],
             changed_at=m["changed_at"],

@@ -15,6 +15,7 @@ second version: the hang-up's version is found and its follow-ons, keyed on it, 
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,7 @@ from booking.business import Business
 from booking.calls import CallRecord
 from booking.domain import Booking, ensure_utc
 from booking.errors import NotFound
+from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database
@@ -55,6 +57,23 @@ class Archive(Protocol):
     """Where transcripts and recordings are kept (integrations.storage satisfies it)."""
 
     async def put(self, key: str, data: bytes, *, content_type: str) -> object: ...
+
+
+SEALED_CONTENT_TYPE = "application/vnd.voicebook.sealed"
+"""Archived transcripts and recordings are sealed like the ledger's personal data (booking/ledger/pii.py),
+bound to their object key: a copy of the bucket alone yields no speech and no words."""
+
+
+def seal_archived(key: str, data: bytes) -> bytes:
+    sealed = pii.cipher().encrypt(base64.b64encode(data).decode(), table="archive", column="object", row=key)
+    assert sealed is not None
+    return sealed.encode()
+
+
+def open_archived(key: str, data: bytes) -> bytes:
+    opened = pii.cipher().decrypt(data.decode(), table="archive", column="object", row=key)
+    assert opened is not None
+    return base64.b64decode(opened)
 
 
 def transcript_key(call: CallRecord) -> str:
@@ -216,7 +235,9 @@ class ReportPipeline:
         )
         caller = call.to_number if call.direction.startswith("outbound") else call.from_number
         customers = t.customers.c
-        known_query = select(customers.id).where(customers.phone == caller, customers.created_at < call.created_at)
+        known_query = select(customers.id).where(
+            customers.phone_index == pii.cipher().blind_index(caller), customers.created_at < call.created_at
+        )
         async with self._db.reader.connect() as conn:
             rows = (await conn.execute(query)).all()
             known = bool(caller) and (await conn.execute(known_query.limit(1))).first() is not None
@@ -248,8 +269,10 @@ class ReportPipeline:
             "transcript": [turn.model_dump(mode="json") for turn in report.transcript],
             "cleaned_transcript": [turn.model_dump(mode="json") for turn in report.cleaned_transcript.value],
         }
-        await self._archive.put(transcript_key(call), orjson.dumps(document), content_type="application/json")
+        key = transcript_key(call)
+        await self._archive.put(key, seal_archived(key, orjson.dumps(document)), content_type=SEALED_CONTENT_TYPE)
         if self._recordings_dir is not None:
             path = self._recordings_dir / f"{call.call_sid}.jsonl"
             if path.is_file():
-                await self._archive.put(recording_key(call), path.read_bytes(), content_type="application/x-ndjson")
+                key = recording_key(call)
+                await self._archive.put(key, seal_archived(key, path.read_bytes()), content_type=SEALED_CONTENT_TYPE)

@@ -15,10 +15,12 @@ from starlette.routing import Route
 
 from booking.domain import BookingStatus, Interval, SmsConsent
 from booking.errors import BookingError, InvalidRequest
+from booking.ledger.api_token_repository import Role
 from booking.ledger.repository import CustomerDetails
 from booking.service import Booked, BookRequest, SlotUnavailable
 from booking.timeutil import local_day_bounds, parse_instant, zone
-from voice_server.api.auth import admin_denied
+from voice_server.api.auth import authorize, principal_of
+from voice_server.api.masking import mask_customer
 from voice_server.api.responses import JSONResponse, problem, problem_for
 from voice_server.api.schemas import (
     BookingBody,
@@ -46,14 +48,14 @@ def _components(request: Request) -> Components:
     return components
 
 
-def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Admin authentication and error mapping around a handler."""
+def endpoint(handler: Handler, needs: Role) -> Callable[[Request], Awaitable[Response]]:
+    """Authorization (a token whose role allows ``needs``) and error mapping around a handler."""
 
     async def wrapped(request: Request) -> Response:
         components = _components(request)
-        denied = admin_denied(request, components.settings.admin_token)
-        if denied is not None:
-            return denied
+        principal = await authorize(request, components, needs)
+        if isinstance(principal, Response):
+            return principal
         booking_id = request.path_params.get("booking_id")
         try:
             # Whatever the handler's layers log about a booking (ledger, effects) names it.
@@ -214,7 +216,7 @@ async def create_booking(request: Request, components: Components) -> Response:
             rrule=body.rrule,
             notes=body.notes,
             source="api",
-            actor="api",
+            actor=_actor(request),
             sms_consent=SmsConsent.from_answer(body.sms_consent),
         )
     )
@@ -231,16 +233,30 @@ async def list_bookings(request: Request, components: Components) -> Response:
         raise InvalidRequest("the phone query parameter is required", code="invalid_query")
     include_past = request.query_params.get("include_past", "false").lower() in ("1", "true", "yes")
     found = await components.bookings.find_bookings(phone, upcoming_only=not include_past)
-    return JSONResponse({"bookings": [render_booking(b, components.business) for b in found]})
+    return JSONResponse({"bookings": [_shown(request, render_booking(b, components.business)) for b in found]})
 
 
 async def get_booking(request: Request, components: Components) -> Response:
     booking = await components.bookings.get_booking(request.path_params["booking_id"])
-    body = render_booking(booking, components.business)
+    body = _shown(request, render_booking(booking, components.business))
     body["history"] = [render_event(e) for e in await components.bookings.ledger.history(booking.id)]
     response = JSONResponse(body)
     response.headers["ETag"] = f'"{booking.version}"'
     return response
+
+
+def _actor(request: Request) -> str:
+    """Who a booking change is recorded as made by: ``api`` for the bootstrap token (as before roles),
+    ``token:<id>`` for a token made with ``voicebook tokens create``."""
+    principal = principal_of(request)
+    return "api" if principal.token_id is None else principal.actor
+
+
+def _shown(request: Request, booking: dict[str, Any]) -> dict[str, Any]:
+    """A rendered booking as the caller may see it: a viewer gets the customer's details masked."""
+    if principal_of(request).sees_pii:
+        return booking
+    return booking | {"customer": mask_customer(booking["customer"])}
 
 
 def _expected_version(request: Request) -> int | None:
@@ -260,7 +276,9 @@ async def patch_booking(request: Request, components: Components) -> Response:
     if (body.start is None) == (body.status is None):
         raise InvalidRequest("give either start (to reschedule) or status", code="invalid_body")
     if body.status is not None:
-        booking = await service.change_status(booking_id, BookingStatus(body.status), reason=body.reason)
+        booking = await service.change_status(
+            booking_id, BookingStatus(body.status), reason=body.reason, actor=_actor(request)
+        )
         return JSONResponse(render_booking(booking, components.business))
     assert body.start is not None
     tz = zone(body.time_zone) if body.time_zone else components.business.tz
@@ -269,6 +287,7 @@ async def patch_booking(request: Request, components: Components) -> Response:
         parse_instant(body.start, tz, fold=body.fold),
         resource_id=body.resource,
         expected_version=_expected_version(request),
+        actor=_actor(request),
     )
     if isinstance(outcome, SlotUnavailable):
         return _unavailable(outcome, components, zone(body.time_zone) if body.time_zone else None)
@@ -277,7 +296,7 @@ async def patch_booking(request: Request, components: Components) -> Response:
 
 async def delete_booking(request: Request, components: Components) -> Response:
     booking = await components.bookings.cancel(
-        request.path_params["booking_id"], reason=request.query_params.get("reason")
+        request.path_params["booking_id"], reason=request.query_params.get("reason"), actor=_actor(request)
     )
     return JSONResponse(render_booking(booking, components.business))
 
@@ -314,13 +333,13 @@ async def reindex(request: Request, components: Components) -> Response:
 
 
 routes = [
-    Route("/api/availability", endpoint(availability), methods=["GET"]),
-    Route("/api/bookings", endpoint(create_booking), methods=["POST"]),
-    Route("/api/bookings", endpoint(list_bookings), methods=["GET"]),
-    Route("/api/bookings/{booking_id}", endpoint(get_booking), methods=["GET"]),
-    Route("/api/bookings/{booking_id}", endpoint(patch_booking), methods=["PATCH"]),
-    Route("/api/bookings/{booking_id}", endpoint(delete_booking), methods=["DELETE"]),
-    Route("/api/holds", endpoint(create_hold), methods=["POST"]),
-    Route("/api/holds/{token}", endpoint(delete_hold), methods=["DELETE"]),
-    Route("/api/admin/reindex", endpoint(reindex), methods=["POST"]),
+    Route("/api/availability", endpoint(availability, Role.VIEWER), methods=["GET"]),
+    Route("/api/bookings", endpoint(create_booking, Role.OPERATOR), methods=["POST"]),
+    Route("/api/bookings", endpoint(list_bookings, Role.VIEWER), methods=["GET"]),
+    Route("/api/bookings/{booking_id}", endpoint(get_booking, Role.VIEWER), methods=["GET"]),
+    Route("/api/bookings/{booking_id}", endpoint(patch_booking, Role.OPERATOR), methods=["PATCH"]),
+    Route("/api/bookings/{booking_id}", endpoint(delete_booking, Role.OPERATOR), methods=["DELETE"]),
+    Route("/api/holds", endpoint(create_hold, Role.OPERATOR), methods=["POST"]),
+    Route("/api/holds/{token}", endpoint(delete_hold, Role.OPERATOR), methods=["DELETE"]),
+    Route("/api/admin/reindex", endpoint(reindex, Role.OPERATOR), methods=["POST"]),
 ]

@@ -12,8 +12,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from booking.calls import CallRecord
+from booking.ledger.api_token_repository import Role
 from booking.ledger.reports_repository import AuditAction, ReportLedger
+from voice_server.api.auth import principal_of
 from voice_server.api.bookings import endpoint
+from voice_server.api.masking import MASKED_TEXT, mask_phone
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.components import Components
 
@@ -48,10 +51,19 @@ async def get_call(request: Request, components: Components) -> Response:
         turns = [(t.role, t.text, t.at, t.truncated, t.tool) for t in await components.calls.transcript(call_sid)]
         state = None
     # A transcript is personal data: who read it, and when, goes to the audit trail.
+    principal = principal_of(request)
     await ReportLedger(components.database, clock=components.clock).record(
-        AuditAction.READ, "call", call_sid, "admin-api", {"what": "transcript", "live": live is not None}
+        AuditAction.READ,
+        "call",
+        call_sid,
+        principal.actor,
+        {"what": "transcript", "live": live is not None} | ({} if principal.sees_pii else {"masked": True}),
     )
-    body = _record(call) | {
+    record = _record(call)
+    if not principal.sees_pii:  # a viewer: the numbers masked, the words not shown
+        record |= {"from": mask_phone(record["from"]), "to": mask_phone(record["to"])}
+        turns = [(role, MASKED_TEXT, at, truncated, tool) for role, _, at, truncated, tool in turns]
+    body = record | {
         "live": live is not None,
         "state": state,
         "transcript": [
@@ -62,4 +74,4 @@ async def get_call(request: Request, components: Components) -> Response:
     return JSONResponse(body)
 
 
-routes = [Route("/api/calls/{call_sid}", endpoint(get_call), methods=["GET"])]
+routes = [Route("/api/calls/{call_sid}", endpoint(get_call, Role.VIEWER), methods=["GET"])]

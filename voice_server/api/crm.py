@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from booking.ledger.api_token_repository import Role
 from booking.ledger.crm_repository import Conflict, CrmLedger
 from voice_server.api.bookings import endpoint
 from voice_server.api.responses import JSONResponse, problem
@@ -47,6 +48,7 @@ async def resolve_conflict(request: Request, components: Components) -> Response
 
 
 routes = [
-    Route("/api/crm/conflicts", endpoint(list_conflicts), methods=["GET"]),
-    Route("/api/crm/conflicts/{conflict_id}/resolve", endpoint(resolve_conflict), methods=["POST"]),
+    # Operators: a conflict's values can be a booking's notes, free text a viewer may not read.
+    Route("/api/crm/conflicts", endpoint(list_conflicts, Role.OPERATOR), methods=["GET"]),
+    Route("/api/crm/conflicts/{conflict_id}/resolve", endpoint(resolve_conflict, Role.OPERATOR), methods=["POST"]),
 ]

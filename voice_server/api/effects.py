@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from booking.errors import InvalidRequest
+from booking.ledger.api_token_repository import Role
 from booking.outbox import Effect, Outbox, RedisNotifier
 from voice_server.api.bookings import _query_int, endpoint, json_body
 from voice_server.api.responses import JSONResponse, problem
@@ -129,9 +130,9 @@ async def discard_effect(request: Request, components: Components) -> Response:
 
 
 routes = [
-    Route("/api/admin/effects/dead", endpoint(list_dead), methods=["GET"]),
-    Route("/api/admin/effects/depth", endpoint(depth), methods=["GET"]),
-    Route("/api/admin/effects/{effect_id}", endpoint(get_effect), methods=["GET"]),
-    Route("/api/admin/effects/{effect_id}/retry", endpoint(retry_effect), methods=["POST"]),
-    Route("/api/admin/effects/{effect_id}/discard", endpoint(discard_effect), methods=["POST"]),
+    Route("/api/admin/effects/dead", endpoint(list_dead, Role.OPERATOR), methods=["GET"]),
+    Route("/api/admin/effects/depth", endpoint(depth, Role.OPERATOR), methods=["GET"]),
+    Route("/api/admin/effects/{effect_id}", endpoint(get_effect, Role.OPERATOR), methods=["GET"]),
+    Route("/api/admin/effects/{effect_id}/retry", endpoint(retry_effect, Role.OPERATOR), methods=["POST"]),
+    Route("/api/admin/effects/{effect_id}/discard", endpoint(discard_effect, Role.OPERATOR), methods=["POST"]),
 ]

@@ -16,16 +16,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from booking.ledger.api_token_repository import Role
 from booking.ledger.reports_repository import AuditAction, ReportLedger, StoredReport, pick_version
 from booking.outbox import Outbox, RedisNotifier, insert_effects_once
 from booking.reports.schema import CallReport, Lifecycle
+from voice_server.api.auth import principal_of
 from voice_server.api.bookings import BadRequest, endpoint, json_body
 from voice_server.api.effects import render_effect
+from voice_server.api.masking import mask_report
 from voice_server.api.responses import JSONResponse, problem
 from voice_server.components import Components
 from voice_server.trigger_effects import approved_rows
 
 API_ACTOR = "admin-api"
+"""The actor of the bootstrap token (``VOICEBOOK_ADMIN_TOKEN``); other tokens are ``token:<id>``."""
 
 
 def render_report(stored: StoredReport, *, versions: int, transcript_deleted_at: Any) -> dict[str, Any]:
@@ -69,8 +73,18 @@ async def get_report(request: Request, components: Components) -> Response:
     chosen = pick_version(versions, wanted)
     if chosen is None:
         return problem(404, "version_not_found", "Version not found", f"no version {wanted} of {call_sid}")
-    await reports.record(AuditAction.READ, "call", call_sid, API_ACTOR, {"version": chosen.version})
-    return JSONResponse(render_report(chosen, versions=len(versions), transcript_deleted_at=call.transcript_deleted_at))
+    principal = principal_of(request)
+    await reports.record(
+        AuditAction.READ,
+        "call",
+        call_sid,
+        principal.actor,
+        {"version": chosen.version} | ({} if principal.sees_pii else {"masked": True}),
+    )
+    body = render_report(chosen, versions=len(versions), transcript_deleted_at=call.transcript_deleted_at)
+    if not principal.sees_pii:
+        body["report"] = mask_report(body["report"])
+    return JSONResponse(body)
 
 
 async def regenerate_report(request: Request, components: Components) -> Response:
@@ -80,7 +94,9 @@ async def regenerate_report(request: Request, components: Components) -> Respons
     pipeline = components.reports
     if pipeline is None:
         return problem(503, "reports_unavailable", "Reports unavailable", "this server builds no reports")
-    built = await pipeline.regenerate(call_sid, actor=API_ACTOR, reason="regenerated through the API")
+    built = await pipeline.regenerate(
+        call_sid, actor=principal_of(request).actor, reason="regenerated through the API"
+    )
     call = await components.calls.require_call(call_sid)
     versions = len(await pipeline.reports.versions(call_sid))
     body = render_report(built.stored, versions=versions, transcript_deleted_at=call.transcript_deleted_at)
@@ -110,7 +126,7 @@ async def edit_report(request: Request, components: Components) -> Response:
     if edit.summary is None and edit.lifecycle is None:
         return problem(422, "invalid_edit", "Invalid edit", "give a summary or a lifecycle to change")
     built = await pipeline.edit(
-        call_sid, actor=API_ACTOR, summary=edit.summary, lifecycle=edit.lifecycle, reason=edit.reason
+        call_sid, actor=principal_of(request).actor, summary=edit.summary, lifecycle=edit.lifecycle, reason=edit.reason
     )
     call = await components.calls.require_call(call_sid)
     versions = len(await pipeline.reports.versions(call_sid))
@@ -162,7 +178,11 @@ async def approve_trigger(request: Request, components: Components) -> Response:
 
     added = await components.database.write(enqueue)
     await reports.record(
-        AuditAction.APPROVED, "call", call_sid, API_ACTOR, {"rule": rule, "version": chosen.version, "new": added}
+        AuditAction.APPROVED,
+        "call",
+        call_sid,
+        principal_of(request).actor,
+        {"rule": rule, "version": chosen.version, "new": added},
     )
     if added:
         await RedisNotifier(components.redis, components.settings.effects_channel)()
@@ -181,9 +201,10 @@ async def approve_trigger(request: Request, components: Components) -> Response:
 
 
 routes = [
-    Route("/api/calls/{call_sid}/report", endpoint(get_report), methods=["GET"]),
-    Route("/api/calls/{call_sid}/report", endpoint(regenerate_report), methods=["POST"]),
-    Route("/api/calls/{call_sid}/report", endpoint(edit_report), methods=["PATCH"]),
-    Route("/api/calls/{call_sid}/report/audit", endpoint(report_audit), methods=["GET"]),
-    Route("/api/calls/{call_sid}/triggers/{rule}/approve", endpoint(approve_trigger), methods=["POST"]),
+    Route("/api/calls/{call_sid}/report", endpoint(get_report, Role.VIEWER), methods=["GET"]),
+    Route("/api/calls/{call_sid}/report", endpoint(regenerate_report, Role.OPERATOR), methods=["POST"]),
+    Route("/api/calls/{call_sid}/report", endpoint(edit_report, Role.OPERATOR), methods=["PATCH"]),
+    # Operators: the effects listed carry their last errors, which can quote a phone number.
+    Route("/api/calls/{call_sid}/report/audit", endpoint(report_audit, Role.OPERATOR), methods=["GET"]),
+    Route("/api/calls/{call_sid}/triggers/{rule}/approve", endpoint(approve_trigger, Role.OPERATOR), methods=["POST"]),
 ]
