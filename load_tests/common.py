@@ -13,7 +13,9 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from booking.business import Business, parse_business
+from booking.ledger import pii
 from booking.ledger.database import Database, migrate
+from booking.ledger.pii import FieldCipher, new_key
 from voice_server.embedded_redis import EmbeddedRedis
 
 
@@ -115,6 +117,8 @@ async def redis_and_ledger(
             database_url = f"sqlite:///{folder / 'ledger.db'}"
         elif database_url.startswith(("postgresql", "postgres")):
             database_url = await scratch_postgres(database_url, exits)
+        # The run's own keys for the personal data it writes (the ledger is removed with the run).
+        pii.install(FieldCipher.parse(f"bench={new_key()}", new_key()))
         database = Database.connect(database_url, pool_size=20)
         exits.push_async_callback(database.dispose)
         await migrate(database)

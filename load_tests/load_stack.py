@@ -28,7 +28,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_tests/ is a folder of scripts, not a package
 
+from booking.ledger import pii
 from booking.ledger.database import Database
+from booking.ledger.pii import FieldCipher, new_key
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -133,6 +135,8 @@ class LoadStack:
         self.samples_prefix = self.folder / "samples.jsonl"
         self.problems: list[str] = []
         self.auth_token, self.admin_token = secrets.token_hex(16), secrets.token_urlsafe(24)
+        # The run's keys for personal data: the server's processes seal with them, the runner reads with them.
+        self.pii_keys, self.pii_index_key = f"load={new_key()}", new_key()
         self.base = f"http://127.0.0.1:{free_port()}"
         self.database_url = ""
         self._processes: dict[str, asyncio.subprocess.Process] = {}
@@ -202,6 +206,8 @@ class LoadStack:
             "VOICEBOOK_BUSINESS_FILE": str(business),
             "VOICEBOOK_LOG_LEVEL": "WARNING",
             "VOICEBOOK_ADMIN_TOKEN": self.admin_token,
+            "VOICEBOOK_PII_KEYS": self.pii_keys,
+            "VOICEBOOK_PII_INDEX_KEY": self.pii_index_key,
             "TWILIO_AUTH_TOKEN": self.auth_token,
             "REDIS_URL": redis_url,
             "DATABASE_URL": self.database_url,
@@ -305,6 +311,7 @@ class LoadStack:
     def database(self) -> Database:
         """The run's ledger, read by the runner (opened once; closed before the ledger is removed)."""
         if self._database is None:
+            pii.install(FieldCipher.parse(self.pii_keys, self.pii_index_key))
             self._database = Database.connect(self.database_url, pool_size=2)
             self._exits.push_async_callback(self._database.dispose)
         return self._database
