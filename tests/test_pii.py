@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -213,3 +214,67 @@ async def test_a_value_moved_to_another_row_does_not_read_as_that_row(
     )
     with pytest.raises(PiiDecryptError, match=r"customers\.name"):
         await service.find_bookings(PHONE, upcoming_only=False)
+
+
+async def test_the_migration_seals_rows_written_before_it_and_its_downgrade_opens_them(tmp_path: Path) -> None:
+    """Rows written under revision 0013 (plaintext) are sealed by 0014 and read through the ledger; the
+    downgrade opens them again, and a second upgrade seals them again."""
+    from booking.ledger.database import downgrade, migrate
+
+    database = Database.connect(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        await migrate(database, "0013")
+        now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+
+        def old_rows(conn: Any) -> None:
+            conn.execute(
+                text(
+                    "INSERT INTO customers (id, phone, name, email, created_at, updated_at) "
+                    "VALUES ('c1', :phone, :name, :email, :now, :now)"
+                ),
+                {"phone": PHONE, "name": NAME, "email": EMAIL, "now": now.replace(tzinfo=None)},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO calls (call_sid, account_sid, from_number, to_number, direction, status, "
+                    "created_at, updated_at) VALUES ('CA1', 'AC1', :phone, '+12125550100', 'inbound', 'completed', "
+                    ":now, :now)"
+                ),
+                {"phone": PHONE, "now": now.replace(tzinfo=None)},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO call_turns (call_sid, position, role, text, truncated, at) "
+                    "VALUES ('CA1', 0, 'caller', :said, 0, :now)"
+                ),
+                {"said": SAID, "now": now.replace(tzinfo=None)},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO sms_suppressions (phone, opted_out, keyword, changed_at, source) "
+                    "VALUES (:phone, 1, 'STOP', :now, 'inbound_sms')"
+                ),
+                {"phone": PHONE, "now": now.replace(tzinfo=None)},
+            )
+
+        await database.write(old_rows)
+        await migrate(database)
+        dump = await _dump(database)
+        assert PHONE not in dump and NAME not in dump and SAID not in dump
+        calls = CallLedger(database)
+        assert (await calls.require_call("CA1")).from_number == PHONE
+        assert [turn.text for turn in await calls.transcript("CA1")] == [SAID]
+        assert await SmsLedger(database).is_suppressed(PHONE)
+
+        await downgrade(database, "0013")
+        async with database.reader.connect() as conn:
+            customer = (await conn.execute(text("SELECT phone, name, email FROM customers"))).one()
+            turn = (await conn.execute(text("SELECT text FROM call_turns"))).scalar_one()
+            suppressed = (await conn.execute(text("SELECT phone FROM sms_suppressions"))).scalar_one()
+        assert tuple(customer) == (PHONE, NAME, EMAIL) and turn == SAID and suppressed == PHONE
+
+        await migrate(database)
+        assert (await calls.require_call("CA1")).from_number == PHONE
+        assert PHONE not in await _dump(database)
+    finally:
+        await database.dispose()

@@ -256,6 +256,21 @@ class Database:
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_thread, transaction)
 
+    async def sqlite_pragma(self, pragma: str) -> list[Any]:
+        """Run ``PRAGMA <pragma>`` outside any transaction on the SQLite writer's connection (its pool holds
+        one, so the next write runs on it); returns its rows."""
+        assert self._sync_writer is not None and self._writer_thread is not None
+        engine = self._sync_writer
+
+        def run() -> list[Any]:
+            raw = engine.raw_connection()
+            try:
+                return list(raw.cursor().execute(f"PRAGMA {pragma}").fetchall())
+            finally:
+                raw.close()
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
+
     async def dispose(self) -> None:
         await self.group_commit.drain()
         await self.reader.dispose()
@@ -302,4 +317,27 @@ def head_revision() -> str:
 
 async def migrate(database: Database, revision: str = "head") -> None:
     """Upgrade the ledger's schema to ``revision``."""
-    await database.write(lambda connection: alembic.command.upgrade(_alembic_config(connection), revision))
+    await _migrating(database, lambda connection: alembic.command.upgrade(_alembic_config(connection), revision))
+
+
+async def downgrade(database: Database, revision: str) -> None:
+    """Take the ledger's schema back to ``revision``."""
+    await _migrating(database, lambda connection: alembic.command.downgrade(_alembic_config(connection), revision))
+
+
+async def _migrating(database: Database, step: Callable[[Connection], None]) -> None:
+    """Run a migration step. On SQLite, with foreign keys off for its duration: an altered table is rebuilt
+    (copy, drop, rename), and dropping a table other rows reference fails the check even though the copy
+    takes its place. SQLite ignores the pragma inside a transaction, so it is set before and after on the
+    writer's one connection, and the keys are checked once the step has committed."""
+    if database.dialect != "sqlite":
+        await database.write(step)
+        return
+    await database.sqlite_pragma("foreign_keys=OFF")
+    try:
+        await database.write(step)
+        broken = await database.sqlite_pragma("foreign_key_check")
+        if broken:
+            raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
+    finally:
+        await database.sqlite_pragma("foreign_keys=ON")

@@ -23,6 +23,20 @@ branch_labels = None
 depends_on = None
 
 
+_SEALED_TABLES = (
+    "customers",
+    "calls",
+    "call_turns",
+    "call_reports",
+    "effects",
+    "sms_messages",
+    "sms_sends",
+    "sms_suppressions",
+    "crm_conflicts",
+)
+"""The tables holding personal data: with a row in any of them, migrating either way needs the keys."""
+
+
 def _rows(sql: str) -> list[Any]:
     return list(op.get_bind().execute(sa.text(sql)).mappings())
 
@@ -31,23 +45,7 @@ def upgrade() -> None:
     from booking.ledger import pii
 
     bind = op.get_bind()
-    pending = (
-        any(
-            bind.execute(sa.text(f"SELECT 1 FROM {table} LIMIT 1")).first() is not None
-            for table in (
-                "customers",
-                "calls",
-                "call_turns",
-                "call_reports",
-                "effects",
-                "sms_messages",
-                "sms_sends",
-                "crm_conflicts",
-            )
-        )
-        or bind.execute(sa.text("SELECT 1 FROM sms_suppressions LIMIT 1")).first() is not None
-    )
-    vault = pii.cipher() if pending else None
+    vault = pii.cipher() if _any_rows() else None
 
     with op.batch_alter_table("customers") as batch:
         batch.alter_column("phone", type_=sa.Text(), existing_nullable=False)
@@ -185,4 +183,116 @@ def _seal_json(vault: Any, table: str, column: str, query: str, keys: tuple[str,
 
 
 def downgrade() -> None:
-    raise NotImplementedError("personal data stays encrypted: restore a backup taken before 0014 to go back")
+    """Back to plaintext and plain lookups, with the keys of the process running it (a ledger with rows
+    cannot be downgraded without them). The widened columns stay ``TEXT``: an erased customer's number is
+    longer than the old ``VARCHAR(32)``. An erased customer's number becomes its random index, which keeps
+    the number column unique."""
+    from booking.ledger import pii
+
+    bind = op.get_bind()
+    vault = pii.cipher() if _any_rows() else None
+
+    def update(sql: str, **values: Any) -> None:
+        bind.execute(sa.text(sql), values)
+
+    if vault is not None:
+        for row in _rows("SELECT id, phone_index, phone, name, email FROM customers"):
+            where = {"table": "customers", "row": row["phone_index"]}
+            phone = vault.decrypt(row["phone"], column="phone", **where)
+            update(
+                "UPDATE customers SET phone = :phone, name = :name, email = :email WHERE id = :id",
+                id=row["id"],
+                phone=row["phone_index"] if row["phone_index"].startswith("erased:") else phone,
+                name=vault.decrypt(row["name"], column="name", **where),
+                email=vault.decrypt(row["email"], column="email", **where),
+            )
+        _open_column(vault, "bookings", "notes", ("id",), "SELECT id, notes FROM bookings WHERE notes IS NOT NULL")
+        _open_column(vault, "calls", "from_number", ("call_sid",), "SELECT call_sid, from_number FROM calls")
+        _open_column(vault, "calls", "to_number", ("call_sid",), "SELECT call_sid, to_number FROM calls")
+        _open_column(
+            vault, "call_turns", "text", ("call_sid", "position"), "SELECT call_sid, position, text FROM call_turns"
+        )
+        _open_json(
+            vault, "call_reports", "body", "SELECT call_sid, version, body FROM call_reports", ("call_sid", "version")
+        )
+        _open_json(
+            vault, "effects", "payload", "SELECT id, idempotency_key, payload FROM effects", ("idempotency_key",)
+        )
+        _open_column(
+            vault, "sms_messages", "to_number", ("message_sid",), "SELECT message_sid, to_number FROM sms_messages"
+        )
+        _open_column(vault, "sms_sends", "to_number", ("effect_key",), "SELECT effect_key, to_number FROM sms_sends")
+        for column in ("ledger_value", "airtable_value"):
+            for row in _rows(f"SELECT id, record_id, field, {column} FROM crm_conflicts"):
+                plain = vault.decrypt(
+                    row[column], table="crm_conflicts", column=column, row=f"{row['record_id']}:{row['field']}"
+                )
+                update(f"UPDATE crm_conflicts SET {column} = :value WHERE id = :id", id=row["id"], value=plain)
+
+    suppressions = _rows("SELECT phone_index, phone, opted_out, keyword, changed_at, source FROM sms_suppressions")
+    op.drop_table("sms_suppressions")
+    op.create_table(
+        "sms_suppressions",
+        sa.Column("phone", sa.String(32)),
+        sa.Column("opted_out", sa.Boolean, nullable=False),
+        sa.Column("keyword", sa.String(32)),
+        sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("source", sa.String(32), nullable=False),
+        sa.PrimaryKeyConstraint("phone", name="pk_sms_suppressions"),
+    )
+    for row in suppressions:
+        assert vault is not None  # rows exist, so the keys were required above
+        phone = vault.decrypt(row["phone"], table="sms_suppressions", column="phone", row=row["phone_index"])
+        if phone == "[erased]":
+            continue  # its number is gone: a plaintext-keyed list cannot hold it
+        update(
+            "INSERT INTO sms_suppressions (phone, opted_out, keyword, changed_at, source) "
+            "VALUES (:phone, :opted_out, :keyword, :changed_at, :source)",
+            phone=phone,
+            opted_out=row["opted_out"],
+            keyword=row["keyword"],
+            changed_at=row["changed_at"],
+            source=row["source"],
+        )
+
+    op.drop_index("ix_sms_messages_to_index", table_name="sms_messages")
+    with op.batch_alter_table("sms_messages") as batch:
+        batch.drop_column("to_index")
+    op.drop_index("ix_calls_from_index", table_name="calls")
+    with op.batch_alter_table("calls") as batch:
+        batch.drop_column("from_index")
+    op.create_index("ix_calls_from_number", "calls", ["from_number", "created_at"])
+    with op.batch_alter_table("customers") as batch:
+        batch.drop_constraint("uq_customers_phone_index", type_="unique")
+        batch.drop_column("phone_index")
+        batch.create_unique_constraint("uq_customers_phone", ["phone"])
+
+
+def _any_rows() -> bool:
+    bind = op.get_bind()
+    return any(bind.execute(sa.text(f"SELECT 1 FROM {table} LIMIT 1")).first() is not None for table in _SEALED_TABLES)
+
+
+def _open_column(vault: Any, table: str, column: str, keys: tuple[str, ...], query: str) -> None:
+    bind = op.get_bind()
+    for row in _rows(query):
+        row_id = ":".join(str(row[key]) for key in keys)
+        plain = vault.decrypt(row[column], table=table, column=column, row=row_id)
+        where = " AND ".join(f"{key} = :{key}" for key in keys)
+        bind.execute(sa.text(f"UPDATE {table} SET {column} = :value WHERE {where}"), {"value": plain, **row})
+
+
+def _open_json(vault: Any, table: str, column: str, query: str, keys: tuple[str, ...]) -> None:
+    import orjson
+
+    bind = op.get_bind()
+    for row in _rows(query):
+        document = row[column]
+        if isinstance(document, str | bytes):
+            document = orjson.loads(document)
+        row_id = ":".join(str(row[key]) for key in keys)
+        plain = orjson.dumps(vault.decrypt_json(document, table=table, column=column, row=row_id)).decode()
+        where = " AND ".join(f"{key} = :{key}" for key in keys if key != column)
+        cast = "CAST(:doc AS JSONB)" if bind.dialect.name == "postgresql" else ":doc"
+        values = {key: row[key] for key in keys}
+        bind.execute(sa.text(f"UPDATE {table} SET {column} = {cast} WHERE {where}"), {"doc": plain, **values})
