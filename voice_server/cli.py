@@ -22,7 +22,7 @@ from booking.errors import ConfigurationError
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
 from voice_server.logging import configure_logging, register_settings_secrets
 from voice_server.privacy_keys import install_pii_cipher
-from voice_server.settings import Settings, SettingsError
+from voice_server.settings import Settings, SettingsError, development_file
 from voice_server.supervisor import CHILD_VARIABLE, Supervisor, SupervisorError, child_command, reuse_port_socket
 
 if TYPE_CHECKING:
@@ -43,15 +43,7 @@ def _settings() -> Settings:
 
 def _development_secret(settings: Settings, name: str) -> str:
     """A secret for local use, made once and kept in ``data_dir/<name>`` (0600)."""
-    path = settings.data_dir / name
-    if path.is_file():
-        return path.read_text(encoding="utf-8").strip()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
-    return token
+    return development_file(settings.data_dir, name, lambda: secrets.token_urlsafe(24) + "\n").strip()
 
 
 def _development_admin_token(settings: Settings) -> Settings:

@@ -31,7 +31,7 @@ import structlog
 
 from booking.ledger.database import Database
 from voice_server import egress_policy
-from voice_server.settings import Settings
+from voice_server.settings import Settings, development_file
 
 if TYPE_CHECKING:
     from integrations.google_calendar import GoogleCalendar
@@ -113,14 +113,8 @@ def secret_keys(settings: Settings) -> tuple[str, ...]:
         raise GoogleSetupError("VOICEBOOK_SECRET_KEY is required to store Google tokens in production")
     from integrations.google_oauth import new_secret_key
 
-    path = settings.data_dir / SECRET_KEY_FILE
-    if not path.is_file():
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(new_secret_key() + "\n")
-    return tuple(key.strip() for key in path.read_text(encoding="utf-8").split(",") if key.strip())
+    stored = development_file(settings.data_dir, SECRET_KEY_FILE, lambda: new_secret_key() + "\n")
+    return tuple(key.strip() for key in stored.split(",") if key.strip())
 
 
 def _client(path: Path) -> OAuthClient:

@@ -7,14 +7,13 @@ ledger stays readable from one run to the next, as with the development secret k
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import orjson
 
 from booking.ledger import pii
 from booking.ledger.pii import FieldCipher, PiiKeyError, new_key
-from voice_server.settings import Settings
+from voice_server.settings import Settings, development_file
 
 KEY_FILE = "pii-keys"
 
@@ -31,14 +30,10 @@ def pii_cipher(settings: Settings) -> FieldCipher:
 
 def read_key_file(settings: Settings) -> dict[str, str]:
     """The development key file, made on first use (another process making it first wins)."""
-    path = settings.data_dir / KEY_FILE
-    if not path.is_file():
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(orjson.dumps({"keys": f"k1={new_key()}", "index_key": new_key()}))
-    stored: dict[str, str] = orjson.loads(path.read_bytes())
+    def make() -> str:
+        return orjson.dumps({"keys": f"k1={new_key()}", "index_key": new_key()}).decode()
+
+    stored: dict[str, str] = orjson.loads(development_file(settings.data_dir, KEY_FILE, make))
     return stored
 
 

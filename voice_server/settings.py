@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -600,3 +601,16 @@ class _Reader:
             self.problems.append(f"{name}_FILE: cannot read {file_name}: {exc.strerror}")
             return None
         return value or None
+
+
+def development_file(data_dir: Path, name: str, make: Callable[[], str]) -> str:
+    """The text of ``data_dir/<name>``, written once with ``make()`` (0600) if missing: a development
+    secret or key kept from one run to the next. A process that makes it first wins; the others read it."""
+    path = data_dir / name
+    if not path.is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(make())
+    return path.read_text(encoding="utf-8")
