@@ -14,12 +14,13 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import promql_parser
 import pytest
 import yaml
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +62,7 @@ REQUIRED_ALERTS = {
     "VoicebookCalendarSuccessRateLow": "voicebook_provider_requests_total",
     "VoicebookSpeechBreakerOpen": "voicebook_speech_breaker_open",
     "VoicebookSpeechFallbackShareHigh": "voicebook_speech_fallbacks_total",
+    "VoicebookSpeechRecognitionFallbackHigh": "voicebook_speech_fallbacks_total",
     "VoicebookTargetDown": "up",
 }
 PINNED_FOR = {
@@ -104,6 +106,20 @@ def selected_metrics(expr: str) -> list[str]:
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return names
+
+
+def label_filters(expr: str) -> list[tuple[str, str, str]]:
+    """``(metric, label, value)`` for every ``label="value"`` matcher of a named selector in ``expr``."""
+    filters: list[tuple[str, str, str]] = []
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            for matcher in node.matchers.matchers:
+                if matcher.op == promql_parser.MatchOp.Equal:
+                    filters.append((node.name, matcher.name, matcher.value))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return filters
 
 
 def heading_slug(heading: str) -> str:
@@ -189,6 +205,11 @@ def test_selected_metrics_reads_every_selector() -> None:
     assert selected_metrics('{__name__="x"}') == ["<unnamed>"]
     with pytest.raises(ValueError):
         promql_parser.parse("rate(a[5m]")
+
+
+def test_label_filters_reads_equality_matchers_only() -> None:
+    expr = 'sum(rate(a_total{role="stt", reason=~"x|y", job!="j"}[5m])) / b{role="tts"} and {c="d"}'
+    assert sorted(label_filters(expr)) == [("a_total", "role", "stt"), ("b", "role", "tts")]
 
 
 def test_heading_slug_matches_github() -> None:
@@ -319,6 +340,39 @@ def test_target_down_watches_the_scraped_job() -> None:
     assert jobs["voicebook"]["metrics_path"] == "/metrics"
     down = next(rule for rule in alert_rules() if rule["alert"] == "VoicebookTargetDown")
     assert 'job="voicebook"' in down["expr"]
+
+
+# -- the speech fallback's metrics ------------------------------------------------------------------------------
+
+
+def test_speech_fallback_metrics_are_on_the_dashboard_and_alerted_for_both_roles() -> None:
+    """Every instrument voice_server.fallback registers is read by a panel and by an alert, under a name
+    taken from the instrument itself; every role and reason they filter on is one the code labels its
+    series with; and each role's fallbacks have an alert of their own. A renamed metric or label value
+    then fails here instead of leaving the speech panels and alerts reading nothing."""
+    fallback = importlib.import_module("voice_server.fallback")
+    instruments = [value for value in vars(fallback).values() if isinstance(value, MetricWrapperBase)]
+    exported = {family.name: exposed_names(family) for instrument in instruments for family in instrument.collect()}
+    assert set(exported) == {"voicebook_speech_fallbacks", "voicebook_speech_breaker_open"}
+    panel_exprs = [expr for _title, expr in dashboard_queries(load_dashboard())]
+    alert_exprs = [rule["expr"] for rule in alert_rules()]
+    for family, names in exported.items():
+        for kind, exprs in (("panel", panel_exprs), ("alert", alert_exprs)):
+            assert any(names & set(selected_metrics(expr)) for expr in exprs), f"no {kind} reads {family}"
+
+    allowed = {"role": set(get_args(fallback.Role)), "reason": set(get_args(fallback.FallbackReason))}
+    speech_names = set().union(*exported.values())
+    for expr in panel_exprs + alert_exprs:
+        for metric, label, value in label_filters(expr):
+            if metric in speech_names and label in allowed:
+                assert value in allowed[label], f"{metric}{{{label}={value!r}}}: the code never sets it\n{expr}"
+    alerted_roles = {
+        value
+        for expr in alert_exprs
+        for metric, label, value in label_filters(expr)
+        if metric == "voicebook_speech_fallbacks_total" and label == "role"
+    }
+    assert alerted_roles == allowed["role"], f"fallback alerts cover {sorted(alerted_roles)} only"
 
 
 # -- the runbook ----------------------------------------------------------------------------------------------

@@ -3,15 +3,20 @@ API's tokens and their roles).
 
 Exit codes of ``audit verify``: 0 the chain holds, 1 an entry was edited, removed or reordered (printed),
 2 the configuration is unusable. ``tokens``: 0 done, 1 no such live token, 2 the configuration is
-unusable. Token changes made here are audited with the actor ``cli``.
+unusable. Token changes made here are audited with the actor ``cli``. ``tokens create --tenant`` warns on
+stderr (and still makes the token) when the tenant is not the one this configuration's server serves: such
+a token opens only that other tenant's servers.
 """
 
 from __future__ import annotations
 
 from typing import TextIO
 
+from booking.business import load_business
+from booking.errors import ConfigurationError
 from booking.ledger.api_token_repository import ApiToken, ApiTokenLedger, Role
 from booking.ledger.audit import verify_audit
+from voice_server.api.auth import server_tenant
 from voice_server.dlq_cli import CONFIGURATION, NOT_FOUND, OK, Unusable, open_ledger, streams
 from voice_server.settings import Settings
 
@@ -59,6 +64,8 @@ async def tokens_create(
     err: TextIO | None = None,
 ) -> int:
     out, err = streams(out, err)
+    if tenant is not None:
+        _warn_of_another_tenant(settings, tenant, err)
     try:
         async with open_ledger(settings) as database:
             created = await ApiTokenLedger(database).create(name, role, actor=CLI_ACTOR, tenant=tenant)
@@ -68,6 +75,22 @@ async def tokens_create(
     print(_line(created.record), file=out)
     print(f"token (shown once, keep it now): {created.token}", file=out)
     return OK
+
+
+def _warn_of_another_tenant(settings: Settings, tenant: str, err: TextIO) -> None:
+    """Say so when ``tenant`` is not this server's: most often a typo, which makes a token no server takes.
+    Only a warning, since one ledger may be shared by the servers of several tenants."""
+    try:
+        ours = settings.tenant or server_tenant(settings, load_business(settings.business_file))
+    except ConfigurationError as exc:
+        print(f"voicebook tokens: warning: cannot tell this server's tenant ({exc})", file=err)
+        return
+    if tenant != ours:
+        print(
+            f"voicebook tokens: warning: tenant {tenant!r} is not this server's ({ours!r}, from "
+            f"{'VOICEBOOK_TENANT' if settings.tenant else 'the business name'}); this server will refuse the token",
+            file=err,
+        )
 
 
 async def tokens_list(settings: Settings, *, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -602,7 +602,11 @@ def _add_audit_and_tokens(commands: argparse._SubParsersAction[argparse.Argument
     create = actions.add_parser("create", help="make a token (printed once; only its hash is kept)")
     create.add_argument("--name", required=True, help="who or what it is for")
     create.add_argument("--role", required=True, choices=roles)
-    create.add_argument("--tenant", help="the tenant it belongs to (optional)")
+    create.add_argument(
+        "--tenant",
+        help="the only tenant whose servers accept it (VOICEBOOK_TENANT, or the business name's slug); "
+        "without it every server does",
+    )
     actions.add_parser("list", help="every token: id, name, role, tenant, last use, revoked or live")
     set_role = actions.add_parser("set-role", help="give a live token another role")
     set_role.add_argument("id", type=int)

@@ -43,6 +43,10 @@ class Settings:
     """None means: a SQLite ledger at ``data_dir/voicebook.db``."""
     admin_token: str | None = field(default=None, repr=False)
     auto_migrate: bool = True
+    tenant: str | None = None
+    """The tenant this server serves: only API tokens of this tenant (or of none) are let in. None is the
+    slug of the business's name (voice_server/api/auth.py ``server_tenant``); set it to pin the id, so a
+    renamed business keeps its tokens working."""
     redis_prefix: str = "vb"
     db_pool_size: int = 10
     log_level: str = "INFO"
@@ -226,6 +230,10 @@ class Settings:
             log_format=reader.choice("VOICEBOOK_LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
             public_url=reader.url("VOICEBOOK_PUBLIC_URL", ("http", "https")),
             twilio_auth_token=reader.secret("TWILIO_AUTH_TOKEN"),
+            tenant=reader.text(
+                "VOICEBOOK_TENANT", "", pattern_ok=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None
+            )
+            or None,
             twilio_auth_token_secondary=reader.secret("TWILIO_AUTH_TOKEN_SECONDARY"),
             twilio_account_sid=reader.text(
                 "TWILIO_ACCOUNT_SID", "", pattern_ok=lambda v: v.startswith("AC") and len(v) == 34

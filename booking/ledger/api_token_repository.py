@@ -1,5 +1,8 @@
 """Bearer tokens of the admin API, each with a role and an optional tenant.
 
+The tenant, when set, limits the token to the servers of that tenant (voice_server/api/auth.py checks it
+against the server's own); a token without one opens every server of the deployment.
+
 A token is ``vb_`` and 43 url-safe characters (32 random bytes), shown once when it is created. The ledger
 keeps only its SHA-256: a token is high-entropy random, so nobody can guess one back from its hash, and a
 slow password hash (bcrypt, scrypt) would only add milliseconds to every request. Creating, revoking and
