@@ -5,7 +5,8 @@ plaintext comparison), and so does this module.
 
 Export gathers the customer record, their bookings and each booking's history, their calls with
 transcripts and report versions, the texts sent to them and their SMS opt-out, the effects carrying
-their data, and the archived transcripts and recordings of their calls, decrypted, as one JSON document.
+their data, their consent history with the words each decision answered, and the archived transcripts
+and recordings of their calls, decrypted, as one JSON document.
 
 Erasure, in one ledger transaction:
 - the customer record keeps no name, email or number (its blind index is replaced by a random one, so
@@ -14,6 +15,7 @@ Erasure, in one ledger transaction:
 - their calls lose their numbers, transcripts and reports; their texts lose the number;
 - the effects carrying their data lose their payload, and those still to run are cancelled;
 - an SMS opt-out stays (a number that said STOP must never be texted again), as its keyed hash only;
+  so do their refusals and withdrawals of consent (booking/consent.py); their grants are deleted;
 - an audit entry says it happened, with counts and the person's blind index, no personal data;
 - the CRM's copy is removed by a ``crm.erase`` effect, retried like any other; the archived
   transcripts and recordings are deleted after the commit.
@@ -32,11 +34,13 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.engine import Connection
 
 from booking.calls import CallRecord
+from booking.consent import Decision
 from booking.domain import Booking
 from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.calls_repository import CallLedger, call_from_row
+from booking.ledger.consent_repository import ConsentLedger
 from booking.ledger.database import Database
 from booking.ledger.reports_repository import ReportLedger
 from booking.ledger.repository import Ledger
@@ -150,6 +154,7 @@ async def export_person(
             if suppression is not None
             else None
         ),
+        "consents": await _consents(database, phone),
         "effects": [
             {"kind": e.kind, "status": e.status.value, "created_at": _iso(e.created_at), "payload": e.payload}
             for e in effects
@@ -169,6 +174,26 @@ async def export_person(
         )
     )
     return document
+
+
+async def _consents(database: Database, phone: str) -> list[dict[str, Any]]:
+    """The person's consent history, each decision with the words it answered (when the ledger has them)."""
+    ledger = ConsentLedger(database)
+    history = await ledger.for_person(phone)
+    words = await ledger.wordings(sorted({d.wording_version for d in history}))
+    return [
+        {
+            "kind": d.kind.value,
+            "decision": d.decision.value,
+            "channel": d.channel.value,
+            "at": _iso(d.at),
+            "call_sid": d.call_sid,
+            "booking_id": d.booking_id,
+            "wording_version": d.wording_version,
+            "wording": words.get(d.wording_version),
+        }
+        for d in history
+    ]
 
 
 async def _archived(archive: Archive | None, calls: list[CallRecord]) -> list[dict[str, Any]]:
@@ -272,6 +297,10 @@ async def erase_person(
                     to_index=f"erased:{uuid.uuid4().hex}",
                 )
             )
+        # Consent: the grants go; refusals and withdrawals stay (as the number's hash, like the opt-out),
+        # since they must still be honoured if the person calls or is texted again.
+        k = t.consents.c
+        conn.execute(delete(t.consents).where(k.subject_index == index, k.decision == Decision.GRANTED.value))
         s = t.sms_suppressions.c  # kept, as its hash: the opt-out must outlive the number
         conn.execute(
             update(t.sms_suppressions)

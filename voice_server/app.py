@@ -173,7 +173,7 @@ def create_app(
                 )
             else:  # the workers sample the outbox gauges; without them here, the server does
                 await stack.enter_async_context(sampling_outbox(database, clock=clock))
-            calls = CallLedger(database, clock=clock, notify_effects=notify)
+            calls = CallLedger(database, clock=clock, notify_effects=notify, consent_mode=settings.consent_mode)
             lane = None
             if settings.booking_lane and voice is None:
                 lane = await _start_booking_lane(settings, business, redis_url, refresher, stack, clock=clock)

@@ -1,6 +1,6 @@
 """The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``, ``simulators``, ``call``,
 ``dlq``, ``worker``, ``reconcile``, ``google``, ``report``, ``crm``, ``audit``, ``tokens``, ``keys``,
-``privacy``."""
+``privacy``, ``consent``."""
 
 from __future__ import annotations
 
@@ -508,6 +508,10 @@ def _add_privacy(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     privacy_cli.add_parsers(commands)
     commands.choices["keys"].set_defaults(handler=lambda args: privacy_cli.keys_command(_settings(), args))
     commands.choices["privacy"].set_defaults(handler=lambda args: privacy_cli.privacy_command(_settings(), args))
+    from voice_server import consent_cli
+
+    consent_cli.add_parser(commands)
+    commands.choices["consent"].set_defaults(handler=lambda args: consent_cli.consent_command(_settings(), args))
 
 
 def _add_simulators_and_call(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

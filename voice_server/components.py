@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from booking.business import Business
 from booking.ledger.calls_repository import CallLedger
+from booking.ledger.consent_repository import ConsentLedger
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
 from booking.service import BookingService
@@ -37,3 +38,8 @@ class Components:
     """Builds and regenerates end-of-call reports (None: a server that builds none)."""
     clock: Clock = utc_now
     """The server's clock (tests freeze it); everything that stamps or compares times reads this one."""
+
+    @property
+    def consents(self) -> ConsentLedger:
+        """Consent decisions (a view over the ledger: nothing of its own to build or close)."""
+        return ConsentLedger(self.database, clock=self.clock)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import structlog
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from booking.calls import CallTurn
+from booking.consent import CALL_KINDS, Channel, ConsentKind, Decision
+from booking.ledger.consent_repository import NewConsent
 from booking.ledger.repository import utc_now
 from voice_server import metrics, tracing, twiml
 from voice_server.components import Components
@@ -36,6 +39,8 @@ PATH = "/twilio/media"
 START_TIMEOUT_SECONDS = 10.0
 MAX_REJECTED = 200  # a stream this broken is not a call any more
 POLICY_VIOLATION = 1008
+WITHDRAWAL_WORDING = "spoken-withdrawal"
+"""The wording version of a withdrawal the caller said during the call (their words are not kept)."""
 _STREAM_ENDINGS = frozenset({"stop", "dropped", "no_start", "protocol_errors", "server_shutdown"})
 
 
@@ -64,6 +69,7 @@ async def media_stream(websocket: WebSocket) -> None:
     tracker = StreamTracker()
     session: CallSession | None = None
     recording: CallRecording | None = None
+    keep = _Keeping()
     call_span: tracing.CallSpan | None = None
     reason = "dropped"
     loop = asyncio.get_running_loop()
@@ -85,8 +91,8 @@ async def media_stream(websocket: WebSocket) -> None:
                 return
             raw = message.get("text")
             frame = raw if raw is not None else message.get("bytes", b"")
-            if recording is not None:
-                recording.inbound(frame)
+            if keep.recording is not None:
+                keep.recording.inbound(frame)
             parsed = MediaStreamCodec.parse(frame)
             rejected = tracker.accept(parsed)
             if rejected is not None:
@@ -97,14 +103,15 @@ async def media_stream(websocket: WebSocket) -> None:
                     return
                 continue
             if isinstance(parsed, Start):
-                if components.settings.record_calls and components.settings.consent_notice:
+                if await _may_record(components, parsed.call_sid):
                     recording = CallRecording(components.settings.data_dir / "recordings" / f"{parsed.call_sid}.jsonl")
                     recording.inbound(frame)
+                    keep.recording = recording
                 # Current from here on: the session's tasks, turns and provider requests are its children.
                 call_span = tracing.start_call(
                     parsed.custom_parameters, call_sid=parsed.call_sid, stream_sid=parsed.stream_sid
                 )
-                session = await _start_session(websocket, components, parsed, recording)
+                session = await _start_session(websocket, components, parsed, keep)
                 metrics.call_started()
             elif session is None:
                 continue  # `connected` before `start`
@@ -129,9 +136,19 @@ async def media_stream(websocket: WebSocket) -> None:
             finally:  # the first reason stands: the agent may have ended the call before the stream closed
                 metrics.call_ended(session.end_reason or reason)
             if recording is not None:
-                for turn in session.transcript:
-                    recording.event("turn", role=turn.role, text=turn.text, truncated=turn.truncated, tool=turn.tool)
-                recording.event("end", reason=session.end_reason)
+                if keep.recording is not None:
+                    for turn in session.transcript:
+                        recording.event(
+                            "turn", role=turn.role, text=turn.text, truncated=turn.truncated, tool=turn.tool
+                        )
+                    recording.event("end", reason=session.end_reason)
+                else:  # withdrawn mid-call: what came before it is kept, nothing after it
+                    for turn in session.transcript:
+                        if session.consent_withdrawn_at is None or turn.at < session.consent_withdrawn_at:
+                            recording.event(
+                                "turn", role=turn.role, text=turn.text, truncated=turn.truncated, tool=turn.tool
+                            )
+                    recording.event("consent_withdrawn")
                 await recording.save()
             log.info(
                 "media_stream_ended",
@@ -149,6 +166,25 @@ async def media_stream(websocket: WebSocket) -> None:
                 await websocket.close()
 
 
+class _Keeping:
+    """The recording still being added to: None before the call may be recorded, and again once the
+    caller withdraws their consent (what came before is saved; nothing after it is added)."""
+
+    recording: CallRecording | None = None
+
+
+async def _may_record(components: Components, call_sid: str) -> bool:
+    """Record this call? Only when configured, with a notice, and (where consent is required) with the
+    call's consent to recording, as the ledger has it now."""
+    settings = components.settings
+    if not (settings.record_calls and settings.consent_notice):
+        return False
+    allowed = await components.consents.permission(settings.consent_mode, ConsentKind.RECORDING, call_sid)
+    if not allowed.allowed:
+        log.info("recording_not_kept", call_sid=call_sid, reason=allowed.reason)
+    return allowed.allowed
+
+
 def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
     metrics.MEDIA_FRAMES_REJECTED.labels(rejected.error.value).inc()
     log.warning(
@@ -159,9 +195,7 @@ def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
     )
 
 
-async def _start_session(
-    websocket: WebSocket, components: Components, start: Start, recording: CallRecording | None
-) -> CallSession:
+async def _start_session(websocket: WebSocket, components: Components, start: Start, keep: _Keeping) -> CallSession:
     parameters = dict(start.custom_parameters)
     info = CallInfo(
         call_sid=start.call_sid,
@@ -196,10 +230,18 @@ async def _start_session(
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await websocket.close()
 
+    async def withdraw(at: datetime) -> None:
+        keep.recording = None
+        decisions = [
+            NewConsent(kind, Decision.REVOKED, Channel.VOICE_SPEECH, WITHDRAWAL_WORDING, call_sid=info.call_sid)
+            for kind in CALL_KINDS
+        ]
+        await components.consents.record(info.caller or None, decisions, at=at)
+
     session = CallSession(
         info,
         components.voice,
-        Playout(_sender(websocket, recording), info.stream_sid),
+        Playout(_sender(websocket, keep), info.stream_sid),
         policy=SessionPolicy(
             greeting=components.settings.greeting
             or f"Thank you for calling {components.business.name}. How can I help you today?",
@@ -211,6 +253,7 @@ async def _start_session(
         ),
         clock=utc_now,
         on_end=persist,
+        on_consent_withdrawn=withdraw if components.settings.consent_mode.required else None,
     )
     components.sessions.add(session)
     await session.start()
@@ -218,12 +261,10 @@ async def _start_session(
     return session
 
 
-def _sender(websocket: WebSocket, recording: CallRecording | None) -> Callable[[str], Awaitable[None]]:
-    if recording is None:
-        return websocket.send_text
-
+def _sender(websocket: WebSocket, keep: _Keeping) -> Callable[[str], Awaitable[None]]:
     async def send(text: str) -> None:
-        recording.outbound(text)
+        if keep.recording is not None:
+            keep.recording.outbound(text)
         await websocket.send_text(text)
 
     return send

@@ -27,6 +27,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from booking.consent import withdraws_consent
 from voice_server import metrics
 from voice_server.playout import Playout
 from voice_server.ports import (
@@ -95,6 +96,7 @@ class SessionPolicy:
     transfer_number: str | None = None
     caller_id: str | None = None
     transfer_unavailable: str = "I'm sorry, I can't put you through to a person right now. I can help you here."
+    consent_withdrawn: str = "Understood. Nothing more of this call will be recorded or transcribed. How can I help?"
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -126,6 +128,7 @@ class CallSession:
         policy: SessionPolicy,
         clock: Callable[[], datetime],
         on_end: Callable[[CallSession], Awaitable[None]],
+        on_consent_withdrawn: Callable[[datetime], Awaitable[None]] | None = None,
     ) -> None:
         self.info = info
         self._ports = ports
@@ -135,6 +138,9 @@ class CallSession:
         self._reprompts_used = 0
         self._clock = clock
         self._on_end = on_end
+        self._on_consent_withdrawn = on_consent_withdrawn
+        """Told when the caller withdraws consent to recording mid-call (None: nothing was asked)."""
+        self.consent_withdrawn_at: datetime | None = None
         self.state = CallState.CONNECTING
         self.transcript: list[Turn] = []
         self.end_reason: str | None = None
@@ -290,9 +296,30 @@ class CallSession:
                     await self._barge_in_if_speaking()
                     self._caller_words.append(event.text.strip())
                 if event.end_of_turn and self._caller_words:
-                    self.transcript.append(Turn("caller", " ".join(self._caller_words), self._clock()))
+                    said = " ".join(self._caller_words)
                     self._caller_words.clear()
+                    if self._withdrawing(said):
+                        await self._withdraw_consent()
+                        continue
+                    self.transcript.append(Turn("caller", said, self._clock()))
                     self._start_reply(TurnTimer("speech", arrived))
+
+    def _withdrawing(self, said: str) -> bool:
+        return self._on_consent_withdrawn is not None and self.consent_withdrawn_at is None and withdraws_consent(said)
+
+    async def _withdraw_consent(self) -> None:
+        """The caller asked us to stop recording: from this moment nothing more is kept (the request
+        itself included; the ledger drops every turn from this time on), and they hear that it was done.
+        The agent is not asked: this is not a turn of the booking conversation."""
+        assert self._on_consent_withdrawn is not None
+        self.consent_withdrawn_at = self._clock()
+        log.info("consent_withdrawn", call_sid=self.info.call_sid)
+        await self._on_consent_withdrawn(self.consent_withdrawn_at)
+        if self.state in (CallState.ENDING, CallState.ENDED, CallState.TRANSFERRING):
+            return
+        if self.state is CallState.LISTENING:
+            self._move(CallState.THINKING)
+        self._reply = self._spawn(self._say_line(self._policy.consent_withdrawn))
 
     async def _barge_in_if_speaking(self) -> None:
         """The caller is talking: stop the reply in flight. Audio still unheard is cleared from Twilio's

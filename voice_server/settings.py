@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from booking.business import EXAMPLE_BUSINESS_FILE
+from booking.consent import ConsentMode
 
 T = TypeVar("T")
 
@@ -42,11 +43,11 @@ class Settings:
     database_url: str | None = None
     """None means: a SQLite ledger at ``data_dir/voicebook.db``."""
     admin_token: str | None = field(default=None, repr=False)
-    auto_migrate: bool = True
     tenant: str | None = None
     """The tenant this server serves: only API tokens of this tenant (or of none) are let in. None is the
     slug of the business's name (voice_server/api/auth.py ``server_tenant``); set it to pin the id, so a
     renamed business keeps its tokens working."""
+    auto_migrate: bool = True
     redis_prefix: str = "vb"
     db_pool_size: int = 10
     log_level: str = "INFO"
@@ -65,6 +66,12 @@ class Settings:
     webhook_dedupe_seconds: int = 24 * 3600
     """How long a Twilio webhook's idempotency token (or SID and event) is remembered to drop replays."""
     consent_notice: str | None = None
+    """Said before the call connects (``<Say>``): what is recorded and transcribed, and why."""
+    consent_mode: ConsentMode = ConsentMode.OFF
+    """How a call's consent to recording and transcription is gathered (booking/consent.py); in
+    ``notice`` and ``explicit`` a transcript or recording is stored only with the call's consent."""
+    consent_notice_version: str | None = None
+    """The notice's wording version kept with each decision; None: the hash of its text."""
     blocked_numbers: tuple[str, ...] = ()
     twilio_api_base_url: str | None = None
     """Where twilio's REST client sends requests; None is Twilio itself (a simulator in tests)."""
@@ -223,6 +230,10 @@ class Settings:
                 "DATABASE_URL", ("sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg", "postgres")
             ),
             admin_token=admin_token,
+            tenant=reader.text(
+                "VOICEBOOK_TENANT", "", pattern_ok=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None
+            )
+            or None,
             auto_migrate=reader.boolean("VOICEBOOK_AUTO_MIGRATE", True),
             redis_prefix=reader.text("VOICEBOOK_REDIS_PREFIX", "vb", pattern_ok=lambda v: v.isidentifier()),
             db_pool_size=reader.integer("VOICEBOOK_DB_POOL_SIZE", 10, low=1, high=200),
@@ -230,10 +241,6 @@ class Settings:
             log_format=reader.choice("VOICEBOOK_LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
             public_url=reader.url("VOICEBOOK_PUBLIC_URL", ("http", "https")),
             twilio_auth_token=reader.secret("TWILIO_AUTH_TOKEN"),
-            tenant=reader.text(
-                "VOICEBOOK_TENANT", "", pattern_ok=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None
-            )
-            or None,
             twilio_auth_token_secondary=reader.secret("TWILIO_AUTH_TOKEN_SECONDARY"),
             twilio_account_sid=reader.text(
                 "TWILIO_ACCOUNT_SID", "", pattern_ok=lambda v: v.startswith("AC") and len(v) == 34
@@ -243,6 +250,20 @@ class Settings:
             max_request_bytes=reader.integer("VOICEBOOK_MAX_REQUEST_BYTES", 64 * 1024, low=1024, high=64 * 1024 * 1024),
             webhook_dedupe_seconds=reader.integer("VOICEBOOK_WEBHOOK_DEDUPE_SECONDS", 86_400, low=0, high=30 * 86_400),
             consent_notice=reader.text("VOICEBOOK_CONSENT_NOTICE", "") or None,
+            consent_mode=ConsentMode(
+                reader.choice(
+                    "VOICEBOOK_CONSENT_MODE",
+                    tuple(ConsentMode),
+                    # A notice set without a mode: callers who hear it and stay have agreed, as before.
+                    ConsentMode.NOTICE if source.get("VOICEBOOK_CONSENT_NOTICE", "").strip() else ConsentMode.OFF,
+                )
+            ),
+            consent_notice_version=reader.text(
+                "VOICEBOOK_CONSENT_NOTICE_VERSION",
+                "",
+                pattern_ok=lambda v: re.fullmatch(r"[\w.:-]{1,64}", v) is not None,
+            )
+            or None,
             twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", ("http", "https")),
             transfer_number=reader.text("VOICEBOOK_TRANSFER_NUMBER", "") or None,
             silence_seconds=float(reader.integer("VOICEBOOK_SILENCE_SECONDS", 8, low=1, high=120)),
@@ -320,6 +341,11 @@ class Settings:
             otel_service_name=reader.text("OTEL_SERVICE_NAME", "voicebook"),
             trace_sample_ratio=reader.fraction("VOICEBOOK_TRACE_SAMPLE_RATIO", 1.0),
         )
+        if settings.consent_mode.required and not settings.consent_notice:
+            reader.problems.append(
+                f"VOICEBOOK_CONSENT_MODE={settings.consent_mode.value}: callers must hear what they agree to;"
+                " set VOICEBOOK_CONSENT_NOTICE"
+            )
         if settings.record_calls and not settings.consent_notice:
             reader.problems.append(
                 "VOICEBOOK_RECORD_CALLS: callers must be told a call is recorded; set VOICEBOOK_CONSENT_NOTICE"

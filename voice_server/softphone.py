@@ -44,6 +44,12 @@ class Answer:
     said: tuple[str, ...] = ()
 
 
+def consent_question(twiml: str) -> str | None:
+    """The action URL of a ``<Gather>`` asking the caller for consent before connecting, if any."""
+    gather = ET.fromstring(twiml).find("./Gather")
+    return gather.get("action") if gather is not None else None
+
+
 def parse_answer(twiml: str) -> Answer:
     root = ET.fromstring(twiml)
     said = tuple((say.text or "").strip() for say in root.iter("Say"))
@@ -101,9 +107,11 @@ class Softphone:
         account_sid: str = "AC" + "0" * 32,
         public_url: str | None = None,
         http: httpx.AsyncClient | None = None,
+        consent_key: str | None = "1",
     ) -> Any:
         """Ring the server at ``base_url`` like Twilio would; ``public_url`` is the URL the server believes
-        it is reached at (what Twilio signs), when that differs."""
+        it is reached at (what Twilio signs), when that differs. Asked for consent before the call
+        connects, the caller presses ``consent_key`` (None: says nothing)."""
         call_sid = call_sid or "CA" + uuid.uuid4().hex
         signed_base = (public_url or base_url).rstrip("/")
         form = {
@@ -125,6 +133,17 @@ class Softphone:
             response = await client.post(base_url.rstrip("/") + "/twilio/voice", data=form, headers=headers)
             if response.status_code != 200:
                 raise CallRefused(f"voice webhook answered {response.status_code}: {response.text[:200]}")
+            action = consent_question(response.text)
+            if action is not None:
+                # Twilio posts the call's form with what was gathered to the action, signed over its URL.
+                answered = {**form, **({"Digits": consent_key} if consent_key else {})}
+                headers = {}
+                if auth_token is not None:
+                    headers["X-Twilio-Signature"] = RequestValidator(auth_token).compute_signature(action, answered)
+                path = urlsplit(action).path
+                response = await client.post(base_url.rstrip("/") + path, data=answered, headers=headers)
+                if response.status_code != 200:
+                    raise CallRefused(f"consent action answered {response.status_code}: {response.text[:200]}")
             answer = parse_answer(response.text)
             # The stream URL is public; connect to the same path on the address we actually reach.
             path = urlsplit(answer.stream_url).path

@@ -20,7 +20,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from booking.calls import CallStatus, StatusUpdate
+from booking.consent import CALL_KINDS, Channel, ConsentMode, Decision, wording_version
 from booking.errors import InvalidRequest
+from booking.ledger.consent_repository import NewConsent
 from booking.ledger.repository import utc_now
 from booking.phone import normalise_phone, region_of
 from voice_server import tracing, twiml
@@ -145,13 +147,83 @@ async def incoming_call(request: Request) -> Response:
         )
         return TwilioXMLResponse(twiml.refuse(message))
     log.info("call_answered")
-    document = twiml.connect_stream(
+    settings = components.settings
+    if settings.consent_mode is ConsentMode.EXPLICIT and settings.consent_notice:
+        # Asked before the stream: the answer comes back to /twilio/voice/consent, which connects it.
+        action = settings.effective_public_url.rstrip("/") + CONSENT_PATH
+        return TwilioXMLResponse(twiml.ask_consent(settings.consent_notice, action))
+    if settings.consent_mode is ConsentMode.NOTICE and settings.consent_notice and not delivery.replay:
+        # The caller hears the notice and stays on the line: the notice's wording is what they accepted.
+        notice = settings.consent_notice
+        version = settings.consent_notice_version or wording_version(notice)
+        decisions = [
+            NewConsent(kind, Decision.GRANTED, Channel.VOICE_NOTICE, version, wording=notice, call_sid=call_sid)
+            for kind in CALL_KINDS
+        ]
+        async with delivery.applying():
+            await components.consents.record(caller or None, decisions)
+    return TwilioXMLResponse(_connect(components, call_sid, caller, called, said_first=settings.consent_notice))
+
+
+def _connect(components: Components, call_sid: str, caller: str, called: str, *, said_first: str | None) -> str:
+    """The TwiML that connects the call's media stream, after ``said_first`` if any."""
+    return twiml.connect_stream(
         twiml.media_stream_url(components.settings.effective_public_url),
         # The webhook span's traceparent: the stream's `start` brings it back, so the call joins this trace.
         {"call_sid": call_sid, "from": caller, "to": called, **tracing.stream_parameters()},
-        notice=components.settings.consent_notice,
+        notice=said_first,
     )
-    return TwilioXMLResponse(document)
+
+
+_YES = frozenset({"yes", "yeah", "yep", "sure", "okay", "ok", "agree", "agreed", "fine", "alright"})
+_NO = frozenset({"no", "nope", "not", "don't", "dont", "disagree", "never", "refuse"})
+CONSENT_THANKS = "Thank you."
+CONSENT_REFUSED = "Understood. This call will not be recorded or transcribed."
+
+
+def consent_answer(form: FormData) -> tuple[Decision, Channel]:
+    """The caller's answer to the consent question, from Gather's ``Digits`` or ``SpeechResult``: 1 or a
+    yes agrees; anything else (2, a no, words we cannot read as yes, silence) refuses. Pure."""
+    digits = form_field(form, "Digits")
+    if digits:
+        return (Decision.GRANTED if digits == "1" else Decision.DECLINED), Channel.VOICE_KEYPAD
+    speech = " ".join(form_field(form, "SpeechResult").lower().replace(",", " ").replace(".", " ").split())
+    if speech:
+        words = speech.split()
+        # "Yes", "I agree", "sure, that's fine"; never when a word of refusal is anywhere in it.
+        agreed = bool(_YES.intersection(words[:3])) and not _NO.intersection(words)
+        return (Decision.GRANTED if agreed else Decision.DECLINED), Channel.VOICE_SPEECH
+    return Decision.DECLINED, Channel.VOICE_SILENCE
+
+
+async def consent_reply(request: Request) -> Response:
+    """Gather's action in ``explicit`` mode: record the caller's answer for the recording and the
+    transcription of this call, say so, and connect the stream. A refusal still connects: the caller is
+    served, only nothing of the call is kept."""
+    signed = await _signed_call(request)
+    if isinstance(signed, Response):
+        return signed
+    components, form, call_sid = signed
+    settings = components.settings
+    region = region_of(components.business.phone)
+    caller = normalised_number(form_field(form, "From"), region)
+    called = normalised_number(form_field(form, "To"), region)
+    decision, channel = consent_answer(form)
+    delivery = await claim(components, request, form, "consent")
+    if not delivery.replay and settings.consent_notice:
+        prompt = twiml.consent_prompt(settings.consent_notice)
+        version = settings.consent_notice_version or wording_version(prompt)
+        async with delivery.applying():
+            await components.consents.record(
+                caller or None,
+                [
+                    NewConsent(kind, decision, channel, version, wording=prompt, call_sid=call_sid)
+                    for kind in CALL_KINDS
+                ],
+            )
+    log.info("call_consent", call_sid=call_sid, decision=decision.value, channel=channel.value)
+    said = CONSENT_THANKS if decision.permits else CONSENT_REFUSED
+    return TwilioXMLResponse(_connect(components, call_sid, caller, called, said_first=said))
 
 
 def _callback_time(form: FormData) -> datetime:
@@ -197,7 +269,10 @@ async def call_status(request: Request) -> Response:
     return Response(status_code=204)
 
 
+CONSENT_PATH = "/twilio/voice/consent"
+
 routes = [
     Route("/twilio/voice", tracing.traced_webhook("POST /twilio/voice")(incoming_call), methods=["POST"]),
+    Route(CONSENT_PATH, tracing.traced_webhook(f"POST {CONSENT_PATH}")(consent_reply), methods=["POST"]),
     Route("/twilio/call-status", tracing.traced_webhook("POST /twilio/call-status")(call_status), methods=["POST"]),
 ]

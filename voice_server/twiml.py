@@ -32,6 +32,35 @@ def connect_stream(stream_url: str, parameters: Mapping[str, str], *, notice: st
     return str(response.to_xml())
 
 
+CONSENT_QUESTION = "Press 1 or say yes if you agree. Press 2 or say no to continue without it."
+"""Said after the notice when consent is asked for explicitly (``VOICEBOOK_CONSENT_MODE=explicit``)."""
+CONSENT_WAIT_SECONDS = 6
+
+
+def consent_prompt(notice: str) -> str:
+    """What a caller hears when asked explicitly: the notice, then how to answer. Its wording version is
+    taken over this whole text, since it is what the caller agreed to."""
+    return f"{notice.rstrip()} {CONSENT_QUESTION}"
+
+
+def ask_consent(notice: str, action_url: str) -> str:
+    """Ask for consent before the call connects: one key (1 yes, 2 no) or a spoken answer, posted to
+    ``action_url``; no answer within the wait is posted too (``actionOnEmptyResult``), as a refusal."""
+    response = VoiceResponse()
+    gather = response.gather(
+        input="dtmf speech",
+        num_digits=1,
+        action=action_url,
+        method="POST",
+        timeout=CONSENT_WAIT_SECONDS,
+        speech_timeout="auto",
+        hints="yes, no, I agree, I don't agree",
+        action_on_empty_result=True,
+    )
+    gather.say(consent_prompt(notice), voice=VOICE)
+    return str(response.to_xml())
+
+
 def refuse(message: str) -> str:
     """Decline a call politely: say why, then hang up."""
     response = VoiceResponse()

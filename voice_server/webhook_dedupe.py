@@ -37,12 +37,13 @@ from voice_server.components import Components
 
 log = structlog.get_logger("voicebook.twilio")
 
-Kind = Literal["voice", "call-status", "message-status", "sms"]
+Kind = Literal["voice", "consent", "call-status", "message-status", "sms"]
 
 IDEMPOTENCY_HEADER = "i-twilio-idempotency-token"
 _EVENT_FIELDS: dict[Kind, tuple[tuple[str, ...], ...]] = {
     # Each field is a tuple of names Twilio has used for it (the first found wins).
     "voice": (("CallSid",),),
+    "consent": (("CallSid",),),  # one answer per call
     "call-status": (("CallSid",), ("CallStatus",), ("SequenceNumber",)),
     "message-status": (("MessageSid", "SmsSid"), ("MessageStatus", "SmsStatus")),
     "sms": (("MessageSid", "SmsSid"),),

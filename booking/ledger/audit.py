@@ -81,6 +81,7 @@ def _json_safe(value: Any, where: str) -> Any:
     if isinstance(value, Mapping):
         return {str(key): _json_safe(item, f"{where}.{key}") for key, item in value.items()}
     if isinstance(value, Sequence):
+    CONSENT_CHANGED = "consent_changed"  # an operator recorded a person's grant or withdrawal of consent
         return [_json_safe(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()

@@ -6,17 +6,22 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import structlog
 from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from booking.calls import CallRecord, CallStatus, CallTurn, StatusUpdate
+from booking.consent import ConsentKind, ConsentMode
 from booking.errors import NotFound
 from booking.ledger import pii
 from booking.ledger import schema as t
+from booking.ledger.consent_repository import call_permission
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
 from booking.outbox import insert_effects_once, report_effect_row
+
+log = structlog.get_logger("voicebook.calls")
 
 
 def seal_numbers(call_sid: str, from_number: str, to_number: str) -> dict[str, str | None]:
@@ -64,11 +69,18 @@ def call_from_row(row: Row[Any]) -> CallRecord:
 
 class CallLedger:
     def __init__(
-        self, database: Database, *, clock: Clock = utc_now, notify_effects: Callable[[], Awaitable[None]] | None = None
+        self,
+        database: Database,
+        *,
+        clock: Clock = utc_now,
+        notify_effects: Callable[[], Awaitable[None]] | None = None,
+        consent_mode: ConsentMode = ConsentMode.OFF,
     ) -> None:
         self._db = database
         self._clock = clock
         self._notify_effects = notify_effects  # wakes the workers for the report enqueued at hang-up
+        self._consent_mode = consent_mode
+        """Whether a transcript needs its call's consent to be stored (booking/consent.py)."""
         self._insert: Callable[..., Any] = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
 
     async def record_call(
@@ -194,20 +206,38 @@ class CallLedger:
     ) -> None:
         """Persist a call's transcript and how it ended, and enqueue its report (with the turns'
         ``latencies``), in one transaction, the moment the stream ends. Running it again (a retry)
-        replaces the transcript rather than adding to it, and enqueues no second report."""
+        replaces the transcript rather than adding to it, and enqueues no second report.
+
+        Where consent is required, the transcript is stored only as far as the call's consent reaches,
+        checked in the same transaction: none of it without consent, and nothing said from a withdrawal
+        on. The call and its report are filed either way."""
         now = self._clock()
-        rows = [
-            {
-                "call_sid": call_sid,
-                "position": position,
-                "role": turn.role,
-                "text": seal_turn_text(call_sid, position, turn.text),
-                "truncated": turn.truncated,
-                "tool": turn.tool,
-                "at": turn.at,
-            }
-            for position, turn in enumerate(turns)
-        ]
+        mode = self._consent_mode
+
+        def rows(conn: Connection) -> list[dict[str, Any]]:
+            allowed = call_permission(conn, mode, ConsentKind.TRANSCRIPTION, call_sid)
+            kept = [turn for turn in turns if allowed.keeps(turn.at)]
+            if len(kept) < len(turns):
+                log.info(
+                    "transcript_not_stored",
+                    call_sid=call_sid,
+                    turns=len(turns),
+                    kept=len(kept),
+                    reason=allowed.reason,
+                )
+            return [
+                {
+                    "call_sid": call_sid,
+                    "position": position,
+                    "role": turn.role,
+                    "text": seal_turn_text(call_sid, position, turn.text),
+                    "truncated": turn.truncated,
+                    "tool": turn.tool,
+                    "at": turn.at,
+                }
+                for position, turn in enumerate(kept)
+            ]
+
         insert_call = (
             self._insert(t.calls)
             .values(
@@ -230,8 +260,9 @@ class CallLedger:
                 .values(stream_sid=stream_sid, end_reason=end_reason, updated_at=now)
             )
             conn.execute(delete(t.call_turns).where(t.call_turns.c.call_sid == call_sid))
-            if rows:
-                conn.execute(insert(t.call_turns), rows)
+            stored = rows(conn)
+            if stored:
+                conn.execute(insert(t.call_turns), stored)
             return insert_effects_once(conn, [report_effect_row(call_sid, now, latencies)])
 
         if await self._db.write(work) and self._notify_effects is not None:

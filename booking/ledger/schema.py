@@ -431,3 +431,34 @@ crm_conflicts = Table(
     Index("ix_crm_conflicts_change", "record_id", "field", "airtable_at", unique=True),
     Index("ix_crm_conflicts_resolved_at", "resolved_at", "id"),
 )
+
+# Consent decisions (booking/consent.py), one row each, never updated: the history is the proof. The person
+# is their number's blind index only (null when the caller withheld it), so the rows carry no plaintext and
+# a withdrawal can outlive an erasure.
+consents = Table(
+    "consents",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("subject_index", String(64)),
+    Column("kind", String(16), nullable=False),
+    Column("decision", String(16), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("wording_version", String(64), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("call_sid", String(64)),  # not a foreign key: a decision outlives the call's erasure
+    _id("booking_id"),
+    CheckConstraint("kind IN ('recording', 'transcription', 'sms')", name="kind_known"),
+    CheckConstraint("decision IN ('granted', 'declined', 'revoked')", name="decision_known"),
+    Index("ix_consents_subject", "subject_index", "kind", "at"),
+    Index("ix_consents_call", "call_sid"),
+)
+
+# The exact words each consent was asked with, by version: a decision's proof includes what the person
+# heard or read. Written once per version, never changed.
+consent_wordings = Table(
+    "consent_wordings",
+    metadata,
+    Column("version", String(64), primary_key=True),
+    Column("text", Text, nullable=False),
+    Column("first_used_at", UTCDateTime, nullable=False),
+)

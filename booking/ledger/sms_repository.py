@@ -21,8 +21,11 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from booking.consent import Channel, ConsentKind, Decision, wording_version
 from booking.ledger import pii
 from booking.ledger import schema as t
+from booking.ledger.audit import AuditAction, append_audit
+from booking.ledger.consent_repository import NewConsent, insert_consents
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
 
@@ -59,6 +62,16 @@ class SuppressionSource(enum.StrEnum):
     """Twilio refused a send with 21610: the carrier or Twilio already holds the opt-out."""
     RECEIPT = "status_callback"
     """A delivery receipt carried 21610."""
+    OPERATOR = "operator"
+    """An operator recorded the customer's wish (``voicebook consent revoke --kind sms``)."""
+
+
+_CONSENT_CHANNEL = {
+    SuppressionSource.INBOUND: Channel.SMS_KEYWORD,
+    SuppressionSource.SEND_REFUSED: Channel.CARRIER,
+    SuppressionSource.RECEIPT: Channel.CARRIER,
+    SuppressionSource.OPERATOR: Channel.OPERATOR,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +301,18 @@ class SmsLedger:
     # -- suppressions -------------------------------------------------------------------------------
 
     async def set_opted_out(
-        self, phone: str, opted_out: bool, *, keyword: str | None, source: SuppressionSource
+        self,
+        phone: str,
+        opted_out: bool,
+        *,
+        keyword: str | None,
+        source: SuppressionSource,
+        wording: str | None = None,
+        actor: str | None = None,
     ) -> Suppression:
-        """Opt ``phone`` out (or back in). The latest change wins, whatever it was before."""
+        """Opt ``phone`` out (or back in). The latest change wins, whatever it was before. ``wording`` is
+        what the person agreed to when an operator records a consent given elsewhere (a signed form);
+        ``actor`` (an operator's change) is audited."""
         now = self._clock()
         values = {"opted_out": opted_out, "keyword": keyword, "changed_at": now, "source": source.value}
         vault = pii.cipher()
@@ -302,8 +324,29 @@ class SmsLedger:
             .on_conflict_do_update(index_elements=["phone_index"], set_=values)
         )
 
+        # The consent history gets the change too, in the same transaction: the suppression row holds only
+        # the latest state, the history holds every decision and how it was made.
+        decision = NewConsent(
+            ConsentKind.SMS,
+            Decision.REVOKED if opted_out else Decision.GRANTED,
+            _CONSENT_CHANNEL[source],
+            wording_version(wording) if wording else f"keyword:{keyword}" if keyword else source.value,
+            wording=wording,
+        )
+
         def work(conn: Connection) -> None:
             conn.execute(stmt)
+            insert_consents(conn, index, [decision], now)
+            if actor is not None:
+                append_audit(
+                    conn,
+                    at=now,
+                    actor=actor,
+                    action=AuditAction.CONSENT_CHANGED,
+                    subject_kind="person",
+                    subject_id=index,
+                    details={"kind": ConsentKind.SMS.value, "decision": decision.decision.value},
+                )
 
         await self._db.write(work)
         return Suppression(phone=phone, keyword=keyword, changed_at=now, source=source.value, opted_out=opted_out)
