@@ -18,15 +18,18 @@ Erasure, in one ledger transaction:
   so do their refusals and withdrawals of consent (booking/consent.py); their grants are deleted;
 - an audit entry says it happened, with counts and the person's blind index, no personal data;
 - the CRM's copy is removed by a ``crm.erase`` effect, retried like any other; the archived
-  transcripts and recordings are deleted after the commit.
+  transcripts and recordings, and the server's local spool of their recordings, are deleted after the
+  commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -243,6 +246,7 @@ async def erase_person(
     crm: bool = False,
     actor: str,
     clock: Clock = _now,
+    recordings_dir: Path | None = None,
 ) -> Erasure:
     """Remove or anonymise everything held about the person at ``phone`` (see the module doc). Safe to
     run again: a second run finds nothing left under the number."""
@@ -342,6 +346,12 @@ async def erase_person(
             for key in (transcript_key(call), recording_key(call)):
                 if await archive.delete(key):
                     deleted.append(key)
+    if recordings_dir is not None:  # the server's local spool of recorded calls (voice_server/recording.py)
+        for call in calls:
+            spool = recordings_dir / f"{call.call_sid}.jsonl"
+            if spool.is_file():
+                await asyncio.to_thread(spool.unlink, missing_ok=True)
+                deleted.append(str(spool))
     return Erasure(customers, len(bookings), len(calls), len(messages), effects, tuple(deleted), crm)
 
 

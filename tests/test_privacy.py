@@ -164,8 +164,16 @@ async def test_an_erased_person_is_in_no_store(
             for phone, name, call_sid in ((PERSON, NAME, CALL), (OTHER, "Other Person", OTHER_CALL)):
                 await crm.sync(contacts=[ContactRow(phone, name=name)], calls=[CallRow(call_sid, contact_phone=phone)])
 
-            erasure = await erase_person(database, PERSON, archive=archive, crm=True, actor="test", clock=clock)
+            # The server's local spool of the call's recording (and another caller's, which must stay).
+            spool = archive.root.parent / "recordings"
+            spool.mkdir(parents=True, exist_ok=True)
+            for sid in (CALL, OTHER_CALL):
+                (spool / f"{sid}.jsonl").write_bytes(b"{}\n")
+            erasure = await erase_person(
+                database, PERSON, archive=archive, crm=True, actor="test", clock=clock, recordings_dir=spool
+            )
             assert (erasure.customers, erasure.calls, erasure.messages) == (1, 1, 1) and erasure.crm_effect
+            assert not (spool / f"{CALL}.jsonl").exists() and (spool / f"{OTHER_CALL}.jsonl").exists()
 
             # The CRM's copy goes through the outbox, as an effect retried like any other.
             async with database.reader.connect() as conn:

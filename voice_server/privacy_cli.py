@@ -120,7 +120,14 @@ async def _privacy(settings: Settings, args: argparse.Namespace, phone: str, out
                 else:
                     out.write(data.decode() + "\n")
                 return OK if found else NOT_FOUND
-            erasure = await erase_person(database, phone, archive=archive, crm=settings.crm_enabled, actor=ACTOR)
+            erasure = await erase_person(
+                database,
+                phone,
+                archive=archive,
+                crm=settings.crm_enabled,
+                actor=ACTOR,
+                recordings_dir=settings.data_dir / "recordings",
+            )
             out.write(dumps(erasure.as_dict()).decode() + "\n")
             return OK if erasure.customers or erasure.calls or erasure.messages else NOT_FOUND
     finally:
