@@ -15,6 +15,13 @@ drop, a close Deepgram was not asked for, an ``Error`` message) is counted and l
 error of its own (``provider_stream_failed``); the clean close that answers ``CloseStream`` at the end of
 a call is not.
 
+Egress (:mod:`integrations.egress`): :func:`deepgram_client` puts the client behind its allowlist. Every
+REST request's base URL and every live socket's URL is checked before the SDK sends or dials, so a
+host outside the list is refused without a connection; the SDK's REST client is built gated when none
+is given, and its sockets refuse a redirect answer to the handshake (the SDK's websockets client would
+follow it, with the API key, to any host). A refusal ends the stream as a permanent
+``SpeechProviderError``: retrying cannot change the answer.
+
 Keyterms: nova-3 takes ``keyterm`` query parameters at connect time and a ``Configure`` message mid-stream
 (deepgram-sdk 7.17's ``ListenV1Configure``); ``expect()`` sends the expected choices (names, services)
 as keyterms that way. Other models ignore ``expect()``.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
+import sys
 import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ import structlog
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from integrations import ws_masking
+from integrations.egress import DEEPGRAM_HOSTS, Allowlist, EgressRefused, RedirectRefusingConnect, httpx_client
 from integrations.metrics import ErrorKind, provider_connect, provider_stream_failed
 from voice_server.audio import SAMPLE_RATE
 from voice_server.ports import CallInfo, Expectation, SpeechEvent, SpeechStarted, Transcript
@@ -59,6 +68,7 @@ with warnings.catch_warnings():
         ListenV1SpeechStarted,
         ListenV1UtteranceEnd,
     )
+    from websockets.legacy.client import Connect as LegacyConnect  # what the SDK dials with
 
 log = structlog.get_logger("voicebook.deepgram")
 
@@ -115,17 +125,78 @@ def loopback_environment(base_url: str) -> DeepgramClientEnvironment:
     return DeepgramClientEnvironment(base=base, production=sockets, agent=sockets, agent_rest=base)
 
 
+SDK_SOCKET_MODULES: Final = (
+    "deepgram.listen.v1.client",
+    "deepgram.listen.v1.raw_client",
+    "deepgram.speak.v1.client",
+    "deepgram.speak.v1.raw_client",
+)
+"""The SDK modules that dial a WebSocket (each imports websockets' ``connect`` under its own name)."""
+
+
 def deepgram_client(
-    api_key: str, *, base_url: str | None = None, http: httpx.AsyncClient | None = None
+    api_key: str,
+    *,
+    base_url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+    egress: Allowlist | None = None,
 ) -> AsyncDeepgramClient:
     """The SDK client, built once at start-up. Retries are the adapters' (the SDK's own retry loop does
     not cover streamed responses), so the SDK's are turned off. The live sockets mask their frames with
-    buffered randomness (:mod:`integrations.ws_masking`)."""
+    buffered randomness (:mod:`integrations.ws_masking`).
+
+    ``egress`` (default: ``base_url``'s host, else Deepgram's) is where the client may send (module doc).
+    ``http`` should come from :func:`integrations.egress.httpx_client` so REST answers are never
+    followed as redirects; without one the client builds such a client itself (the SDK's own would
+    follow them)."""
     ws_masking.install()
+    refuse_socket_redirects()
+    allow = egress if egress is not None else Allowlist.of([base_url] if base_url else DEEPGRAM_HOSTS)
     environment = DeepgramClientEnvironment.PRODUCTION if base_url is None else loopback_environment(base_url)
+    if http is None:
+        http = httpx_client(allow, timeout=60.0)  # the SDK's own default timeout
     client = AsyncDeepgramClient(api_key=api_key, environment=environment, httpx_client=http, max_retries=0)
     _fix_request_headers(client)
+    _check_hosts(client, allow)
     return client
+
+
+def refuse_socket_redirects() -> None:
+    """Make the SDK's sockets refuse redirects (idempotent). Fails loudly if a release of the SDK no
+    longer dials with websockets' legacy client, since the refusal would silently stop applying."""
+    for name in SDK_SOCKET_MODULES:
+        namespace = vars(sys.modules[name])
+        current = namespace.get("websockets_client_connect")
+        if current is RedirectRefusingConnect:
+            continue
+        if current is not LegacyConnect:
+            raise RuntimeError(f"{name} no longer dials with websockets.legacy.client.connect; revisit egress")
+        namespace["websockets_client_connect"] = RedirectRefusingConnect
+
+
+def _check_hosts(client: AsyncDeepgramClient, allow: Allowlist) -> None:
+    """Check each REST request's base URL and each live socket's URL against ``allow`` before the SDK
+    uses it. Every REST request of the SDK asks its HTTP wrapper for the base URL first, and the socket's
+    URL is the environment's ``production`` one: both are replaced on the instance, as
+    :func:`_fix_request_headers` does."""
+    wrapper = client._client_wrapper
+    rest = wrapper.httpx_client
+    base_url_of = rest.get_base_url
+
+    def checked_base_url(maybe_base_url: str | None) -> str:
+        url = base_url_of(maybe_base_url)
+        allow.check(url)
+        return url
+
+    rest.get_base_url = checked_base_url  # type: ignore[method-assign]
+    listen = client.listen.v1
+    connect = listen.connect
+
+    def checked_connect(**options: Any) -> Any:
+        allow.check(wrapper.get_environment().production + "/v1/listen")
+        return connect(**options)
+
+    listen.connect = checked_connect
 
 
 def _fix_request_headers(client: AsyncDeepgramClient) -> None:
@@ -350,6 +421,8 @@ class DeepgramSTTStream:
                     cause = api_failure(error, "live transcription")
                     if not cause.transient:
                         raise cause from error
+                except EgressRefused as error:
+                    raise SpeechProviderError(f"Deepgram stream refused: {error}", transient=False) from error
                 except (OSError, TimeoutError, WebSocketException) as error:
                     cause = SpeechProviderError(f"Deepgram stream lost: {error!r}", transient=True)
                     if opened is not None:  # else the handshake failed, and provider_connect counted it

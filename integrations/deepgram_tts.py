@@ -9,7 +9,8 @@ A transient failure before the first byte (429, 5xx, timeout, connection error) 
 ``Retry-After`` when the answer gives one (up to ``max_retry_after_s``; longer waits are not worth a
 caller's silence) or a short backoff otherwise. Once audio has been yielded nothing is retried: a
 replay would repeat words. Failures raise ``SpeechProviderError`` with ``transient`` set, so the session
-can fall back to another voice.
+can fall back to another voice. A request refused by the client's egress allowlist
+(:func:`integrations.deepgram_stt.deepgram_client`) fails at once, not transient, before anything is sent.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 
 from integrations.deepgram_stt import SpeechProviderError, api_failure
+from integrations.egress import EgressRefused
 from integrations.http_headers import retry_after
 from integrations.metrics import provider_connect
 from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE
@@ -82,6 +84,8 @@ class DeepgramTTS:
                 failure = SpeechProviderError(f"Deepgram speech synthesis timed out: {error!r}", transient=True)
             except httpx.TransportError as error:
                 failure = SpeechProviderError(f"Deepgram speech synthesis unreachable: {error!r}", transient=True)
+            except EgressRefused as error:
+                raise SpeechProviderError(f"Deepgram speech synthesis refused: {error}", transient=False) from error
             if started or attempt == 1 or not self._may_retry(failure):
                 raise failure
 

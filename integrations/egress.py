@@ -18,7 +18,13 @@ One gate per client kind, each applied where the client is built:
 - requests (twilio's ``TwilioHttpClient``, pyairtable's ``Api``): :func:`guard_session` wraps every
   adapter mounted on the session (so call it after mounting your own) and sets ``max_redirects = 0``;
 - httplib2 (the Google API client): :class:`GuardedHttp`, an ``httplib2.Http`` that checks each request
-  and has ``follow_redirects`` off.
+  and has ``follow_redirects`` off;
+- botocore (the S3 archive): :func:`guard_botocore` registers a ``before-send`` hook that checks every
+  request botocore is about to send, its own re-sends included (S3's region redirects are re-sends to
+  another host, so they meet the same check);
+- websockets (the Deepgram SDK's live sockets): the SDK dials with websockets' legacy client, which
+  follows up to ten redirects to any host; :class:`RedirectRefusingConnect` is that client refusing the
+  first. The host is checked by the SDK's adapter before it dials (``integrations.deepgram_stt``).
 
 Hosts are compared by name only (lower-cased, no port): the simulators all listen on 127.0.0.1 on ports
 picked at run time, and a port does not make a host more or less trusted.
@@ -26,6 +32,7 @@ picked at run time, and a port does not make a host more or less trusted.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +44,11 @@ import httpx2
 import requests
 import structlog
 from requests.adapters import BaseAdapter
+
+with warnings.catch_warnings():
+    # Deprecated since websockets 14, and still what the deepgram SDK dials with (see deepgram_stt).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from websockets.legacy.client import Connect as LegacyConnect
 
 log = structlog.get_logger("voicebook.egress")
 
@@ -98,14 +110,15 @@ class Allowlist:
                 redirect=False,
             )
 
-    def refuse_redirect(self, url: str, status: int, location: str | None) -> None:
-        """Raise :class:`EgressRefused` for a redirect answer from ``url`` to ``location``."""
+    def refuse_redirect(self, url: str, status: int | None, location: str | None) -> None:
+        """Raise :class:`EgressRefused` for a redirect answer from ``url`` to ``location`` (``status`` None:
+        the client did not say which)."""
         target = host_of(location or "") or "the same host"
         host = host_of(url)
         log.error("egress_redirect_refused", host=host, status=status, to_host=target)
+        answer = f"HTTP {status} redirect" if status is not None else "Redirect"
         raise EgressRefused(
-            f"HTTP {status} redirect from {host!r} to {target!r} not followed: outbound requests never follow "
-            "redirects",
+            f"{answer} from {host!r} to {target!r} not followed: outbound requests never follow redirects",
             host=host,
             redirect=True,
         )
@@ -229,3 +242,28 @@ class GuardedHttp(httplib2.Http):  # type: ignore[misc]  # httplib2 ships no typ
         if _is_redirect(int(response.status), location):
             self._allow.refuse_redirect(uri, int(response.status), location)
         return response, content
+
+
+# -- botocore ----------------------------------------------------------------------------------------
+
+
+def guard_botocore(client: Any, allow: Allowlist) -> None:
+    """Check every request ``client`` (a boto3/botocore client) sends against ``allow``: a refused one
+    raises :class:`EgressRefused` from the client's call, before a connection is made, and is not retried
+    (botocore retries only its own errors)."""
+
+    def check(request: Any, **_: Any) -> None:
+        allow.check(str(request.url))
+
+    client.meta.events.register("before-send", check)
+
+
+# -- websockets (legacy client) ------------------------------------------------------------------------
+
+
+class RedirectRefusingConnect(LegacyConnect):
+    """websockets' legacy ``connect`` that raises :class:`EgressRefused` at a redirect answer to the
+    handshake instead of dialling where it points (the stock one follows up to ten, to any host)."""
+
+    def handle_redirect(self, uri: str) -> None:
+        Allowlist(frozenset()).refuse_redirect(self._uri, None, uri)

@@ -2,7 +2,9 @@
 
 :func:`authorization_request` makes the consent URL (offline access, so Google issues a refresh token),
 :func:`code_from_redirect` reads the code off the redirect, and :func:`exchange_code` trades it at the
-client's ``token_uri`` for the tokens :class:`~integrations.google_oauth.GoogleGrants` then stores.
+client's ``token_uri`` for the tokens :class:`~integrations.google_oauth.GoogleGrants` then stores. The
+exchange sends the client secret and the code: give it an ``http`` client behind the egress gate
+(:func:`integrations.egress.httpx_client`); a refused host or redirect is a :class:`ConnectError`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
+from integrations.egress import EgressRefused
 from integrations.google_calendar import SCOPES
 from integrations.google_oauth import GrantTokens, OAuthClient
 
@@ -100,6 +103,8 @@ async def exchange_code(
         )
     except httpx.HTTPError as exc:
         raise ConnectError(f"cannot reach the token endpoint {client.token_uri}: {exc!r}") from None
+    except EgressRefused as exc:
+        raise ConnectError(f"the token exchange with {client.token_uri} was refused: {exc}") from exc
     try:
         body = answer.json()
     except ValueError:

@@ -17,6 +17,10 @@ Keys are checked before any I/O: ASCII letters, digits and ``. _ - /`` only, no 
 segment, no leading or trailing slash, at most ``MAX_KEY_LENGTH`` characters. A bad key raises
 ``ValueError``; it is a bug in the caller, not a storage failure.
 
+An S3 client sends only to its allowlist (:mod:`integrations.egress`): by default the ``endpoint_url``'s
+host, or AWS's S3 hosts for the bucket and region (:func:`aws_s3_hosts`); any other request, S3's own
+redirects to another region included, is refused before it is sent (a permanent ``StorageError``).
+
 Failures raise ``StorageError`` with ``permanent`` set when retrying cannot help (access denied, no such
 bucket, a file where a folder should be); a missing object on ``get`` raises ``ObjectNotFound``.
 """
@@ -51,6 +55,7 @@ from botocore.exceptions import (
     IncompleteReadError,
 )
 
+from integrations.egress import Allowlist, EgressRefused, guard_botocore
 from integrations.metrics import provider_request
 
 if TYPE_CHECKING:
@@ -377,6 +382,7 @@ class S3Storage:
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         max_attempts: int = 4,
+        egress: Allowlist | None = None,
     ) -> None:
         if not _BUCKET.fullmatch(bucket):
             raise ValueError(f"bad bucket name {bucket!r}: 3 to 63 lower-case letters, digits, dots and hyphens")
@@ -414,6 +420,11 @@ class S3Storage:
         )
         self.client: S3Client = session.client("s3", endpoint_url=endpoint_url, config=config)
         """The boto3 client, for event hooks (metrics, tests); requests go through the methods above."""
+        self.egress = egress or Allowlist.of(
+            [endpoint_url] if endpoint_url else aws_s3_hosts(bucket, self.client.meta.region_name)
+        )
+        """Where the client may send (module doc); the region is the client's, however boto3 found it."""
+        guard_botocore(self.client, self.egress)
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -517,6 +528,8 @@ class S3Storage:
                 permanent=not transient,
                 key=key,
             ) from error
+        except EgressRefused as error:
+            raise StorageError(f"{self.describe()}: {error}", permanent=True, key=key) from error
         except BotoCoreError as error:
             transient = isinstance(
                 error, ConnectionError | HTTPClientError | IncompleteReadError | CredentialRetrievalError
@@ -525,6 +538,18 @@ class S3Storage:
                 f"could not {action} in {self.describe()}: {error}", permanent=not transient, key=key
             ) from error
         return result
+
+
+def aws_s3_hosts(bucket: str, region: str) -> tuple[str, str, str, str]:
+    """The hosts botocore addresses ``bucket`` at on AWS in ``region``: virtual-hosted and path style, at
+    the regional endpoint and at the global one (us-east-1's, and the one botocore starts from before
+    S3 names a bucket's region)."""
+    return (
+        f"{bucket}.s3.{region}.amazonaws.com",
+        f"s3.{region}.amazonaws.com",
+        f"{bucket}.s3.amazonaws.com",
+        "s3.amazonaws.com",
+    )
 
 
 def _response_date(headers: dict[str, str]) -> datetime:

@@ -1,13 +1,18 @@
 """Outbound HTTP only to configured hosts, redirects never followed: each client kind (httpx, httpx2 for
-OpenAI, requests for twilio and pyairtable, httplib2 for Google) against a real server on loopback, and
-the allowlists the app builds from its settings."""
+OpenAI, requests for twilio, pyairtable and the OTLP exporter, httplib2 for Google, botocore for S3, the
+Deepgram SDK's REST and sockets, the Google connect flow's token exchange) against a real server on
+loopback, with a listener counting connections to show that a refused request sent nothing, and the
+allowlists the app builds from its settings."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,12 +25,17 @@ from starlette.routing import Route
 from booking.business import load_business
 from booking.errors import EffectFailed
 from integrations import egress
+from integrations.deepgram_stt import DeepgramSTT, SpeechProviderError, deepgram_client
+from integrations.deepgram_tts import DeepgramTTS
 from integrations.egress import Allowlist, EgressRefused, GuardedHttp, guard_session, httpx2_client, httpx_client
+from integrations.simulators.deepgram import DeepgramSimConfig, create_deepgram_simulator
+from integrations.storage import S3Storage, StorageError, aws_s3_hosts, build_storage
 from integrations.twilio_rest import TwilioCallControl
 from integrations.webhooks import WebhookSender
 from tests.conftest import serving
 from voice_server import egress_policy
 from voice_server.effects import build_twilio_sms
+from voice_server.ports import CallInfo
 from voice_server.settings import Settings
 
 ACCOUNT_SID = "AC" + "1" * 32
@@ -287,3 +297,212 @@ async def test_a_request_refused_before_sending_never_reaches_the_transport() ->
             await http.get("http://169.254.169.254/latest/meta-data/")
         assert (await http.get("http://127.0.0.1:1/")).status_code == 200
     assert [str(request.url) for request in sent] == ["http://127.0.0.1:1/"]
+
+
+# -- clients gated by hooks: Deepgram's sockets and speech, S3, OTLP, Google's token exchange -------------
+
+
+@dataclasses.dataclass
+class Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections it is sent and answers each with ``answer``
+    (nothing: the connection is closed)."""
+
+    port: int
+    answer: bytes
+    connections: int = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def unlisted(self) -> str:
+        return f"http://localhost:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def listening(answer: bytes = b"") -> AsyncIterator[Listener]:
+    listener = Listener(0, answer)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        listener.connections += 1
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(listener.answer)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    listener.port = server.sockets[0].getsockname()[1]
+    try:
+        yield listener
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def redirect_to(url: str) -> bytes:
+    return f"HTTP/1.1 302 Found\r\nLocation: {url}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+
+
+CALL = CallInfo(call_sid="CA" + "3" * 32, stream_sid="MZ" + "3" * 32, caller="+16465550199", called="+12125550100")
+
+
+async def test_deepgram_sockets_and_speech_to_an_unlisted_host_are_refused_unsent() -> None:
+    async with listening() as deepgram, httpx_client(loopback()) as http:
+        client = deepgram_client("dg-key", base_url=deepgram.unlisted, http=http, egress=loopback())
+        with pytest.raises(SpeechProviderError) as listen:
+            await DeepgramSTT(client).open(CALL)
+        with pytest.raises(SpeechProviderError) as speak:
+            _ = [chunk async for chunk in DeepgramTTS(client).synthesize("your cleaning is booked")]
+    for refused in (listen.value, speak.value):
+        assert not refused.transient  # not worth a retry: the fallback takes over at once
+        assert isinstance(refused.__cause__, EgressRefused) and refused.__cause__.host == "localhost"
+    assert deepgram.connections == 0
+
+
+async def test_a_deepgram_socket_never_follows_a_redirect() -> None:
+    async with listening() as elsewhere, listening() as deepgram, httpx_client(loopback()) as http:
+        deepgram.answer = redirect_to(f"ws://127.0.0.1:{elsewhere.port}/v1/listen")  # a listed host, even
+        client = deepgram_client("dg-key", base_url=deepgram.base, http=http, egress=loopback())
+        with pytest.raises(SpeechProviderError) as listen:
+            await DeepgramSTT(client, reconnect_attempts=1).open(CALL)
+    assert isinstance(listen.value.__cause__, EgressRefused) and listen.value.__cause__.redirect
+    assert not listen.value.transient
+    assert (deepgram.connections, elsewhere.connections) == (1, 0)
+
+
+async def test_the_gated_deepgram_client_still_reaches_its_simulator() -> None:
+    from tests.test_deepgram import tone_synthesize, tone_transcribe
+
+    app = create_deepgram_simulator(DeepgramSimConfig(), transcribe=tone_transcribe, synthesize=tone_synthesize)
+    async with serving(app, lifespan="off", ws="websockets-sansio") as url:
+        client = deepgram_client(DeepgramSimConfig().api_key, base_url=url)  # its own gated HTTP client
+        try:
+            speech = b"".join([chunk async for chunk in DeepgramTTS(client).synthesize("book a cleaning")])
+            stream = await DeepgramSTT(client).open(CALL)
+            await stream.close()
+        finally:
+            await client._client_wrapper.httpx_client.httpx_client.aclose()
+    assert speech and stream.metadata is not None
+    assert app.state.deepgram.speak_requests == 1
+
+
+def s3_storage(bucket: str, **options: Any) -> S3Storage:
+    return S3Storage(bucket, access_key="testing", secret_key="testing", **options)
+
+
+async def test_s3_requests_go_only_to_the_configured_endpoint() -> None:
+    assert S3Storage(
+        "calls", endpoint_url="http://127.0.0.7:9000", access_key="testing", secret_key="testing"
+    ).egress.hosts == {"127.0.0.7"}
+    aws = s3_storage("calls", region="eu-west-1")
+    assert aws.egress.hosts == frozenset(aws_s3_hosts("calls", "eu-west-1"))
+    assert "calls.s3.eu-west-1.amazonaws.com" in aws.egress.hosts
+    async with listening() as s3:
+        storage = S3Storage(
+            "calls",
+            endpoint_url=s3.unlisted,
+            region="us-east-1",
+            egress=loopback(),
+            access_key="testing",
+            secret_key="testing",
+        )
+        try:
+            with pytest.raises(StorageError) as refused:
+                await storage.put("recordings/CA1.jsonl", b"sealed", content_type="application/octet-stream")
+        finally:
+            await storage.close()
+    assert refused.value.permanent and isinstance(refused.value.__cause__, EgressRefused)
+    assert s3.connections == 0
+
+
+def test_the_s3_archive_reaches_its_simulator_through_the_gate(tmp_path: Path) -> None:
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        url = f"s3://calls-egress?endpoint_url=http://{host}:{port}&region=us-east-1"
+        storage = build_storage(url, tmp_path, access_key="testing", secret_key="testing")
+        assert isinstance(storage, S3Storage) and storage.egress.hosts == {"127.0.0.1"}
+        storage.client.create_bucket(Bucket="calls-egress")
+
+        async def round_trip() -> bytes:
+            await storage.put("a/b.bin", b"payload", content_type="application/octet-stream")
+            return await storage.get("a/b.bin")
+
+        assert asyncio.run(round_trip()) == b"payload"
+        storage.client.close()
+    finally:
+        moto.stop()
+
+
+def finished_spans() -> list[Any]:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    provider.get_tracer("test").start_span("call").end()
+    return list(memory.get_finished_spans())
+
+
+async def test_the_otlp_exporter_sends_only_to_its_collector_and_follows_no_redirect() -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from tests.tracing_support import otlp_receiver
+    from voice_server.tracing import otlp_exporter
+
+    spans = finished_spans()
+    async with otlp_receiver() as (endpoint, received), listening() as elsewhere:
+        settings = Settings(otel_traces_endpoint=endpoint)
+        assert egress_policy.otlp(settings).hosts == {"127.0.0.1"} and egress_policy.otlp(Settings()).hosts == set()
+        exporter = otlp_exporter(settings)
+        assert await asyncio.to_thread(exporter.export, spans) is SpanExportResult.SUCCESS
+        exporter.shutdown()  # type: ignore[no-untyped-call]  # untyped in the exporter
+        assert len(received) == 1
+        # the session the exporter is given is what it sends with: another host is refused unsent
+        gate = requests.Session()
+        unlisted = OTLPSpanExporter(
+            endpoint=elsewhere.unlisted + "/v1/traces",
+            session=egress.guard_session(gate, egress_policy.otlp(settings)),
+            timeout=2,
+        )
+        assert await asyncio.to_thread(unlisted.export, spans) is SpanExportResult.FAILURE
+        unlisted.shutdown()  # type: ignore[no-untyped-call]  # untyped in the exporter
+    assert elsewhere.connections == 0 and len(received) == 1
+
+
+async def test_the_google_token_exchange_goes_only_to_the_client_files_endpoint(tmp_path: Path) -> None:
+    from integrations.google_consent import ConnectError, authorization_request, exchange_code
+    from integrations.google_oauth import OAuthClient
+
+    async with listening() as elsewhere, listening() as token:
+        token.answer = redirect_to(f"{elsewhere.base}/token")
+        section = {"client_id": "id", "client_secret": "secret", "auth_uri": "https://accounts.example/auth"}
+        document = {"installed": {**section, "token_uri": f"{token.base}/token"}}
+        client_file = tmp_path / "client.json"
+        client_file.write_text(json.dumps(document), encoding="utf-8")
+        allow = egress_policy.google_connect(Settings(), client_file)
+        assert allow.hosts == frozenset({*egress.GOOGLE_HOSTS, "127.0.0.1"})
+        client = OAuthClient.from_file(client_file)
+        request = authorization_request(client, "http://127.0.0.1:1/")
+        async with httpx_client(allow) as http:
+            with pytest.raises(ConnectError) as redirected:
+                await exchange_code(client, request, "code", http=http)
+            moved = dataclasses.replace(client, token_uri=f"{token.unlisted}/token")
+            with pytest.raises(ConnectError) as refused:
+                await exchange_code(moved, request, "code", http=http)
+    assert isinstance(redirected.value.__cause__, EgressRefused) and redirected.value.__cause__.redirect
+    assert isinstance(refused.value.__cause__, EgressRefused) and not refused.value.__cause__.redirect
+    assert (token.connections, elsewhere.connections) == (1, 0)

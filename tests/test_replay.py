@@ -15,7 +15,6 @@ import base64
 import contextlib
 import dataclasses
 import os
-import shutil
 import uuid
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -27,6 +26,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 
+from booking.reports.pipeline import open_spool
 from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import TwilioCaller
@@ -201,7 +201,9 @@ async def test_recording_is_current(name: str, app_settings: Settings, clock: Fr
     committed_path = RECORDINGS / f"{name}.jsonl"
     if os.environ.get("VOICEBOOK_REGENERATE_RECORDINGS") == "1":
         RECORDINGS.mkdir(exist_ok=True)
-        shutil.copyfile(app_settings.data_dir / "recordings" / f"{fresh.call_sid}.jsonl", committed_path)
+        # Committed opened: the spool is sealed with this run's test keys, the committed file must not be.
+        _, lines = open_spool((app_settings.data_dir / "recordings" / f"{fresh.call_sid}.jsonl").read_bytes())
+        committed_path.write_bytes(b"".join(line + b"\n" for line in lines))
     committed = read_call(committed_path)
     assert diff_calls(recorded_summary(committed), recorded_summary(fresh)) == []
     assert committed_path.stat().st_size < 300_000

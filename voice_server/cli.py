@@ -159,6 +159,12 @@ def replay_command(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, "console")
     try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"voicebook replay: {exc}", file=sys.stderr)
+        return 2
+    install_pii_cipher(settings)  # a recording's lines are sealed with the ledger's keys
+    try:
         call = read_call(Path(args.file))
         call_sid = call.call_sid  # a recording without a start message cannot be replayed or rendered
     except RecordingError as exc:
@@ -172,13 +178,7 @@ def replay_command(args: argparse.Namespace) -> int:
             return 0
         print("voicebook replay: give --url to replay the call (or --wav to render it)", file=sys.stderr)
         return 2
-    database_url = args.database_url
-    if database_url is None:
-        try:
-            database_url = Settings.from_env().effective_database_url
-        except SettingsError as exc:
-            print(f"voicebook replay: {exc}", file=sys.stderr)
-            return 2
+    database_url = args.database_url or settings.effective_database_url
     options = ReplayOptions(
         url=args.url,
         public_url=args.public_url,

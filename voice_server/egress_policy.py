@@ -4,6 +4,10 @@ Each provider's client gets its own list, not one list for all: the Deepgram cli
 talking to Airtable. A provider's list is its configured base URL's host when one is set (a simulator,
 a compatible server, a regional endpoint), else the provider's own API hosts. Google's token endpoints
 come from the credential files, so a service account or OAuth client pointed elsewhere still refreshes.
+
+The S3 archive's list is not here: it is the storage URL's ``endpoint_url`` host, or AWS's S3 hosts for
+the bucket and the region boto3 resolved (which may come from boto3's own configuration, known only to
+the client), so ``integrations.storage.S3Storage`` derives it when it builds its client.
 """
 
 from __future__ import annotations
@@ -48,6 +52,18 @@ def google(settings: Settings) -> Allowlist:
         if path is not None:
             token_uris.extend(_token_uris(path, section))
     return _configured_or(settings.google_calendar_api_url, egress.GOOGLE_HOSTS) | Allowlist.of(token_uris)
+
+
+def google_connect(settings: Settings, client_file: Path) -> Allowlist:
+    """The token exchange of ``voicebook google connect``: Google's hosts and the ``token_uri`` of the
+    OAuth client file being connected (which need not be the configured one)."""
+    return google(settings) | Allowlist.of(_token_uris(client_file, ("installed", "web")))
+
+
+def otlp(settings: Settings) -> Allowlist:
+    """The trace exporter's collector: the configured traces endpoint's host (nothing without one)."""
+    endpoint = settings.otel_traces_endpoint
+    return Allowlist.of([endpoint] if endpoint else [])
 
 
 def webhooks(business: Business) -> Allowlist:

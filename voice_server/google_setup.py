@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx
 import structlog
 
 from booking.ledger.database import Database
+from integrations.egress import httpx_client
 from voice_server import egress_policy
 from voice_server.settings import Settings, development_file
 
@@ -184,7 +184,8 @@ async def connect_account(
                 except TimeoutError:
                     raise ConnectError(f"no answer from the browser within {options.timeout:.0f} s") from None
             code = code_from_redirect(query, request.state)
-        async with httpx.AsyncClient(timeout=30.0) as http:
+        # Only to Google's hosts and the client file's token endpoint, never following a redirect.
+        async with httpx_client(egress_policy.google_connect(settings, options.client_file), timeout=30.0) as http:
             tokens = await exchange_code(client, request, code, http=http)
     except ConnectError as exc:
         raise GoogleSetupError(f"connecting the Google account failed: {exc}") from None

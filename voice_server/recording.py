@@ -8,8 +8,15 @@ The format, one JSON object per line, ``t`` in seconds since the ``start`` messa
 - ``{"event": "turn", "role": ..., "text": ..., "truncated": ..., "tool": ..., "t": ...}`` when the call ends
 - ``{"event": "end", "reason": ..., "t": ...}`` last
 
-``read_call`` turns a file into a ``RecordedCall``; replay (voice_server/replay.py) and the WAV
-rendering (voice_server/wav.py) work from that.
+The file holds what the caller said and their number, so it is sealed at rest like the ledger's
+personal data: a plain header line naming the call, then each of those lines sealed on its own to the
+call, its position and the line count (``seal_spool`` in booking/reports/pipeline.py says why per line).
+A line moved from another call's file, reordered or cut off does not open. Files written before the
+spool was sealed are plain lines, and still read.
+
+``read_call`` turns a file, sealed or plain, into a ``RecordedCall``; replay (voice_server/replay.py) and
+the WAV rendering (voice_server/wav.py) work from that. Reading a sealed file takes the process's PII
+keys (``booking.ledger.pii.install``), as the server and the report worker have.
 """
 
 from __future__ import annotations
@@ -23,10 +30,16 @@ from typing import Any, Literal
 
 import orjson
 
+from booking.reports.pipeline import SpoolError, open_spool, seal_spool
+
 
 class CallRecording:
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
+    """One call's recording, written sealed to ``path`` by :meth:`save`. ``call_sid`` is what its lines are
+    sealed to; by default the file's name without ``.jsonl``, which the server names after the call."""
+
+    def __init__(self, path: Path, *, call_sid: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
+        self.call_sid = call_sid if call_sid is not None else path.stem
         self._clock = clock
         self._started = clock()
         self._lines: list[bytes] = []
@@ -47,10 +60,10 @@ class CallRecording:
         self._add({"event": kind, **fields})
 
     async def save(self) -> Path:
-        data = b"\n".join(self._lines) + b"\n"
-        path = self.path
+        lines, path, call_sid = list(self._lines), self.path, self.call_sid
 
         def write() -> None:
+            data = seal_spool(call_sid, lines)  # thousands of lines: sealed off the event loop too
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
 
@@ -59,7 +72,10 @@ class CallRecording:
 
 
 def load_recording(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    """The entries of a recording file, sealed or plain. Raises ``OSError``, ``SpoolError`` (a sealed line
+    that does not open) or ``orjson.JSONDecodeError``."""
+    _, lines = open_spool(path.read_bytes())
+    return [orjson.loads(line) for line in lines]
 
 
 class RecordingError(ValueError):
@@ -163,6 +179,6 @@ def parse_call(entries: Sequence[Mapping[str, Any]], *, source: str = "recording
 def read_call(path: Path) -> RecordedCall:
     try:
         entries = load_recording(path)
-    except (OSError, orjson.JSONDecodeError) as exc:
+    except (OSError, SpoolError, orjson.JSONDecodeError) as exc:
         raise RecordingError(f"{path}: {exc}") from None
     return parse_call(entries, source=str(path))

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -36,7 +37,8 @@ from opentelemetry.util.types import AttributeValue
 from starlette.requests import Request
 from starlette.responses import Response
 
-from voice_server import __version__
+from integrations.egress import guard_session
+from voice_server import __version__, egress_policy
 from voice_server.settings import Settings
 from voice_server.turn_timing import TurnTiming
 
@@ -60,7 +62,7 @@ def configure_tracing(settings: Settings, *, exporter: SpanExporter | None = Non
     if exporter is None:
         if settings.otel_traces_endpoint is None:
             return None
-        exporter = OTLPSpanExporter(endpoint=settings.otel_traces_endpoint, headers=dict(settings.otel_headers))
+        exporter = otlp_exporter(settings)
     resource = Resource.create(
         {
             "service.name": settings.otel_service_name,
@@ -76,6 +78,18 @@ def configure_tracing(settings: Settings, *, exporter: SpanExporter | None = Non
     )
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def otlp_exporter(settings: Settings) -> OTLPSpanExporter:
+    """The OTLP/HTTP exporter to the configured endpoint, sending only to that endpoint's host and never
+    following a redirect (:mod:`integrations.egress`): spans carry call sids and timings, and the
+    exporter sends its headers (often an API key) with each batch. A refused export fails like an
+    unreachable collector: the batch is dropped and logged."""
+    endpoint = settings.otel_traces_endpoint
+    if endpoint is None:
+        raise ValueError("OTEL_EXPORTER_OTLP_ENDPOINT is not set: there is no collector to export to")
+    session = guard_session(requests.Session(), egress_policy.otlp(settings))
+    return OTLPSpanExporter(endpoint=endpoint, headers=dict(settings.otel_headers), session=session)
 
 
 def install_tracing(provider: TracerProvider) -> bool:

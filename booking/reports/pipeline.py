@@ -15,6 +15,7 @@ second version: the hang-up's version is found and its follow-ons, keyed on it, 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,77 @@ def open_archived(key: str, data: bytes) -> bytes:
     opened = pii.cipher().decrypt(data.decode(), table="archive", column="object", row=key)
     assert opened is not None
     return base64.b64decode(opened)
+
+
+# -- the local recording spool -------------------------------------------------------------------------
+
+SPOOL_FORMAT = "voicebook.recording.sealed"
+"""The first line of a sealed spool file names the format, the call and how many lines follow."""
+
+
+class SpoolError(ValueError):
+    """A spool file that cannot be opened: malformed, edited, moved between calls, or sealed with a key
+    this process does not hold. The message names the line."""
+
+
+def seal_spool(call_sid: str, lines: Sequence[bytes]) -> bytes:
+    """A call's recording lines (each a JSON object) as a sealed spool file: a plain header line, then
+    each line sealed on its own (``booking/ledger/pii.py``) to the call, its position and the count.
+
+    A value per line rather than one for the file: the file stays lines (readers and tools stream it
+    line by line, and a line that fails names its number), and binding each to ``call_sid:n/count``
+    still makes a line moved from another call, a reordered line and a cut-short file fail to open."""
+    cipher = pii.cipher()
+    count = len(lines)
+    header = orjson.dumps({"format": SPOOL_FORMAT, "version": 1, "call_sid": call_sid, "lines": count})
+    sealed = [header]
+    for number, line in enumerate(lines, start=1):
+        value = cipher.encrypt(line.decode(), table="recordings", column="line", row=f"{call_sid}:{number}/{count}")
+        assert value is not None
+        sealed.append(value.encode())
+    return b"\n".join(sealed) + b"\n"
+
+
+def open_spool(data: bytes, *, call_sid: str | None = None) -> tuple[str | None, list[bytes]]:
+    """The call sid (None for a file written before spools were sealed) and the plain lines of a spool
+    file, sealed or not. With ``call_sid``, a sealed file of another call is refused."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    header = _spool_header(lines[0]) if lines else None
+    if header is None:
+        return None, lines  # a recording from before spools were sealed: plain JSON lines
+    sealed_sid, count = header
+    if call_sid is not None and sealed_sid != call_sid:
+        raise SpoolError(f"the spool belongs to call {sealed_sid}, not {call_sid}")
+    if len(lines) - 1 != count:
+        raise SpoolError(f"the spool of {sealed_sid} should hold {count} lines and holds {len(lines) - 1}")
+    try:
+        cipher = pii.cipher()
+    except pii.PiiKeyError as error:
+        raise SpoolError(f"the spool of {sealed_sid} is sealed: {error}") from None
+    opened: list[bytes] = []
+    for number, line in enumerate(lines[1:], start=1):
+        try:
+            plain = cipher.decrypt(
+                line.decode("ascii"), table="recordings", column="line", row=f"{sealed_sid}:{number}/{count}"
+            )
+        except (UnicodeDecodeError, pii.PiiDecryptError, pii.PiiKeyError) as error:
+            raise SpoolError(f"line {number + 1} of the spool of {sealed_sid} does not open: {error}") from None
+        assert plain is not None
+        opened.append(plain.encode())
+    return sealed_sid, opened
+
+
+def _spool_header(line: bytes) -> tuple[str, int] | None:
+    try:
+        header = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise SpoolError("the spool's first line is not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != SPOOL_FORMAT:
+        return None
+    call_sid, count = header.get("call_sid"), header.get("lines")
+    if header.get("version") != 1 or not isinstance(call_sid, str) or not isinstance(count, int):
+        raise SpoolError(f"unknown spool header {line[:120]!r}")
+    return call_sid, count
 
 
 def transcript_key(call: CallRecord) -> str:
@@ -274,5 +346,13 @@ class ReportPipeline:
         if self._recordings_dir is not None:
             path = self._recordings_dir / f"{call.call_sid}.jsonl"
             if path.is_file():
+                # Archived as the plain lines, sealed whole to the object key like the transcript (the
+                # privacy export reads it so); a spool that does not open is left where it is.
+                try:
+                    _, lines = await asyncio.to_thread(lambda: open_spool(path.read_bytes(), call_sid=call.call_sid))
+                except SpoolError as error:
+                    log.error("recording_spool_unreadable", call_sid=call.call_sid, error=str(error))
+                    return
+                plain = b"".join(line + b"\n" for line in lines)
                 key = recording_key(call)
-                await self._archive.put(key, seal_archived(key, path.read_bytes()), content_type=SEALED_CONTENT_TYPE)
+                await self._archive.put(key, seal_archived(key, plain), content_type=SEALED_CONTENT_TYPE)
