@@ -48,6 +48,9 @@ SERIES = "series"
 """Payload key of an effect of a recurring booking: ``id`` and, on the first occurrence's creation,
 ``rrule`` and ``count``; on a later change of one occurrence, its ``original_start``."""
 SCHEDULED_FOR = "scheduled_for"
+REWRITE_DETAILS = "rewrite_details"
+"""In a ``calendar.update`` payload: rewrite the event's title, description and attendees from the booking
+too, not only its times (a privacy erasure leaves the anonymised booking's)."""
 """Payload key of a delayed effect (a reminder): the time it was enqueued to run at."""
 
 EFFECTS_CHANNEL = "voicebook:effects"

@@ -17,6 +17,8 @@ Erasure, in one ledger transaction:
 - an SMS opt-out stays (a number that said STOP must never be texted again), as its keyed hash only;
   so do their refusals and withdrawals of consent (booking/consent.py); their grants are deleted;
 - an audit entry says it happened, with counts and the person's blind index, no personal data;
+- the calendar's events of their bookings are rewritten without their details (``calendar.update``
+  effects of the anonymised bookings);
 - the CRM's copy is removed by a ``crm.erase`` effect, retried like any other; the archived
   transcripts and recordings, and the server's local spool of their recordings, are deleted after the
   commit.
@@ -25,6 +27,7 @@ Erasure, in one ledger transaction:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ from sqlalchemy.engine import Connection
 
 from booking.calls import CallRecord
 from booking.consent import Decision
-from booking.domain import Booking
+from booking.domain import Booking, BookingStatus
 from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, append_audit
@@ -48,7 +51,16 @@ from booking.ledger.database import Database
 from booking.ledger.reports_repository import ReportLedger
 from booking.ledger.repository import Ledger
 from booking.ledger.sms_repository import SmsLedger
-from booking.outbox import EffectKind, EffectStatus, Outbox, insert_effects_once, standalone_effect_row
+from booking.outbox import (
+    REWRITE_DETAILS,
+    EffectKind,
+    EffectStatus,
+    Outbox,
+    effect_row,
+    insert_effects_once,
+    occurrence_extra,
+    standalone_effect_row,
+)
 from booking.reports.pipeline import open_archived, recording_key, transcript_key
 
 Clock = Callable[[], datetime]
@@ -312,6 +324,21 @@ async def erase_person(
             .values(phone=vault.encrypt(ERASED, table="sms_suppressions", column="phone", row=index))
         )
         effects = _scrub_effects(conn, booking_ids, call_sids, now)
+        # The calendar's events carry the name, the masked number, the email (as attendee) and the notes:
+        # each event still in the calendar (every booking but a cancelled one, whose event was deleted) is
+        # rewritten from the anonymised booking, by an effect retried like any other.
+        calendar_rows = [
+            effect_row(
+                anonymised(booking),
+                EffectKind.CALENDAR_UPDATE,
+                now,
+                extra={REWRITE_DETAILS: True} | occurrence_extra(conn, booking),
+            )
+            | {"idempotency_key": f"{booking.id}:{EffectKind.CALENDAR_UPDATE.value}:erased"}
+            for booking in bookings
+            if booking.status is not BookingStatus.CANCELLED
+        ]
+        insert_effects_once(conn, calendar_rows)
         if crm:
             payload = {
                 "phone": phone,
@@ -353,6 +380,12 @@ async def erase_person(
                 await asyncio.to_thread(spool.unlink, missing_ok=True)
                 deleted.append(str(spool))
     return Erasure(customers, len(bookings), len(calls), len(messages), effects, tuple(deleted), crm)
+
+
+def anonymised(booking: Booking) -> Booking:
+    """The booking as erasure leaves it: the slot and service, no one's name, number, email or notes."""
+    customer = dataclasses.replace(booking.customer, phone=ERASED, name=None, email=None)
+    return dataclasses.replace(booking, customer=customer, notes=None)
 
 
 def _customer_ids(conn: Connection, index: str) -> set[str]:

@@ -296,10 +296,12 @@ class GoogleCalendar:
         *,
         occurrence: Occurrence | None = None,
         previous_resource_id: str | None = None,
+        details: bool = False,
     ) -> str | None:
         """Move the event to the booking's current time (for an ``occurrence`` of a series, only its
         instance); returns the event id, None when skipped. A booking moved to another resource
-        (``previous_resource_id``) also changes calendar: see :meth:`_change_calendar`."""
+        (``previous_resource_id``) also changes calendar: see :meth:`_change_calendar`. With ``details``
+        the title, description and attendees are rewritten from the booking too (after an erasure)."""
         calendar_id = _calendar_of(booking, business)
         if previous_resource_id is not None and previous_resource_id != booking.resource_id:
             before = replace(booking, resource_id=previous_resource_id)
@@ -308,10 +310,14 @@ class GoogleCalendar:
         if calendar_id is None:
             return None
         event_id = instance_id_for(occurrence) if occurrence is not None else event_id_for(booking.id)
+        body = event_times(booking, business)
+        if details:
+            full = event_body(booking, business, templates=self._templates, invite_customer=self._invite)
+            body |= {k: full[k] for k in ("summary", "description")} | {"attendees": full.get("attendees", [])}
         request = self._events.patch(
             calendarId=calendar_id,
             eventId=event_id,
-            body=event_times(booking, business),
+            body=body,
             sendUpdates=self._send_updates(booking),
         )
         await self._execute(request, "patch", {"booking_id": booking.id, "calendar_id": calendar_id})

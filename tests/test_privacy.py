@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
+from booking.business import Business
 from booking.calls import CallStatus, CallTurn
 from booking.ledger import pii
 from booking.ledger import schema as t
@@ -25,13 +26,15 @@ from booking.ledger.pii_rotation import SEALED_COLUMNS, rotate_keys
 from booking.ledger.reports_repository import ReportLedger
 from booking.ledger.repository import CustomerDetails
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
-from booking.outbox import EffectKind, effect_from_row
+from booking.outbox import REWRITE_DETAILS, EffectKind, booking_from_payload, effect_from_row
 from booking.privacy import erase_person, export_person
 from booking.reports.pipeline import seal_archived, transcript_key
 from booking.service import Booked, BookingService, BookRequest
 from integrations.airtable import CONTACTS, AirtableCRM, CallRow, ContactRow
+from integrations.google_calendar import GoogleCalendar
 from integrations.redis_rate_limit import RedisRateLimiter
 from integrations.simulators.airtable import AirtableState, create_airtable_simulator
+from integrations.simulators.google_calendar import CalendarState, service_account_info
 from integrations.storage import LocalFolderStorage
 from tests.conftest import TEST_PII_INDEX_KEY, FrozenClock, serving
 from voice_server.cli import main
@@ -283,3 +286,39 @@ def test_the_commands_export_erase_and_rotate(
     assert orjson.loads((tmp_path / "pii-keys").read_bytes())["active"] == "k2"
     assert main(["keys", "status"]) == 0
     assert "active: k2" in capsys.readouterr().out
+
+
+async def test_erasure_rewrites_the_persons_calendar_events_without_their_details(
+    database: Database,
+    service: BookingService,
+    clock: FrozenClock,
+    archive: LocalFolderStorage,
+    business: Business,
+    calendar_sim: tuple[CalendarState, str],
+    private_key_pem: str,
+) -> None:
+    """The event Google holds carries the name, the masked number and the notes; erasure enqueues a
+    ``calendar.update`` of the anonymised booking, and running it (as a worker would, against the Calendar
+    simulator) leaves an event with only the service and the time."""
+    booking_id = await _populate(database, service, clock, archive)
+    state, url = calendar_sim
+    calendar = GoogleCalendar.from_service_account(
+        service_account_info(url, private_key_pem), api_endpoint=f"{url}/calendar/v3/", timeout=5.0
+    )
+    booking = await service.get_booking(booking_id)
+    await calendar.create(booking, business)
+    before = orjson.dumps(state.live_events(business.resources[0].calendar_id or "")).decode()
+    assert NAME in before and "0142" in before
+
+    await erase_person(database, PERSON, archive=archive, actor="test", clock=clock)
+    async with database.reader.connect() as conn:
+        rows = await conn.execute(select(t.effects).where(t.effects.c.kind == EffectKind.CALENDAR_UPDATE.value))
+        [update] = [effect_from_row(row) for row in rows]
+    assert update.booking_id == booking_id and update.idempotency_key.endswith(":erased")
+    assert NAME not in repr(update.payload) and PERSON not in repr(update.payload) and SAID not in repr(update.payload)
+    assert update.payload[REWRITE_DETAILS] is True
+    await calendar.update(booking_from_payload(update.payload), business, details=True)
+    after = orjson.dumps(state.live_events(business.resources[0].calendar_id or "")).decode()
+    for trace in (NAME, "0142", SAID):
+        assert trace not in after, trace
+    assert "General check-up: Caller" in after  # the slot is still the business's record

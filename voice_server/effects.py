@@ -24,7 +24,7 @@ from booking.errors import EffectFailed
 from booking.ledger.database import Database
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import BookingView, MessageKind, render
-from booking.outbox import SERIES, Effect, EffectKind, booking_from_payload
+from booking.outbox import REWRITE_DETAILS, SERIES, Effect, EffectKind, booking_from_payload
 from booking.worker import Handler
 from voice_server import egress_policy
 from voice_server.settings import Settings
@@ -131,7 +131,13 @@ def build_handlers(
             booking = booking_from_payload(effect.payload)
             previous = effect.payload.get("previous")
             moved_from = previous.get("resource_id") if isinstance(previous, Mapping) else None
-            await calendar.update(booking, business, occurrence=occurrence_of(effect), previous_resource_id=moved_from)
+            await calendar.update(
+                booking,
+                business,
+                occurrence=occurrence_of(effect),
+                previous_resource_id=moved_from,
+                details=bool(effect.payload.get(REWRITE_DETAILS)),
+            )
 
         async def delete(effect: Effect) -> None:
             booking = booking_from_payload(effect.payload)
