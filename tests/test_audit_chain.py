@@ -6,6 +6,7 @@ written before it; booking changes are audited in their own transaction, without
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import sys
@@ -14,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.engine import Connection
 
 from booking.domain import BookingStatus
 from booking.ledger import schema as t
@@ -37,22 +39,30 @@ AT = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 CONTENT = ("at", "actor", "action", "subject_kind", "subject_id", "details")
 
 
+async def newest_id(database: Database) -> int | None:
+    async with database.reader.connect() as conn:
+        newest = (await conn.execute(select(func.max(t.audit_events.c.id)))).scalar_one()
+        return None if newest is None else int(newest)
+
+
 async def append(database: Database, n: int, *, actor: str = "tester") -> list[int]:
+    """Append ``n`` entries, one transaction each; the id each transaction's entry got."""
     ids: list[int] = []
     for i in range(n):
-        ids.append(
-            await database.write(
-                lambda conn, i=i: append_audit(
-                    conn,
-                    at=AT + timedelta(seconds=i),
-                    actor=actor,
-                    action=AuditAction.READ,
-                    subject_kind="call",
-                    subject_id=f"CA{i:04d}",
-                    details={"what": "transcript", "n": i, "nested": {"b": [1, 2], "a": None}},
-                )
+        await database.write(
+            functools.partial(
+                append_audit,
+                at=AT + timedelta(seconds=i),
+                actor=actor,
+                action=AuditAction.READ,
+                subject_kind="call",
+                subject_id=f"CA{i:04d}",
+                details={"what": "transcript", "n": i, "nested": {"b": [1, 2], "a": None}},
             )
         )
+        newest = await newest_id(database)
+        assert newest is not None
+        ids.append(newest)
     return ids
 
 
@@ -174,12 +184,12 @@ async def test_concurrent_appends_from_separate_connections_keep_one_chain(datab
     try:
         per_engine = 15
 
-        async def writer(database: Database, which: int) -> list[int]:
-            return await asyncio.gather(
+        async def writer(database: Database, which: int) -> None:
+            await asyncio.gather(
                 *(
                     database.write(
-                        lambda conn, n=n: append_audit(
-                            conn,
+                        functools.partial(
+                            append_audit,
                             at=AT,
                             actor=f"writer-{which}",
                             action=AuditAction.READ,
@@ -192,8 +202,12 @@ async def test_concurrent_appends_from_separate_connections_keep_one_chain(datab
                 )
             )
 
-        ids = [i for chunk in await asyncio.gather(*(writer(db, k) for k, db in enumerate(engines))) for i in chunk]
-        assert sorted(ids) == list(range(1, 4 * per_engine + 1))
+        await asyncio.gather(*(writer(db, k) for k, db in enumerate(engines)))
+        stored = await rows(engines[0])
+        assert [r["id"] for r in stored] == list(range(1, 4 * per_engine + 1))
+        assert sorted(str(r["subject_id"]) for r in stored) == sorted(
+            f"CA{k}-{n}" for k in range(4) for n in range(per_engine)
+        )
         result = await verify_audit(engines[0])
         assert result.ok and result.entries == 4 * per_engine, result.detail
     finally:
@@ -291,23 +305,18 @@ async def test_the_migration_renumbers_and_chains_existing_entries(tmp_path: Pat
             )
             at = "2026-11-30 12:00:00" if database.dialect == "sqlite" else AT
             for old_id in (3, 7, 8):  # a sequence's gaps
-                await database.write(
-                    lambda conn, i=old_id: conn.execute(
-                        old, {"id": i, "at": at, "sid": f"CA{i}", "details": '{"version": 1}'}
-                    )
-                )
+                row = {"id": old_id, "at": at, "sid": f"CA{old_id}", "details": '{"version": 1}'}
+                await database.write(functools.partial(Connection.execute, statement=old, parameters=row))
             await migrate(database)
             stored = await rows(database)
             assert [(r["id"], r["subject_id"]) for r in stored] == [(1, "CA3"), (2, "CA7"), (3, "CA8")]
             assert (await verify_audit(database)).ok
-            assert (
-                await database.write(
-                    lambda conn: append_audit(
-                        conn, at=AT, actor="x", action=AuditAction.READ, subject_kind="call", subject_id="CA9"
-                    )
+            await database.write(
+                lambda conn: append_audit(
+                    conn, at=AT, actor="x", action=AuditAction.READ, subject_kind="call", subject_id="CA9"
                 )
-                == 4
             )
+            assert await newest_id(database) == 4
             assert (await verify_audit(database)).entries == 4
         finally:
             await database.dispose()

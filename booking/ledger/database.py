@@ -15,6 +15,11 @@ runs as one transaction, the same function on both databases:
   takes it with ``busy_timeout`` at 0 and retries every 0.1 to 2 ms itself, up to the same 30 s. The
   statements inside keep the 30 s ``busy_timeout``.
 * PostgreSQL runs the function through asyncpg with ``AsyncConnection.run_sync``.
+
+Each transaction ends with the audit entries its writes appended (``booking/ledger/audit.py``): one flush
+after the last write, right before COMMIT, for the whole transaction. Every engine here refuses a COMMIT
+that would leave appended entries unwritten, so a transaction run any other way fails loudly instead of
+losing them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from booking import metrics
+from booking.ledger.audit import flush_audit, track_pending_entries
 from booking.ledger.group_commit import GroupCommit
 
 T = TypeVar("T")
@@ -195,6 +201,9 @@ class Database:
         self._writer_thread = writer_thread
         self.write_lock = write_lock  # SQLite only: how its writer takes the write lock, and its waits
         self.group_commit = GroupCommit(self._transaction, lanes=lanes)
+        for engine in {reader.sync_engine, sync_writer, async_writer.sync_engine if async_writer else None}:
+            if engine is not None:
+                track_pending_entries(engine)
 
     @property
     def dialect(self) -> str:
@@ -244,15 +253,18 @@ class Database:
         return await self.group_commit.submit(in_caller_context)
 
     async def _transaction(self, works: list[Callable[[Connection], Any]]) -> list[Any]:
+        """Run ``works`` in order in one transaction, then write the audit entries they appended, then
+        commit. The one place the ledger's writes commit (group commit's batches and its one-by-one
+        re-runs included)."""
         if self._async_writer is not None:
             async with self._async_writer.begin() as connection:
-                return await connection.run_sync(lambda sync: [work(sync) for work in works])
+                return await connection.run_sync(_run_and_flush, works)
         assert self._sync_writer is not None and self._writer_thread is not None
         engine = self._sync_writer
 
         def transaction() -> list[Any]:
             with engine.begin() as connection:
-                return [work(connection) for work in works]
+                return _run_and_flush(connection, works)
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_thread, transaction)
 
@@ -289,6 +301,12 @@ class Database:
         """The Alembic revision the database is at, or None before the first migration."""
         async with self.reader.connect() as connection:
             return await connection.run_sync(_current_revision)
+
+
+def _run_and_flush(connection: Connection, works: list[Callable[[Connection], Any]]) -> list[Any]:
+    results = [work(connection) for work in works]
+    flush_audit(connection)  # last: on PostgreSQL the head row stays locked from here to COMMIT
+    return results
 
 
 def _alembic_config(connection: Connection) -> alembic.config.Config:

@@ -152,17 +152,37 @@ def seal_customer(customer: CustomerDetails) -> dict[str, str | None]:
     }
 
 
-def open_customer(customer_id: str, m: Mapping[str, Any] | RowMapping, *, name_key: str = "name") -> Customer:
-    """A customer row (``phone_index``, ``phone``, name, ``email``, ``time_zone``) decrypted."""
+def open_customer(
+    customer_id: str,
+    m: Mapping[str, Any] | RowMapping,
+    *,
+    name_key: str = "name",
+    just_sealed: Mapping[str, tuple[str | None, str | None]] | None = None,
+) -> Customer:
+    """A customer row (``phone_index``, ``phone``, name, ``email``, ``time_zone``) decrypted.
+
+    ``just_sealed`` (column -> (ciphertext, plaintext)) is what this transaction has just written: a column
+    that holds that very ciphertext (its nonce is fresh, so nothing else can) is that plaintext, and is
+    not decrypted again. The upsert that stores a caller's details returns the row, so a new customer is
+    opened without a single decryption."""
     vault = pii.cipher()
     index = m["phone_index"]
-    phone = vault.decrypt(m["phone"], table="customers", column="phone", row=index)
+    known = just_sealed or {}
+
+    def opened(column: str, key: str) -> str | None:
+        stored = m[key]
+        sealed, plain = known.get(column, (None, None))
+        if stored is not None and stored == sealed:
+            return plain
+        return vault.decrypt(stored, table="customers", column=column, row=index)
+
+    phone = opened("phone", "phone")
     assert phone is not None
     return Customer(
         id=customer_id,
         phone=phone,
-        name=vault.decrypt(m[name_key], table="customers", column="name", row=index),
-        email=vault.decrypt(m["email"], table="customers", column="email", row=index),
+        name=opened("name", name_key),
+        email=opened("email", "email"),
         time_zone=m["time_zone"],
     )
 
@@ -205,9 +225,9 @@ def audit_booking_change(
     before: Booking | None = None,
     series_id: str | None = None,
 ) -> None:
-    """The audit entry of a booking change, last in its transaction: the booking (or a new series), its
-    status and time before and after. Never the customer's details nor the free-text reason: the audit
-    log outlives an erasure."""
+    """The audit entry of a booking change, written with the other entries of its transaction at its
+    commit: the booking (or a new series), its status and time before and after. Never the customer's
+    details nor the free-text reason: the audit log outlives an erasure."""
     first = after[0]
     details: dict[str, Any] = {
         "booking_ids": [b.id for b in after],
@@ -432,17 +452,15 @@ class Ledger:
     def _upsert_customer(self, conn: Connection, customer: CustomerDetails, now: datetime) -> Customer:
         """Insert the customer or update the details given (a detail left out keeps its stored value);
         returns the stored customer."""
+        sealed = seal_customer(customer)
         row = conn.execute(
             self._upsert_customer_stmt,
-            {
-                "id": new_id(),
-                **seal_customer(customer),
-                "time_zone": customer.time_zone,
-                "created_at": now,
-                "updated_at": now,
-            },
+            {"id": new_id(), **sealed, "time_zone": customer.time_zone, "created_at": now, "updated_at": now},
         ).one()
-        return open_customer(row.id, row._mapping)
+        given = {"phone": customer.phone, "name": customer.name, "email": customer.email}
+        return open_customer(
+            row.id, row._mapping, just_sealed={column: (sealed[column], plain) for column, plain in given.items()}
+        )
 
     async def reschedule(
         self,
