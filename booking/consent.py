@@ -79,6 +79,14 @@ class Channel(enum.StrEnum):
         return self is Channel.VOICE_NOTICE
 
 
+SMS_QUESTION = "Can we text you a confirmation and a reminder for this appointment?"
+"""How the agent asks about texts on the phone (the booking tool tells the model to ask it so): the
+wording version of a texts answer given on a call."""
+UNRECORDED_WORDING = "unrecorded"
+"""The wording version of an answer whose words the client did not send (the booking API without
+``sms_consent_wording``)."""
+
+
 def wording_version(text: str) -> str:
     """A wording's version when configuration gives none: its text's hash, so any edit is a new version."""
     return "sha256:" + hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:16]

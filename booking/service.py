@@ -73,6 +73,9 @@ class BookRequest:
     source: str = "api"
     actor: str = "api"
     sms_consent: SmsConsent = SmsConsent.IMPLIED
+    sms_consent_wording: str | None = None
+    """The words the customer answered about texts (a booking form's checkbox label); kept with the
+    decision in the consent history."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +505,7 @@ class BookingService:
                 source=request.source,
                 notes=request.notes,
                 sms_consent=request.sms_consent,
+                sms_consent_wording=request.sms_consent_wording,
                 actor=request.actor,
             )
         except BaseException:

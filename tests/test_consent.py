@@ -27,6 +27,7 @@ from websockets.asyncio.client import connect
 
 from booking.consent import (
     CALL_KINDS,
+    SMS_QUESTION,
     Channel,
     ConsentKind,
     ConsentMode,
@@ -36,12 +37,15 @@ from booking.consent import (
     withdraws_consent,
     wording_version,
 )
+from booking.domain import SmsConsent
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, verify_audit
 from booking.ledger.consent_repository import ConsentLedger, NewConsent
 from booking.ledger.database import Database
+from booking.ledger.repository import CustomerDetails
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.privacy import erase_person, export_person
+from booking.service import Booked, BookingService, BookRequest
 from integrations.simulators.loopback import loopback_socket
 from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import TwilioCaller, inbound_call
@@ -430,3 +434,40 @@ async def test_export_shows_the_history_with_its_words_and_erasure_keeps_only_th
     await erase_person(database, CALLER, actor="test", clock=clock)
     remaining = await ledger.for_person(CALLER)
     assert [(d.kind, d.decision) for d in remaining] == [(ConsentKind.SMS, Decision.REVOKED)]
+
+
+async def test_an_answer_about_texts_given_when_booking_is_kept_with_its_words(
+    service: BookingService, database: Database
+) -> None:
+    start = datetime(2026, 12, 1, 14, tzinfo=UTC)
+    form = "Text me about this appointment"
+    requests = [
+        # (asked on the phone and agreed, declined on a web form with its label, not discussed)
+        BookRequest(
+            "checkup",
+            start,
+            CustomerDetails(CALLER, "Ann"),
+            source="phone",
+            actor="call:CA9",
+            sms_consent=SmsConsent.GIVEN,
+        ),
+        BookRequest(
+            "checkup",
+            start + timedelta(hours=1),
+            CustomerDetails(CALLER, "Ann"),
+            sms_consent=SmsConsent.DECLINED,
+            sms_consent_wording=form,
+        ),
+        BookRequest("checkup", start + timedelta(hours=2), CustomerDetails(CALLER, "Ann")),
+    ]
+    booked = [await service.book(request) for request in requests]
+    assert all(isinstance(outcome, Booked) for outcome in booked)
+    ids = [outcome.booking.id for outcome in booked if isinstance(outcome, Booked)]
+    ledger = ConsentLedger(database)
+    history = await ledger.for_person(CALLER)
+    assert [(d.kind, d.decision, d.channel, d.call_sid, d.booking_id) for d in history] == [
+        (ConsentKind.SMS, Decision.GRANTED, Channel.VOICE_SPEECH, "CA9", ids[0]),
+        (ConsentKind.SMS, Decision.DECLINED, Channel.BOOKING, None, ids[1]),
+    ], "an implied answer (not discussed) is the booking row's alone"
+    words = await ledger.wordings([d.wording_version for d in history])
+    assert [words[d.wording_version] for d in history] == [SMS_QUESTION, form]

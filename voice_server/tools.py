@@ -19,6 +19,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from booking.business import Business, Resource, Service
+from booking.consent import SMS_QUESTION
 from booking.domain import Booking, Interval, Slot, SmsConsent, ensure_utc
 from booking.errors import BookingError, InvalidRequest, NotFound
 from booking.lane import BookingLane
@@ -92,8 +93,8 @@ class BookAppointment(_Arguments):
     notes: str | None = Field(default=None, max_length=500)
     texts_ok: bool | None = Field(
         default=None,
-        description="Whether the caller agreed to a text confirmation and reminder: true if they said yes, "
-        "false if they declined; leave out when it was not discussed.",
+        description="Whether the caller agreed to a text confirmation and reminder, asked as "
+        f'"{SMS_QUESTION}": true if they said yes, false if they declined; leave out when it was not discussed.',
     )
 
     _start = field_validator("start")(_local_minute)

@@ -9,9 +9,9 @@ would store a call's transcript, so what is stored and what was allowed cannot d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, insert, or_, select
@@ -19,6 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from booking.consent import (
+    SMS_QUESTION,
+    UNRECORDED_WORDING,
     Channel,
     ConsentKind,
     ConsentMode,
@@ -26,12 +28,19 @@ from booking.consent import (
     Decision,
     StoragePermission,
     permission,
+    wording_version,
 )
+from booking.domain import SmsConsent
 from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.database import Database
-from booking.ledger.repository import Clock, utc_now
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +136,7 @@ def call_permission(conn: Connection, mode: ConsentMode, kind: ConsentKind, call
 
 
 class ConsentLedger:
-    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+    def __init__(self, database: Database, *, clock: Clock = _utc_now) -> None:
         self._db = database
         self._clock = clock
 
@@ -175,3 +184,24 @@ class ConsentLedger:
         query = select(t.consent_wordings).where(t.consent_wordings.c.version.in_(list(versions)))
         async with self._db.reader.connect() as conn:
             return {row.version: row.text for row in await conn.execute(query)}
+
+
+def sms_consent_decision(
+    answer: SmsConsent, *, source: str, actor: str, wording: str | None = None
+) -> NewConsent | None:
+    """The consent decision a booking's answer about texts makes (None when it was not discussed: the
+    number given for the booking implies texts about it, and the booking row records that). Asked on
+    the phone, it was said during the call (``actor`` ``call:<CallSid>``), in the words of
+    :data:`booking.consent.SMS_QUESTION` unless others are given; through the API, in the words the
+    form showed (``wording``) or, when the client gave none, an unrecorded wording."""
+    if answer is SmsConsent.IMPLIED:
+        return None
+    decision = Decision.GRANTED if answer is SmsConsent.GIVEN else Decision.DECLINED
+    call_sid = actor.removeprefix("call:") if actor.startswith("call:") else None
+    if source == "phone":
+        words = wording or SMS_QUESTION
+        return NewConsent(
+            ConsentKind.SMS, decision, Channel.VOICE_SPEECH, wording_version(words), wording=words, call_sid=call_sid
+        )
+    version = wording_version(wording) if wording else UNRECORDED_WORDING
+    return NewConsent(ConsentKind.SMS, decision, Channel.BOOKING, version, wording=wording, call_sid=call_sid)

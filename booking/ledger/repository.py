@@ -36,6 +36,7 @@ from booking.errors import InvalidTransition, NotFound, VersionConflict
 from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, append_audit
+from booking.ledger.consent_repository import insert_consents, sms_consent_decision
 from booking.ledger.database import Database
 
 Clock = Callable[[], datetime]
@@ -353,13 +354,16 @@ class Ledger:
         source: str = "api",
         notes: str | None = None,
         sms_consent: SmsConsent = SmsConsent.IMPLIED,
+        sms_consent_wording: str | None = None,
         actor: str = "api",
     ) -> CreateResult:
-        """Insert one booking, or every occurrence of a series, in one transaction: all or nothing."""
+        """Insert one booking, or every occurrence of a series, in one transaction: all or nothing. An
+        answer about texts (given or declined) is kept in the consent history too, with its wording."""
         if not new:
             raise ValueError("create_bookings needs at least one booking")
         now = self._clock()
         series_id = series.id if series else None
+        texts = sms_consent_decision(sms_consent, source=source, actor=actor, wording=sms_consent_wording)
 
         key, request_hash = idempotency if idempotency is not None else (None, None)
 
@@ -429,6 +433,9 @@ class Ledger:
             )
             # The calendar event and SMS exist if and only if these bookings commit.
             outbox.record_created(conn, bookings, now, series_rule=series.rrule if series is not None else None)
+            if texts is not None:
+                decision = dataclasses.replace(texts, booking_id=bookings[0].id)
+                insert_consents(conn, pii.cipher().blind_index(customer.phone), [decision], now)
             audit_booking_change(conn, now, actor, bookings, series_id=series_id)
             return bookings
 

@@ -218,6 +218,7 @@ async def create_booking(request: Request, components: Components) -> Response:
             source="api",
             actor=_actor(request),
             sms_consent=SmsConsent.from_answer(body.sms_consent),
+            sms_consent_wording=body.sms_consent_wording,
         )
     )
     if isinstance(outcome, SlotUnavailable):

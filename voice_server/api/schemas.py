@@ -51,6 +51,8 @@ class BookingBody(WhenBody):
     sms_consent: bool | None = None
     """True: the customer agreed to texts; False: declined (no texts at all); absent: they gave their
     number for this booking, so confirmations and reminders go to it (implied)."""
+    sms_consent_wording: str | None = Field(default=None, min_length=1, max_length=500)
+    """The words the customer answered (the form's checkbox label), kept with the decision as proof."""
 
 
 class HoldBody(WhenBody):
