@@ -4,12 +4,15 @@ pipeline archives the opened lines (sealed to their object key, as before)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
 import pytest
+from sqlalchemy import select
 
 from booking.business import Business
+from booking.ledger import schema as t
 from booking.ledger.database import Database
 from booking.reports.pipeline import ReportPipeline, SpoolError, open_archived, open_spool, recording_key
 from integrations.storage import LocalFolderStorage, ObjectNotFound
@@ -138,7 +141,20 @@ async def test_the_replay_command_renders_a_sealed_recording(
     from voice_server.cli import main
 
     monkeypatch.setenv("VOICEBOOK_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
     path = await saved(tmp_path / "recordings", CALL)
     out = tmp_path / "call.wav"
-    assert main(["replay", str(path), "--wav", str(out)]) == 0
+    # Opening it is a read of a recording: refused while no ledger can take the audit entry.
+    assert await asyncio.to_thread(main, ["replay", str(path), "--wav", str(out)]) == 2
+    assert "audit" in capsys.readouterr().err and not out.exists()
+    assert await asyncio.to_thread(main, ["migrate"]) == 0
+    assert await asyncio.to_thread(main, ["replay", str(path), "--wav", str(out)]) == 0
     assert out.stat().st_size > 44 and CALL in capsys.readouterr().out
+    database = Database.connect(f"sqlite:///{tmp_path / 'voicebook.db'}")
+    try:
+        query = select(t.audit_events.c.details).where(t.audit_events.c.subject_id == CALL)
+        async with database.reader.connect() as conn:
+            details = [row.details for row in await conn.execute(query)]
+    finally:
+        await database.dispose()
+    assert details == [{"what": "recording", "via": "replay"}]

@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import structlog
 
 from booking.business import load_business
 from booking.errors import ConfigurationError
+from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
 from voice_server.logging import configure_logging, register_settings_secrets
 from voice_server.privacy_keys import install_pii_cipher
@@ -150,6 +152,31 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _audit_recording_read(settings: Settings, path: Path, call_sid: str) -> None:
+    """A sealed recording (a call's spool: the caller's words and number) opened from the command line is
+    a read of a recording, audited like one read through the API; a plain file (from before spools were
+    sealed, or a committed test fixture) carries no keys' protection to account for."""
+    from booking.reports.pipeline import open_spool
+    from voice_server.dlq_cli import open_ledger
+
+    sealed_to, _ = await asyncio.to_thread(lambda: open_spool(path.read_bytes()))
+    if sealed_to is None:
+        return
+    now = datetime.now(UTC)
+    async with open_ledger(settings) as database:
+        await database.write(
+            lambda conn: append_audit(
+                conn,
+                at=now,
+                actor="cli",
+                action=AuditAction.READ,
+                subject_kind="call",
+                subject_id=call_sid,
+                details={"what": "recording", "via": "replay"},
+            )
+        )
+
+
 def replay_command(args: argparse.Namespace) -> int:
     """Replay a recorded call against a running server: 0 when it behaved as recorded, 1 when it did not,
     2 when the replay could not run. ``--wav`` renders the recording's two legs (no server needed)."""
@@ -169,6 +196,13 @@ def replay_command(args: argparse.Namespace) -> int:
         call_sid = call.call_sid  # a recording without a start message cannot be replayed or rendered
     except RecordingError as exc:
         print(f"voicebook replay: {exc}", file=sys.stderr)
+        return 2
+    from voice_server.dlq_cli import Unusable
+
+    try:
+        asyncio.run(_audit_recording_read(settings, Path(args.file), call_sid))
+    except Unusable as exc:
+        print(f"voicebook replay: a sealed recording is opened only with an audit entry: {exc}", file=sys.stderr)
         return 2
     if args.wav:
         frames = write_wav(call, Path(args.wav))
