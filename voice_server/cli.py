@@ -1,6 +1,6 @@
 """The ``voicebook`` command: ``serve``, ``migrate``, ``check-config``, ``replay``, ``simulators``, ``call``,
 ``dlq``, ``worker``, ``reconcile``, ``google``, ``report``, ``crm``, ``audit``, ``tokens``, ``keys``,
-``privacy``, ``consent``."""
+``privacy``, ``consent``, ``numbers``."""
 
 from __future__ import annotations
 
@@ -546,6 +546,10 @@ def _add_privacy(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     consent_cli.add_parser(commands)
     commands.choices["consent"].set_defaults(handler=lambda args: consent_cli.consent_command(_settings(), args))
+    from voice_server import numbers_cli
+
+    numbers_cli.add_parser(commands)
+    commands.choices["numbers"].set_defaults(handler=lambda args: numbers_cli.numbers_command(_settings(), args))
 
 
 def _add_simulators_and_call(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -20,6 +20,7 @@ from integrations.simulators.deepgram import DeepgramSimConfig, default_simulato
 from integrations.simulators.dialog_policy import dialog_policy
 from integrations.simulators.openai import OpenAISimConfig, create_openai_simulator
 from integrations.simulators.twilio import TwilioState, create_twilio_simulator
+from integrations.simulators.twilio_numbers import NumbersState
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,8 @@ class SimulatorOptions:
     openai_key: str = "sk-sim-0123456789"
     twilio_account_sid: str = "AC" + "5" * 32
     twilio_auth_token: str | None = None
+    twilio_messaging_service_sid: str = "MG" + "5" * 32
+    """A Messaging Service the Twilio simulator knows, for `voicebook numbers configure --messaging-service`."""
 
 
 def environment(options: SimulatorOptions, twilio_auth_token: str) -> dict[str, str]:
@@ -68,7 +71,9 @@ def simulator_apps(options: SimulatorOptions, business: Business, twilio_auth_to
         ),
         dialog_policy(business, utc_now),
     )
-    twilio = create_twilio_simulator(TwilioState(options.twilio_account_sid, twilio_auth_token))
+    numbers = NumbersState(options.twilio_account_sid, twilio_auth_token)  # the numbers to search and buy
+    numbers.add_messaging_service(options.twilio_messaging_service_sid)
+    twilio = create_twilio_simulator(TwilioState(options.twilio_account_sid, twilio_auth_token), numbers)
     return {options.deepgram_port: deepgram, options.openai_port: openai, options.twilio_port: twilio}
 
 

@@ -462,3 +462,35 @@ consent_wordings = Table(
     Column("text", Text, nullable=False),
     Column("first_used_at", UTCDateTime, nullable=False),
 )
+
+# The business's own phone numbers (booking/ledger/numbers_repository.py): what Twilio sold us, what each
+# number serves, its compliance state and what the last `voicebook numbers verify` found. Not personal
+# data: the numbers are the business's, stored in plain E.164.
+phone_numbers = Table(
+    "phone_numbers",
+    metadata,
+    Column("number", String(16), primary_key=True),  # E.164
+    Column("sid", String(34), nullable=False),  # Twilio's PN...
+    Column("country", String(2), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("voice", Boolean, nullable=False),
+    Column("sms", Boolean, nullable=False),
+    Column("mms", Boolean, nullable=False),
+    Column("messaging_service_sid", String(34)),
+    Column("friendly_name", Text),
+    Column("resources", JSONDocument, nullable=False),  # resource ids it serves; [] = the whole business
+    Column("a2p_status", String(16), nullable=False),
+    Column("toll_free_verification", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_verified_at", UTCDateTime),
+    Column("last_verification", JSONDocument),  # the mismatches found then; [] = none
+    CheckConstraint("type IN ('local', 'mobile', 'toll-free')", name="type_known"),
+    CheckConstraint(
+        "a2p_status IN ('not_required', 'unregistered', 'pending', 'approved', 'failed')", name="a2p_status_known"
+    ),
+    CheckConstraint(
+        "toll_free_verification IN ('not_required', 'unverified', 'pending', 'approved', 'rejected')",
+        name="toll_free_verification_known",
+    ),
+    Index("ix_phone_numbers_sid", "sid", unique=True),
+)

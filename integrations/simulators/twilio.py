@@ -10,13 +10,16 @@ import binascii
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from integrations.simulators.twilio_numbers import NumbersState
 
 API = "/2010-04-01"
 
@@ -77,7 +80,10 @@ def _call_resource(state: TwilioState, call: SimulatedCall) -> dict[str, Any]:
     }
 
 
-def create_twilio_simulator(state: TwilioState) -> Starlette:
+def create_twilio_simulator(state: TwilioState, numbers: NumbersState | None = None) -> Starlette:
+    """The Calls API; with ``numbers``, the phone-number APIs too (:mod:`.twilio_numbers`), so one
+    simulator serves everything twilio's client is pointed at."""
+
     async def update_call(request: Request) -> Response:
         state.requests += 1
         if not _authorised(request, state):
@@ -105,8 +111,13 @@ def create_twilio_simulator(state: TwilioState) -> Starlette:
             return _error(400, 21218, "Invalid call update: give Twiml, Url or Status")
         return JSONResponse(_call_resource(state, call))
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route(API + "/Accounts/{account}/Calls/{call}.json", update_call, methods=["POST"]),
         ]
     )
+    if numbers is not None:
+        from integrations.simulators.twilio_numbers import add_number_routes  # it builds on this module
+
+        add_number_routes(app, numbers)
+    return app
