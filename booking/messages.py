@@ -129,7 +129,8 @@ _GREETING = {"en": ("Hi {name}, ", "Hi, "), "es": ("Hola {name}: ", "Hola: ")}
 _PREVIOUS = {"en": " from {when}", "es": " del {when}"}
 _SERIES = {"en": " (first of {count})", "es": " (primera de {count})"}
 _LINK = {"en": " Manage: {link}", "es": " Gestionar: {link}"}
-_STOP_FOOTER = {"en": " Reply STOP to opt out.", "es": " Responda STOP para darse de baja."}
+STOP_FOOTER = {"en": " Reply STOP to opt out.", "es": " Responda STOP para darse de baja."}
+"""The opt-out sentence of a text the customer can reply to (booking/sms_rules.py picks it or another)."""
 
 SUPPORTED_LOCALES: tuple[str, ...] = tuple(_TEMPLATES)
 DEFAULT_LOCALE = "en"
@@ -160,9 +161,12 @@ def format_when(instant: datetime, zone_name: str, language: str) -> str:
     )
 
 
-def render(kind: MessageKind, locale: str | None, view: BookingView, *, stop_footer: bool = False) -> str:
-    """The message text for ``kind`` in the customer's language. ``stop_footer`` appends the opt-out
-    instruction that carriers expect in the first message to a number."""
+def render(
+    kind: MessageKind, locale: str | None, view: BookingView, *, stop_footer: bool = False, footer: str = ""
+) -> str:
+    """The message text for ``kind`` in the customer's language. ``stop_footer`` appends the reply-STOP
+    opt-out instruction that carriers expect in the first message to a number; ``footer`` appends another
+    (``booking.sms_rules.opt_out_footer`` chooses it for the sender and country)."""
     language = language_of(locale)
     name = " ".join((view.customer_name or "").split())[:_MAX_NAME].strip()
     with_name, without_name = _GREETING[language]
@@ -184,8 +188,8 @@ def render(kind: MessageKind, locale: str | None, view: BookingView, *, stop_foo
     if view.link:
         text += _LINK[language].format(link=view.link)
     if stop_footer:
-        text += _STOP_FOOTER[language]
-    return text
+        text += STOP_FOOTER[language]
+    return text + footer
 
 
 # -- segments -------------------------------------------------------------------------------------

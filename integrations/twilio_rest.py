@@ -26,6 +26,13 @@ class CallControlError(RuntimeError):
         self.call_sid = call_sid
 
 
+def dial_twiml(to_number: str, *, caller_id: str) -> str:
+    """``<Response><Dial callerId="...">to_number</Dial></Response>``. Pure."""
+    response = VoiceResponse()
+    response.dial(to_number, caller_id=caller_id)
+    return str(response.to_xml())
+
+
 class TwilioCallControl:
     def __init__(
         self, account_sid: str, auth_token: str, *, api_base_url: str | None = None, egress: Allowlist | None = None
@@ -39,11 +46,21 @@ class TwilioCallControl:
             self._client.api.base_url = api_base_url.rstrip("/")
 
     async def transfer(self, call_sid: str, to_number: str, *, caller_id: str | None) -> None:
-        """Connect the caller to a person. The business's number is shown as caller ID, never the
-        caller's own."""
-        response = VoiceResponse()
-        response.dial(to_number, caller_id=caller_id)
-        await self._update(call_sid, str(response.to_xml()))
+        """Connect the caller to a person, showing them ``caller_id`` (chosen by the policy in
+        :mod:`voice_server.caller_id`). Refused, permanently, without one or when it is ``to_number``
+        itself: a ``<Dial>`` without ``callerId`` passes the customer's own number to the person dialled,
+        which is what masking forbids, and a person should never see their own number calling."""
+        if not caller_id:
+            raise CallControlError(
+                "no caller ID for the transfer: Twilio would show the customer's number",
+                permanent=True,
+                call_sid=call_sid,
+            )
+        if caller_id == to_number:
+            raise CallControlError(
+                "the transfer's caller ID is the number being dialled", permanent=True, call_sid=call_sid
+            )
+        await self._update(call_sid, dial_twiml(to_number, caller_id=caller_id))
 
     async def hangup(self, call_sid: str) -> None:
         response = VoiceResponse()

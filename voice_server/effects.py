@@ -25,6 +25,8 @@ from booking.ledger.database import Database
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import BookingView, MessageKind, render
 from booking.outbox import REWRITE_DETAILS, SERIES, Effect, EffectKind, booking_from_payload
+from booking.phone import format_national, region_of
+from booking.sms_rules import NoSender, Senders, body_problem, choose_sender, opt_out_footer
 from booking.worker import Handler
 from voice_server import egress_policy
 from voice_server.settings import Settings
@@ -48,15 +50,27 @@ def masked_phone(phone: str) -> str:
     return phone[:-4].translate(str.maketrans("0123456789", "•" * 10)) + phone[-4:] if len(phone) > 4 else "••••"
 
 
-def sms_body(effect: Effect, business: Business, locale: str) -> tuple[str, str]:
-    """The recipient and the text of an SMS effect."""
+_WITH_OPT_OUT = frozenset({MessageKind.CONFIRMATION, MessageKind.REMINDER})
+"""Texts that end with how to opt out: the first about a booking, and the reminder that may come weeks
+later (CTIA asks for the instruction in the first message and periodically after)."""
+
+
+def sms_body(effect: Effect, business: Business, locale: str, *, one_way: bool = False) -> tuple[str, str]:
+    """The recipient and the text of an SMS effect. ``one_way``: it goes from a sender nobody can reply to
+    (booking/sms_rules.py), so its opt-out names the business's number instead of a STOP reply."""
     booking = booking_from_payload(effect.payload)
+    to = booking.customer.phone
+    kind = _SMS_KINDS[effect.kind]
+    footer = ""
+    if kind in _WITH_OPT_OUT:
+        contact = format_national(business.phone, home_region=region_of(to)) if business.phone else business.name
+        footer = opt_out_footer(locale, two_way=not one_way, contact=contact)
     previous = effect.payload.get("previous")
     previous_start = datetime.fromisoformat(previous["start"]) if isinstance(previous, Mapping) else None
     series = effect.payload.get(SERIES)
     count = series.get("count", 1) if isinstance(series, Mapping) else 1
     view = BookingView.of(booking, business, previous_start=previous_start, occurrences=int(count))
-    return booking.customer.phone, render(_SMS_KINDS[effect.kind], locale, view)
+    return to, render(kind, locale, view, footer=footer)
 
 
 MESSAGE_STATUS_PATH = "/twilio/message-status"
@@ -156,6 +170,36 @@ def build_handlers(
     if sms is not None:
         from integrations.twilio_sms import SentMessage
 
+        senders = Senders(
+            from_number=settings.twilio_sms_from,
+            messaging_service_sid=settings.twilio_messaging_service_sid,
+            alpha_sender=settings.sms_alpha_sender,
+        )
+        home_region = region_of(business.phone)
+
+        def outgoing(effect: Effect, to: str) -> str:
+            """The text as it may go to ``to``'s country: a sender carriers there deliver from, the opt-out
+            that sender allows, within the segment limit. Refused permanently otherwise (a retry cannot
+            change the configuration), naming why."""
+            choice = choose_sender(to, senders, home_region=home_region)
+            if isinstance(choice, NoSender):
+                raise EffectFailed(
+                    f"no text to {masked_phone(to)}: {choice.reason}",
+                    permanent=True,
+                    code="no_sender",
+                    idempotency_key=effect.idempotency_key,
+                )
+            _, body = sms_body(effect, business, settings.sms_locale, one_way=not choice.two_way)
+            problem = body_problem(body, choice.rules)
+            if problem is not None:
+                raise EffectFailed(
+                    f"no text to {masked_phone(to)}: {problem}",
+                    permanent=True,
+                    code="too_long",
+                    idempotency_key=effect.idempotency_key,
+                )
+            return body
+
         async def already_sent(effect: Effect, to: str, body: str) -> bool:
             """Whether an earlier attempt of this effect got the text out although its outcome was lost
             (a timeout, a worker killed between Twilio's 201 and the outbox's record, a dead letter
@@ -185,8 +229,11 @@ def build_handlers(
             )
 
         async def text(effect: Effect) -> None:
-            to, body = sms_body(effect, business, settings.sms_locale)
-            if await suppressed(effect, to) or await already_sent(effect, to, body):
+            to = booking_from_payload(effect.payload).customer.phone
+            if await suppressed(effect, to):
+                return
+            body = outgoing(effect, to)
+            if await already_sent(effect, to, body):
                 return
             try:
                 sent = await sms.send(to, body, idempotency_key=effect.idempotency_key)

@@ -23,6 +23,7 @@ from booking.consent import CALL_KINDS, Channel, ConsentKind, Decision
 from booking.ledger.consent_repository import NewConsent
 from booking.ledger.repository import utc_now
 from voice_server import metrics, tracing, twiml
+from voice_server.caller_id import transfer_caller_id
 from voice_server.components import Components
 from voice_server.correlation import new_correlation_id
 from voice_server.media_streams import Dtmf, Mark, Media, MediaStreamCodec, Rejected, Start, Stop, StreamTracker
@@ -249,7 +250,14 @@ async def _start_session(websocket: WebSocket, components: Components, start: St
             reprompts=components.settings.silence_reprompts,
             max_call_seconds=components.settings.max_call_seconds,
             transfer_number=components.settings.transfer_number,
-            caller_id=components.business.phone,  # staff see the business calling, callers never a private number
+            caller_id=transfer_caller_id(  # what staff see: voice_server/caller_id.py
+                components.settings.transfer_caller_id,
+                mask_caller_number=components.settings.mask_caller_number,
+                business_number=components.business.phone,
+                called_number=info.called,
+                caller_number=info.caller,
+                transfer_number=components.settings.transfer_number,
+            ),
         ),
         clock=utc_now,
         on_end=persist,

@@ -20,6 +20,10 @@ from typing import Any, Literal, TypeVar
 
 from booking.business import EXAMPLE_BUSINESS_FILE
 from booking.consent import ConsentMode
+from booking.errors import InvalidRequest
+from booking.phone import normalise_phone
+from booking.sms_rules import is_alpha_sender
+from voice_server.caller_id import CALLER_ID_VARIABLE, MASK_VARIABLE, TransferCallerId, policy_problem
 
 T = TypeVar("T")
 
@@ -76,6 +80,11 @@ class Settings:
     twilio_api_base_url: str | None = None
     """Where twilio's REST client sends requests; None is Twilio itself (a simulator in tests)."""
     transfer_number: str | None = None
+    """Where "a person, please" goes, in E.164."""
+    transfer_caller_id: TransferCallerId = TransferCallerId.BUSINESS
+    """The number staff see when a call is transferred to them (voice_server/caller_id.py)."""
+    mask_caller_number: bool = True
+    """Keep the customer's number from staff: forbids ``transfer_caller_id=caller``."""
     silence_seconds: float = 8.0
     silence_reprompts: int = 2
     max_call_seconds: float = 900.0
@@ -138,6 +147,10 @@ class Settings:
     """Which of ``pii_keys`` encrypts (a rotation makes a new key known everywhere before it encrypts)."""
     twilio_sms_from: str | None = None
     twilio_messaging_service_sid: str | None = None
+    sms_alpha_sender: str | None = None
+    """The alphanumeric sender ID in the Messaging Service's sender pool, if any: where a destination allows
+    one, Twilio sends from it and customers cannot reply, so texts say how else to opt out
+    (booking/sms_rules.py)."""
     sms_locale: str = "en"
     sms_per_minute: int = 60
     """Texts one sender may send per minute (a US long code: about one a second; raise it for a short
@@ -265,7 +278,11 @@ class Settings:
             )
             or None,
             twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", ("http", "https")),
-            transfer_number=reader.text("VOICEBOOK_TRANSFER_NUMBER", "") or None,
+            transfer_number=reader.phone("VOICEBOOK_TRANSFER_NUMBER"),
+            transfer_caller_id=TransferCallerId(
+                reader.choice(CALLER_ID_VARIABLE, tuple(TransferCallerId), TransferCallerId.BUSINESS)
+            ),
+            mask_caller_number=reader.boolean(MASK_VARIABLE, True),
             silence_seconds=float(reader.integer("VOICEBOOK_SILENCE_SECONDS", 8, low=1, high=120)),
             silence_reprompts=reader.integer("VOICEBOOK_SILENCE_REPROMPTS", 2, low=0, high=10),
             max_call_seconds=float(reader.integer("VOICEBOOK_MAX_CALL_SECONDS", 900, low=30, high=4 * 3600)),
@@ -312,6 +329,7 @@ class Settings:
                 "TWILIO_MESSAGING_SERVICE_SID", "", pattern_ok=lambda v: v.startswith("MG") and len(v) == 34
             )
             or None,
+            sms_alpha_sender=reader.text("VOICEBOOK_SMS_ALPHA_SENDER", "", pattern_ok=is_alpha_sender) or None,
             sms_locale=reader.choice("VOICEBOOK_SMS_LOCALE", ("en", "es"), "en"),
             sms_per_minute=reader.integer("VOICEBOOK_SMS_PER_MINUTE", 60, low=1, high=60_000),
             sms_burst=reader.integer("VOICEBOOK_SMS_BURST", 5, low=1, high=1000),
@@ -377,6 +395,14 @@ class Settings:
             )
         if bool(settings.airtable_api_key) != bool(settings.airtable_base_id):
             reader.problems.append("AIRTABLE_BASE_ID: set it together with AIRTABLE_API_KEY (both or neither)")
+        caller_id_problem = policy_problem(settings.transfer_caller_id, mask_caller_number=settings.mask_caller_number)
+        if caller_id_problem is not None:
+            reader.problems.append(f"{CALLER_ID_VARIABLE}: {caller_id_problem}")
+        if settings.sms_alpha_sender and not settings.twilio_messaging_service_sid:
+            reader.problems.append(
+                "VOICEBOOK_SMS_ALPHA_SENDER: needs TWILIO_MESSAGING_SERVICE_SID (an alphanumeric sender is part of"
+                " a Messaging Service's sender pool; Twilio picks it for the countries that allow one)"
+            )
         if settings.crm_two_way and not settings.crm_enabled:
             reader.problems.append("VOICEBOOK_CRM_TWO_WAY: needs AIRTABLE_API_KEY and AIRTABLE_BASE_ID")
         if any(len(key) < 16 for key in settings.webhook_secrets):
@@ -514,6 +540,18 @@ class _Reader:
             return raw
 
         return self._parse(name, default, parse)
+
+    def phone(self, name: str) -> str | None:
+        """A phone number, normalised to E.164. It must carry its country code: no business is loaded
+        yet to read a national number in."""
+
+        def parse(raw: str) -> str:
+            try:
+                return normalise_phone(raw, default_region="ZZ")
+            except InvalidRequest as exc:
+                raise ValueError(f"{exc.detail} (write it as + and the country code, e.g. +12125550100)") from None
+
+        return self._parse(name, None, parse)
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         def parse(raw: str) -> int:

@@ -115,7 +115,8 @@ async def incoming_call(request: Request) -> Response:
     caller = normalised_number(form_field(form, "From"), region)
     called = normalised_number(form_field(form, "To"), region)
     refusal: str | None = None
-    if caller in components.settings.blocked_numbers:
+    # Blocked numbers are typed by an operator, in any form: compared in E.164, read in the business's country.
+    if caller in {normalised_number(number, region) for number in components.settings.blocked_numbers}:
         refusal = "blocked_caller"
     elif business.phone and called and called != normalised_number(business.phone, region):
         refusal = "unknown_number"
