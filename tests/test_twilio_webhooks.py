@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from twilio.request_validator import RequestValidator
 
 from booking.calls import CallStatus
+from booking.ledger.numbers_repository import NumberFacts, NumberRegistry, NumberType
 from tests.conftest import FrozenClock, running_app
 from voice_server.settings import Settings
 
@@ -178,3 +179,19 @@ async def test_the_development_switch_skips_signatures(twilio_settings: Settings
 async def test_without_an_auth_token_every_webhook_is_refused(app_settings: Settings, clock: FrozenClock) -> None:
     async with running_app(dataclasses.replace(app_settings, public_url=PUBLIC), clock) as (_, client):
         assert (await post(client, "/twilio/voice", CALL)).status_code == 403
+
+
+async def test_a_call_to_a_registered_number_is_answered_and_to_an_unknown_one_refused(app: App) -> None:
+    """Calls are routed by the number they came to: the business's configured phone, or a number in the
+    registry (``voicebook numbers``); any other number is not ours."""
+    application, client = app
+    registry = NumberRegistry(application.state.components.database)
+    second_line = "+12125550111"
+    await registry.upsert(NumberFacts(second_line, "PN" + "1" * 32, "US", NumberType.LOCAL, True, True, False))
+    answered = {**CALL, "CallSid": "CA" + "3" * 32, "To": second_line}
+    stranger = {**CALL, "CallSid": "CA" + "4" * 32, "To": "+12125550122"}
+    assert parse((await post(client, "/twilio/voice", answered)).text).find("./Connect/Stream") is not None
+    assert parse((await post(client, "/twilio/voice", stranger)).text).find("./Connect") is None
+    calls = application.state.components.calls
+    assert (await calls.require_call(answered["CallSid"])).refused_reason is None
+    assert (await calls.require_call(stranger["CallSid"])).refused_reason == "unknown_number"

@@ -23,6 +23,7 @@ from booking.calls import CallStatus, StatusUpdate
 from booking.consent import CALL_KINDS, Channel, ConsentMode, Decision, wording_version
 from booking.errors import InvalidRequest
 from booking.ledger.consent_repository import NewConsent
+from booking.ledger.numbers_repository import NumberRegistry
 from booking.ledger.repository import utc_now
 from booking.phone import normalise_phone, region_of
 from voice_server import tracing, twiml
@@ -105,6 +106,19 @@ async def _signed_call(request: Request) -> tuple[Components, FormData, str] | R
     return components, verified, call_sid
 
 
+async def is_our_number(components: Components, called: str, region: str) -> bool:
+    """Whether a call to ``called`` is this business's: its configured phone, or a number in the registry
+    (``voicebook numbers``). With neither a phone configured nor a number registered, every number is
+    (a development server answers whatever it is dialled on)."""
+    business_phone = normalised_number(components.business.phone, region) if components.business.phone else None
+    if not called or called == business_phone:
+        return True
+    registry = NumberRegistry(components.database)
+    if await registry.serves(called) is not None:
+        return True
+    return business_phone is None and not await registry.list()
+
+
 async def incoming_call(request: Request) -> Response:
     signed = await _signed_call(request)
     if isinstance(signed, Response):
@@ -118,7 +132,7 @@ async def incoming_call(request: Request) -> Response:
     # Blocked numbers are typed by an operator, in any form: compared in E.164, read in the business's country.
     if caller in {normalised_number(number, region) for number in components.settings.blocked_numbers}:
         refusal = "blocked_caller"
-    elif business.phone and called and called != normalised_number(business.phone, region):
+    elif not await is_our_number(components, called, region):
         refusal = "unknown_number"
     elif components.draining.is_set():
         refusal = "draining"
