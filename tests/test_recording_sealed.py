@@ -12,11 +12,20 @@ import pytest
 from sqlalchemy import select
 
 from booking.business import Business
+from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.database import Database
-from booking.reports.pipeline import ReportPipeline, SpoolError, open_archived, open_spool, recording_key
+from booking.ledger.pii import FieldCipher, new_key
+from booking.reports.pipeline import (
+    ReportPipeline,
+    SpoolError,
+    open_archived,
+    open_spool,
+    recording_key,
+    reseal_spool,
+)
 from integrations.storage import LocalFolderStorage, ObjectNotFound
-from tests.conftest import FrozenClock
+from tests.conftest import TEST_PII_INDEX_KEY, FrozenClock
 from tests.test_call_reports_flow import CALL, CALLER, hang_up, ring
 from voice_server.recording import CallRecording, RecordingError, load_recording, read_call
 
@@ -158,3 +167,21 @@ async def test_the_replay_command_renders_a_sealed_recording(
     finally:
         await database.dispose()
     assert details == [{"what": "recording", "via": "replay"}]
+
+
+async def test_rotation_reseals_spools_so_the_old_key_can_go(tmp_path: Path) -> None:
+    """``voicebook keys rotate`` re-seals each spool under the new key (plain old files too); afterwards
+    the spool opens with the new key alone."""
+    old = pii.cipher()
+    sealed = await saved(tmp_path, CALL)
+    plain = tmp_path / f"{OTHER_CALL}.jsonl"
+    plain.write_bytes(
+        b"".join(line + b"\n" for line in open_spool((await saved(tmp_path / "p", OTHER_CALL)).read_bytes())[1])
+    )
+    new = FieldCipher.parse(f"k-new={new_key()}", TEST_PII_INDEX_KEY).keys["k-new"]
+    pii.install(FieldCipher({"k-new": new, **old.keys}, "k-new", old.index_key))
+    assert [reseal_spool(path) for path in (sealed, plain)] == [True, True]
+    assert reseal_spool(sealed) is False  # nothing left under another key
+    pii.install(FieldCipher({"k-new": new}, "k-new", old.index_key))  # the old key removed
+    assert [turn.text for turn in read_call(sealed).turns] == [SAID]
+    assert read_call(plain).call_sid == OTHER_CALL and b"asthma" not in plain.read_bytes()

@@ -29,6 +29,7 @@ from booking.ledger.pii import PiiKeyError, new_key
 from booking.ledger.pii_rotation import SEALED_COLUMNS, rotate_keys
 from booking.phone import normalise_phone
 from booking.privacy import dumps, erase_person, export_person
+from booking.reports.pipeline import reseal_spool
 from voice_server.dlq_cli import CONFIGURATION, NOT_FOUND, OK, Unusable, open_ledger
 from voice_server.privacy_keys import install_pii_cipher, read_key_file, write_key_file
 from voice_server.settings import Settings
@@ -57,6 +58,11 @@ def keys_command(settings: Settings, args: argparse.Namespace, out: TextIO | Non
         return CONFIGURATION
 
 
+def _reseal_spools(folder: Path) -> int:
+    """Every call recording spool in ``folder`` under the active key (see booking/reports/pipeline.py)."""
+    return sum(1 for path in sorted(folder.glob("*.jsonl")) if reseal_spool(path)) if folder.is_dir() else 0
+
+
 def _add_development_key(settings: Settings) -> None:
     stored = read_key_file(settings)
     ids = [item.partition("=")[0] for item in stored["keys"].split(",") if item]
@@ -73,6 +79,9 @@ async def _keys(settings: Settings, args: argparse.Namespace, active: str, out: 
             report = await rotate_keys(database, batch=args.batch, actor=ACTOR)
             for column, count in sorted(report.resealed.items()):
                 print(f"{column}: {count} re-sealed under {report.active}", file=out)
+            spools = await asyncio.to_thread(_reseal_spools, settings.data_dir / "recordings")
+            if spools:
+                print(f"recording spools: {spools} re-sealed under {report.active}", file=out)
             print(f"{report.total} values re-sealed; every value is now under key {report.active}", file=out)
             return OK
         cipher = pii.cipher()

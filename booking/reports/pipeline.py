@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -133,6 +134,27 @@ def open_spool(data: bytes, *, call_sid: str | None = None) -> tuple[str | None,
         assert plain is not None
         opened.append(plain.encode())
     return sealed_sid, opened
+
+
+def reseal_spool(path: Path) -> bool:
+    """Re-seal the spool file at ``path`` under the active key when any line is under another (or the
+    file is a plain one from before spools were sealed, named ``<CallSid>.jsonl``); the new file replaces
+    the old in one rename, so a reader sees one or the other. Returns whether it was rewritten. Part of
+    ``voicebook keys rotate``: once every spool is re-sealed, the old key can go."""
+    data = path.read_bytes()
+    lines = [line for line in data.splitlines() if line.strip()]
+    cipher = pii.cipher()
+    if lines and _spool_header(lines[0]) is not None:
+        if not any(cipher.needs_rotation(line.decode("ascii", "replace")) for line in lines[1:]):
+            return False
+        call_sid, opened = open_spool(data)
+        assert call_sid is not None
+    else:
+        call_sid, opened = path.stem, lines
+    fresh = path.with_name(path.name + ".resealing")
+    fresh.write_bytes(seal_spool(call_sid, opened))
+    os.replace(fresh, path)
+    return True
 
 
 def _spool_header(line: bytes) -> tuple[str, int] | None:
