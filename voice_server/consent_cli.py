@@ -13,16 +13,14 @@ Each change is audited. Exit status: 0 done, 1 nothing recorded for the number (
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import TextIO
 
 from booking.consent import Channel, ConsentKind, Decision, wording_version
-from booking.errors import InvalidRequest
 from booking.ledger.consent_repository import ConsentLedger, NewConsent
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
-from booking.phone import normalise_phone
-from voice_server.dlq_cli import CONFIGURATION, NOT_FOUND, OK, Unusable, open_ledger
+from voice_server.dlq_cli import NOT_FOUND, OK, open_ledger
+from voice_server.privacy_cli import for_person
 from voice_server.settings import Settings
 
 ACTOR = "cli"
@@ -30,20 +28,10 @@ ALL_KINDS = "all"
 
 
 def consent_command(settings: Settings, args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out or sys.stdout  # read now: a test's captured stream replaces it after import
-    try:
-        phone = normalise_phone(args.phone)
-    except InvalidRequest as exc:
-        print(f"voicebook: {exc}", file=sys.stderr)
-        return CONFIGURATION
-    if args.action == "grant" and (args.kind == ALL_KINDS or not args.wording.strip()):
-        print("voicebook: a grant names one kind and the words the person agreed to (--wording)", file=sys.stderr)
-        return CONFIGURATION
-    try:
-        return asyncio.run(_consent(settings, args, phone, out))
-    except Unusable as exc:
-        print(f"voicebook: {exc}", file=sys.stderr)
-        return CONFIGURATION
+    stream = out or sys.stdout  # read now: a test's captured stream replaces it after import
+    unfinished = args.action == "grant" and (args.kind == ALL_KINDS or not args.wording.strip())
+    refusal = "a grant names one kind and the words the person agreed to (--wording)" if unfinished else None
+    return for_person(args.phone, refusal, lambda phone: _consent(settings, args, phone, stream))
 
 
 async def _consent(settings: Settings, args: argparse.Namespace, phone: str, out: TextIO) -> int:

@@ -18,8 +18,9 @@ import argparse
 import asyncio
 import sys
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sqlalchemy import select
 
@@ -97,21 +98,30 @@ async def _keys(settings: Settings, args: argparse.Namespace, active: str, out: 
         return OK
 
 
-def privacy_command(settings: Settings, args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
+def for_person(raw_phone: str, refusal: str | None, run: Callable[[str], Coroutine[Any, Any, int]]) -> int:
+    """The shape of every command about one person (``privacy``, ``consent``): the number in E.164, then
+    ``run`` with it; exit 2 when the number is not one, when ``refusal`` says why the command may not
+    run, or when the configuration is unusable."""
     try:
-        phone = normalise_phone(args.phone)
+        phone = normalise_phone(raw_phone)
     except InvalidRequest as exc:
         print(f"voicebook: {exc}", file=sys.stderr)
         return CONFIGURATION
-    if args.action == "erase" and not args.yes:
-        print("voicebook: erasure cannot be undone: add --yes to go ahead", file=sys.stderr)
+    if refusal is not None:
+        print(f"voicebook: {refusal}", file=sys.stderr)
         return CONFIGURATION
     try:
-        return asyncio.run(_privacy(settings, args, phone, out))
+        return asyncio.run(run(phone))
     except Unusable as exc:
         print(f"voicebook: {exc}", file=sys.stderr)
         return CONFIGURATION
+
+
+def privacy_command(settings: Settings, args: argparse.Namespace, out: TextIO | None = None) -> int:
+    stream = out or sys.stdout
+    unconfirmed = args.action == "erase" and not args.yes
+    refusal = "erasure cannot be undone: add --yes to go ahead" if unconfirmed else None
+    return for_person(args.phone, refusal, lambda phone: _privacy(settings, args, phone, stream))
 
 
 async def _privacy(settings: Settings, args: argparse.Namespace, phone: str, out: TextIO) -> int:
@@ -161,4 +171,4 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     erase.add_argument("--yes", action="store_true", help="confirm: erasure cannot be undone")
 
 
-__all__ = ["add_parsers", "keys_command", "privacy_command"]
+__all__ = ["add_parsers", "for_person", "keys_command", "privacy_command"]
