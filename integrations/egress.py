@@ -131,18 +131,25 @@ def _is_redirect(status: int, location: str | None) -> bool:
 # -- httpx -------------------------------------------------------------------------------------------
 
 
+async def _send_guarded(inner: Any, allow: Allowlist, request: Any) -> Any:
+    """One request through ``inner`` (an httpx or httpx2 transport: the fork keeps httpx's API): the host
+    checked before sending, a redirect answer refused after."""
+    allow.check(str(request.url))
+    response = await inner.handle_async_request(request)
+    location = response.headers.get("location")
+    if _is_redirect(response.status_code, location):
+        await response.aclose()
+        allow.refuse_redirect(str(request.url), response.status_code, location)
+    return response
+
+
 class _GuardedTransport(httpx.AsyncBaseTransport):
     def __init__(self, inner: httpx.AsyncBaseTransport, allow: Allowlist) -> None:
         self._inner = inner
         self._allow = allow
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self._allow.check(str(request.url))
-        response = await self._inner.handle_async_request(request)
-        location = response.headers.get("location")
-        if _is_redirect(response.status_code, location):
-            await response.aclose()
-            self._allow.refuse_redirect(str(request.url), response.status_code, location)
+        response: httpx.Response = await _send_guarded(self._inner, self._allow, request)
         return response
 
     async def aclose(self) -> None:
@@ -172,12 +179,7 @@ class _GuardedTransport2(httpx2.AsyncBaseTransport):
         self._allow = allow
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        self._allow.check(str(request.url))
-        response = await self._inner.handle_async_request(request)
-        location = response.headers.get("location")
-        if _is_redirect(response.status_code, location):
-            await response.aclose()
-            self._allow.refuse_redirect(str(request.url), response.status_code, location)
+        response: httpx2.Response = await _send_guarded(self._inner, self._allow, request)
         return response
 
     async def aclose(self) -> None:
