@@ -1,9 +1,11 @@
 """The business's phone numbers at Twilio (twilio's own client): search what is on offer, buy, read a
-number's configuration back, change it, and put it in a Messaging Service's sender pool.
+number's configuration back, change it, put it in a Messaging Service's sender pool, read where it stands
+on carrier registration (A2P 10DLC, toll-free verification), and release it.
 
 What voicebook needs a number to do is :class:`Webhooks` (derived from the public base URL);
 :func:`changes_needed` is what an idempotent configure sends (nothing when all is in place) and
-:func:`mismatches` what verify reports. Both are pure, so the rules are tested without a network.
+:func:`mismatches` what verify reports. :func:`toll_free_verification` and :func:`a2p_registration` read
+Twilio's review statuses as the registry's. All are pure, so the rules are tested without a network.
 
 twilio's client blocks: each request runs in a worker thread. Twilio's refusals become
 :class:`NumbersError` with Twilio's code and message. Requests go only to the allowed hosts
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,7 +26,14 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from booking.ledger.numbers_repository import Mismatch, NumberFacts, NumberType
+from booking.ledger.numbers_repository import (
+    A2PStatus,
+    Mismatch,
+    NumberFacts,
+    NumberType,
+    TollFreeVerification,
+    default_compliance,
+)
 from integrations.egress import Allowlist, guard_session
 from integrations.metrics import provider_request
 
@@ -36,6 +45,22 @@ NOT_AVAILABLE = 21422
 VOICE_PATH = "/twilio/voice"
 CALL_STATUS_PATH = "/twilio/call-status"
 SMS_PATH = "/twilio/sms"
+
+TOLL_FREE_STATUSES: Mapping[str, TollFreeVerification] = {
+    "PENDING_REVIEW": TollFreeVerification.PENDING,
+    "IN_REVIEW": TollFreeVerification.PENDING,
+    "TWILIO_APPROVED": TollFreeVerification.APPROVED,
+    "TWILIO_REJECTED": TollFreeVerification.REJECTED,
+}
+"""Twilio's toll-free verification statuses. One it adds later reads as pending: not cleared to text,
+without claiming a rejection."""
+CAMPAIGN_STATUSES: Mapping[str, A2PStatus] = {
+    "VERIFIED": A2PStatus.APPROVED,
+    "PENDING": A2PStatus.PENDING,
+    "IN_PROGRESS": A2PStatus.PENDING,
+    "FAILED": A2PStatus.FAILED,
+}
+"""Twilio's US A2P campaign statuses; as above, one not listed reads as pending."""
 
 
 class NumbersError(RuntimeError):
@@ -185,6 +210,45 @@ def mismatches(
             )
         )
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """One of Twilio's reviews of a sender (a toll-free verification, an A2P campaign): its status as
+    Twilio spells it, and Twilio's reason when it refused."""
+
+    status: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Compliance:
+    """Where a number stands with carriers, read from Twilio. ``note`` says why when the statuses alone do
+    not (no Messaging Service to hold a campaign, Twilio's reason for a rejection)."""
+
+    a2p_status: A2PStatus
+    toll_free_verification: TollFreeVerification
+    note: str | None = None
+
+
+def toll_free_verification(statuses: Iterable[str]) -> TollFreeVerification:
+    """A toll-free number's verification from Twilio's verification records for it: approved when one
+    is, else pending when one is in review, else rejected; unverified when it has none."""
+    found = {TOLL_FREE_STATUSES.get(status.upper(), TollFreeVerification.PENDING) for status in statuses}
+    for status in (TollFreeVerification.APPROVED, TollFreeVerification.PENDING, TollFreeVerification.REJECTED):
+        if status in found:
+            return status
+    return TollFreeVerification.UNVERIFIED
+
+
+def a2p_registration(campaign_statuses: Iterable[str]) -> A2PStatus:
+    """A US local number's A2P 10DLC registration from the campaigns of the Messaging Service that holds
+    it: approved when one is verified, else pending, else failed; unregistered when it has none."""
+    found = {CAMPAIGN_STATUSES.get(status.upper(), A2PStatus.PENDING) for status in campaign_statuses}
+    for status in (A2PStatus.APPROVED, A2PStatus.PENDING, A2PStatus.FAILED):
+        if status in found:
+            return status
+    return A2PStatus.UNREGISTERED
 
 
 def _capabilities(resource: Any) -> tuple[bool, bool, bool]:
@@ -356,3 +420,66 @@ class TwilioNumbers:
             self._client.messaging.v1.services(service_sid).phone_numbers.create(phone_number_sid=number.sid)
 
         await self._run("numbers.service_add", f"add {number.phone_number} to Messaging Service {service_sid}", work)
+
+    async def release(self, number: IncomingNumber) -> None:
+        """Give the number back to Twilio: it stops taking calls and texts at once and cannot be bought
+        back unless Twilio offers it again."""
+
+        def work() -> None:
+            self._client.api.v2010.account.incoming_phone_numbers(number.sid).delete()
+
+        await self._run("numbers.release", f"release {number.phone_number}", work)
+
+    async def toll_free_reviews(self, number: IncomingNumber) -> list[Review]:
+        """Twilio's toll-free verification records for ``number`` (none: never submitted)."""
+
+        def work() -> list[Review]:
+            found = self._client.messaging.v1.tollfree_verifications.list(
+                tollfree_phone_number_sid=number.sid, limit=50
+            )
+            return [Review(str(r.status or ""), r.rejection_reason or None) for r in found]
+
+        return await self._run("numbers.toll_free_verifications", f"read {number.phone_number}'s verification", work)
+
+    async def campaign_reviews(self, service_sid: str) -> list[Review]:
+        """The US A2P 10DLC campaigns of Messaging Service ``service_sid`` (none: not registered)."""
+
+        def work() -> list[Review]:
+            found = self._client.messaging.v1.services(service_sid).us_app_to_person.list(limit=50)
+            return [Review(str(r.campaign_status or "")) for r in found]
+
+        return await self._run("numbers.campaigns", f"read Messaging Service {service_sid}'s A2P campaigns", work)
+
+    async def compliance(self, number: IncomingNumber, service_sid: str | None) -> Compliance:
+        """Where ``number`` stands with carriers. A texting North American toll-free number needs a
+        toll-free verification; a texting US local number an A2P 10DLC campaign, which attaches to the
+        Messaging Service that holds it (``service_sid``, as the registry has it). Any other number needs
+        neither (``not_required``)."""
+        a2p_needed, verification_needed = default_compliance(number.facts())
+        if verification_needed is not TollFreeVerification.NOT_REQUIRED:
+            reviews = await self.toll_free_reviews(number)
+            verification = toll_free_verification(review.status for review in reviews)
+            reasons = [review.reason for review in reviews if review.reason]
+            note = None
+            if verification is TollFreeVerification.UNVERIFIED:
+                note = "no toll-free verification submitted"
+            elif verification is TollFreeVerification.REJECTED and reasons:
+                note = "rejected: " + "; ".join(reasons)
+            return Compliance(A2PStatus.NOT_REQUIRED, verification, note)
+        if a2p_needed is A2PStatus.NOT_REQUIRED:
+            return Compliance(A2PStatus.NOT_REQUIRED, TollFreeVerification.NOT_REQUIRED)
+        if service_sid is None:
+            return Compliance(
+                A2PStatus.UNREGISTERED,
+                TollFreeVerification.NOT_REQUIRED,
+                "in no Messaging Service, and A2P 10DLC campaigns attach to one",
+            )
+        if not await self.in_service(service_sid, number):
+            return Compliance(
+                A2PStatus.UNREGISTERED,
+                TollFreeVerification.NOT_REQUIRED,
+                f"not in Messaging Service {service_sid}, whose campaign would cover it",
+            )
+        a2p = a2p_registration(review.status for review in await self.campaign_reviews(service_sid))
+        note = f"Messaging Service {service_sid} has no A2P campaign" if a2p is A2PStatus.UNREGISTERED else None
+        return Compliance(a2p, TollFreeVerification.NOT_REQUIRED, note)

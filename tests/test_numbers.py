@@ -1,5 +1,6 @@
 """`voicebook numbers ...` through twilio's own client against the Twilio simulator on loopback (search,
-buy, configure, verify, Messaging Service pools), and the ledger's number registry behind them."""
+buy, configure, verify, Messaging Service pools, compliance, release, assign), and the ledger's number
+registry behind them."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from booking.ledger.numbers_repository import (
     NumberRegistry,
     NumberType,
     TollFreeVerification,
+    cleared_to_text,
 )
 from integrations.simulators.twilio import TwilioState, create_twilio_simulator
-from integrations.simulators.twilio_numbers import NumbersState
-from integrations.twilio_numbers import NumbersError, TwilioNumbers
+from integrations.simulators.twilio_numbers import Capabilities, NumbersState, OwnedNumber
+from integrations.twilio_numbers import NumbersError, TwilioNumbers, a2p_registration, toll_free_verification
 from tests.conftest import FrozenClock, serving
 from voice_server import numbers_cli
 from voice_server.cli import build_parser, main
@@ -373,6 +375,8 @@ async def test_the_registry_keeps_what_twilio_does_not_know(database: Database, 
     assert not await registry.assign("+12125550100", ["dr-lee"])
     assert not await registry.mark_verified("+12125550100", [])
     assert [n.number for n in await registry.list()] == [facts.number]
+    assert await registry.remove(facts.number) and await registry.get(facts.number) is None
+    assert not await registry.remove(facts.number), "already gone"
 
 
 async def test_the_registry_migration_downgrades_and_upgrades_again(tmp_path: Path) -> None:
@@ -410,3 +414,276 @@ async def test_voicebook_simulators_serve_the_number_apis(business: Business) ->
         pool = await http.get(f"/v1/Services/{options.twilio_messaging_service_sid}/PhoneNumbers")
     assert offers.status_code == 200 and offers.json()["available_phone_numbers"]
     assert pool.status_code == 200 and pool.json()["phone_numbers"] == []
+
+
+# -- compliance ----------------------------------------------------------------------------------------
+
+
+def test_twilios_review_statuses_read_as_the_registrys() -> None:
+    assert toll_free_verification([]) is TollFreeVerification.UNVERIFIED
+    assert toll_free_verification(["PENDING_REVIEW"]) is TollFreeVerification.PENDING
+    assert toll_free_verification(["IN_REVIEW"]) is TollFreeVerification.PENDING
+    assert toll_free_verification(["TWILIO_APPROVED"]) is TollFreeVerification.APPROVED
+    assert toll_free_verification(["TWILIO_REJECTED"]) is TollFreeVerification.REJECTED
+    assert toll_free_verification(["TWILIO_REJECTED", "IN_REVIEW"]) is TollFreeVerification.PENDING, "resubmitted"
+    assert toll_free_verification(["TWILIO_REJECTED", "twilio_approved"]) is TollFreeVerification.APPROVED
+    assert toll_free_verification(["ON_HOLD"]) is TollFreeVerification.PENDING, "a status Twilio adds later"
+    assert a2p_registration([]) is A2PStatus.UNREGISTERED
+    assert a2p_registration(["PENDING"]) is a2p_registration(["IN_PROGRESS"]) is A2PStatus.PENDING
+    assert a2p_registration(["VERIFIED"]) is A2PStatus.APPROVED
+    assert a2p_registration(["FAILED"]) is A2PStatus.FAILED
+    assert a2p_registration(["FAILED", "VERIFIED"]) is A2PStatus.APPROVED
+    assert a2p_registration(["SUSPENDED"]) is A2PStatus.PENDING
+    assert cleared_to_text(A2PStatus.APPROVED, TollFreeVerification.NOT_REQUIRED)
+    assert cleared_to_text(A2PStatus.NOT_REQUIRED, TollFreeVerification.APPROVED)
+    assert cleared_to_text(A2PStatus.NOT_REQUIRED, TollFreeVerification.NOT_REQUIRED)
+    for a2p in (A2PStatus.UNREGISTERED, A2PStatus.PENDING, A2PStatus.FAILED):
+        assert not cleared_to_text(a2p, TollFreeVerification.NOT_REQUIRED)
+    for verification in (TollFreeVerification.UNVERIFIED, TollFreeVerification.PENDING, TollFreeVerification.REJECTED):
+        assert not cleared_to_text(A2PStatus.NOT_REQUIRED, verification)
+
+
+async def test_compliance_refresh_reads_a_toll_free_verification(
+    settings: Settings, sim: Sim, database: Database
+) -> None:
+    state, _ = sim
+    number = state.offered("US", "toll-free")[0].phone_number
+    assert (await numbers(settings, "buy", number)).status == 0
+    registry = NumberRegistry(database)
+
+    async def refresh() -> tuple[Ran, TollFreeVerification]:
+        ran = await numbers(settings, "compliance", "--refresh", number)
+        known = await registry.get(number)
+        assert known is not None and known.a2p_status is A2PStatus.NOT_REQUIRED
+        return ran, known.toll_free_verification
+
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is TollFreeVerification.UNVERIFIED
+    assert ran.lines == [
+        f"{number}: a2p=not_required toll_free=unverified  not cleared to text (no toll-free verification submitted)"
+    ]
+    state.set_toll_free_verification(number, "PENDING_REVIEW")
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is TollFreeVerification.PENDING
+    state.set_toll_free_verification(number, "TWILIO_REJECTED", "Opt-in flow unclear")
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is TollFreeVerification.REJECTED
+    assert ran.lines == [
+        f"{number}: a2p=not_required toll_free=rejected  not cleared to text (rejected: Opt-in flow unclear)"
+    ]
+    state.set_toll_free_verification(number, "TWILIO_APPROVED")
+    ran, recorded = await refresh()
+    assert ran.status == 0 and recorded is TollFreeVerification.APPROVED
+    assert ran.lines == [f"{number}: a2p=not_required toll_free=approved  cleared to text"]
+    assert any(r.path == "/v1/Tollfree/Verifications" for r in state.requests), "read from Twilio"
+
+
+async def test_compliance_refresh_reads_the_a2p_campaign_of_the_numbers_messaging_service(
+    settings: Settings, sim: Sim, database: Database
+) -> None:
+    state, _ = sim
+    number = state.offered("US", "local")[4].phone_number
+    assert (await numbers(settings, "buy", number)).status == 0
+    registry = NumberRegistry(database)
+
+    async def refresh() -> tuple[Ran, A2PStatus]:
+        ran = await numbers(settings, "compliance", "--refresh")  # every registered number: this one
+        known = await registry.get(number)
+        assert known is not None and known.toll_free_verification is TollFreeVerification.NOT_REQUIRED
+        assert len(ran.lines) == 1 and ran.lines[0].startswith(f"{number}: a2p={known.a2p_status.value} ")
+        return ran, known.a2p_status
+
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is A2PStatus.UNREGISTERED
+    assert "(in no Messaging Service, and A2P 10DLC campaigns attach to one)" in ran.out
+
+    service = state.add_messaging_service()
+    assert (await numbers(settings, "configure", number, "--messaging-service", service)).status == 0
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is A2PStatus.UNREGISTERED
+    assert f"(Messaging Service {service} has no A2P campaign)" in ran.out
+
+    campaign = state.add_campaign(service, "IN_PROGRESS")
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is A2PStatus.PENDING and ran.out.rstrip().endswith("not cleared to text")
+    state.campaigns[campaign].status = "FAILED"
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is A2PStatus.FAILED
+    state.campaigns[campaign].status = "VERIFIED"
+    ran, recorded = await refresh()
+    assert ran.status == 0 and recorded is A2PStatus.APPROVED and ran.out.rstrip().endswith("cleared to text")
+
+    owned = state.owned(number)
+    assert owned is not None
+    del state.services[service][owned.sid]  # taken out of the pool in the console: the campaign no longer covers it
+    ran, recorded = await refresh()
+    assert ran.status == 1 and recorded is A2PStatus.UNREGISTERED
+    assert f"(not in Messaging Service {service}, whose campaign would cover it)" in ran.out
+    del state.numbers[owned.sid]
+    gone = await numbers(settings, "compliance", "--refresh", number)
+    assert gone.status == 1 and gone.lines == [f"{number}: the number is not on this Twilio account"]
+
+
+async def test_compliance_records_and_shows_the_statuses(settings: Settings, sim: Sim, database: Database) -> None:
+    state, _ = sim
+    texting = state.offered("US", "local")[5].phone_number
+    landline = state.offered("DE", "local")[1].phone_number  # takes no texts: needs neither registration
+    for number in (texting, landline):
+        assert (await numbers(settings, "buy", number)).status == 0
+    registry = NumberRegistry(database)
+
+    shown = await numbers(settings, "compliance")  # nothing recorded yet: the starting statuses
+    assert shown.status == 1
+    assert set(shown.lines) == {
+        f"{texting}: a2p=unregistered toll_free=not_required  not cleared to text",
+        f"{landline}: a2p=not_required toll_free=not_required  does not text",
+    }
+    recorded = await numbers(settings, "compliance", texting, "--a2p", "approved")
+    assert recorded.status == 0 and recorded.lines == [
+        f"{texting}: a2p=approved toll_free=not_required  cleared to text"
+    ]
+    known = await registry.get(texting)
+    assert known is not None and known.a2p_status is A2PStatus.APPROVED
+    assert (await numbers(settings, "compliance")).status == 0, "every texting number cleared"
+    listed = {line.split()[0]: line for line in (await numbers(settings, "list")).lines}
+    assert "a2p=approved  toll_free=not_required" in listed[texting]
+
+    pending = await numbers(settings, "compliance", texting, "--a2p", "pending")
+    assert pending.status == 0, "recording succeeded"
+    assert (await numbers(settings, "compliance", texting)).status == 1
+
+    # A number that needs neither stays not_required when read from Twilio, whatever was recorded.
+    assert (await numbers(settings, "compliance", landline, "--a2p", "failed")).status == 0
+    refreshed = await numbers(settings, "compliance", "--refresh", landline)
+    assert refreshed.status == 0
+    assert refreshed.lines == [f"{landline}: a2p=not_required toll_free=not_required  does not text"]
+    known = await registry.get(landline)
+    assert known is not None and known.a2p_status is A2PStatus.NOT_REQUIRED
+
+    both = await numbers(settings, "compliance", texting, "--refresh", "--a2p", "approved")
+    assert both.status == 2 and "not both" in both.err
+    nameless = await numbers(settings, "compliance", "--toll-free", "approved")
+    assert nameless.status == 2 and "name the number" in nameless.err
+    stranger = state.offered("US", "local")[6].phone_number
+    unknown = await numbers(settings, "compliance", stranger, "--a2p", "approved")
+    assert unknown.status == 1 and "not in voicebook's registry" in unknown.out
+
+
+# -- release -------------------------------------------------------------------------------------------
+
+
+async def test_release_says_what_it_would_do_then_does_it_with_yes(
+    settings: Settings, sim: Sim, database: Database
+) -> None:
+    state, _ = sim
+    number = state.offered("US", "local")[7].phone_number
+    assert (await numbers(settings, "buy", number)).status == 0
+    owned = state.owned(number)
+    assert owned is not None
+    registry = NumberRegistry(database)
+
+    dry = await numbers(settings, "release", number)
+    assert dry.status == 2
+    assert dry.lines[0].startswith(f"would release {number} ({owned.sid}) at Twilio")
+    assert dry.lines[1:] == [
+        f"would remove {number} from voicebook's registry",
+        "nothing done: run again with --yes to do it",
+    ]
+    assert state.owned(number) is not None and await registry.get(number) is not None
+    assert not [r for r in state.requests if r.method == "DELETE"]
+
+    done = await numbers(settings, "release", number, "--yes")
+    assert done.status == 0
+    assert done.lines == [f"released {number} ({owned.sid}) at Twilio", f"removed {number} from voicebook's registry"]
+    assert state.owned(number) is None and await registry.get(number) is None
+    assert [r.path for r in state.requests if r.method == "DELETE"] == [
+        f"/2010-04-01/Accounts/{ACCOUNT}/IncomingPhoneNumbers/{owned.sid}.json"
+    ]
+    again = await numbers(settings, "release", number, "--yes")
+    assert again.status == 1 and "not on this Twilio account and not in voicebook's registry" in again.out
+
+
+async def test_release_of_a_number_gone_from_the_account_forgets_it(
+    settings: Settings, sim: Sim, database: Database
+) -> None:
+    state, _ = sim
+    number = state.offered("GB", "mobile")[2].phone_number
+    assert (await numbers(settings, "buy", number)).status == 0
+    owned = state.owned(number)
+    assert owned is not None
+    del state.numbers[owned.sid]  # released in the console
+    ran = await numbers(settings, "release", number, "--yes")
+    assert ran.status == 0
+    assert ran.lines == [f"{number} is not on this Twilio account", f"removed {number} from voicebook's registry"]
+    assert await NumberRegistry(database).list() == []
+    assert not [r for r in state.requests if r.method == "DELETE"]
+
+
+async def test_release_refuses_the_business_phone_without_force(settings: Settings, sim: Sim) -> None:
+    state, _ = sim
+    phone = "+12125550100"  # the example business's own phone
+    owned = OwnedNumber("PN" + "4" * 32, phone, "US", "local", Capabilities(voice=True, sms=True, mms=True), "front")
+    state.numbers[owned.sid] = owned
+    refused = await numbers(settings, "release", "(212) 555-0100", "--yes")
+    assert refused.status == 2 and "+12125550100 is the business's own phone" in refused.err
+    assert "--force" in refused.err and state.owned(phone) is not None
+    forced = await numbers(settings, "release", phone, "--yes", "--force")
+    assert forced.status == 0 and forced.lines == [f"released {phone} ({owned.sid}) at Twilio"]
+    assert state.owned(phone) is None
+
+
+# -- assign --------------------------------------------------------------------------------------------
+
+
+async def test_assign_sets_what_a_number_books_and_refuses_unknown_resources(
+    settings: Settings, sim: Sim, database: Database
+) -> None:
+    state, _ = sim
+    number = state.offered("US", "local")[8].phone_number
+    assert (await numbers(settings, "buy", number)).status == 0
+    registry = NumberRegistry(database)
+
+    ran = await numbers(settings, "assign", number, "nurse-kim", "dr-lee")
+    assert ran.status == 0 and ran.lines == [f"{number} serves dr-lee, nurse-kim"]
+    assert await registry.serves(number) == ("dr-lee", "nurse-kim")
+
+    unknown = await numbers(settings, "assign", number, "dr-lee", "dr-nobody", "room-9")
+    assert unknown.status == 2
+    assert (
+        "unknown resources dr-nobody, room-9; the business's resources are dr-lee, dr-patel, nurse-kim" in unknown.err
+    )
+    assert await registry.serves(number) == ("dr-lee", "nurse-kim"), "nothing changed"
+
+    whole = await numbers(settings, "assign", number)
+    assert whole.status == 0 and whole.lines == [f"{number} serves the whole business"]
+    assert await registry.serves(number) == ()
+    stranger = await numbers(settings, "assign", state.offered("US", "local")[9].phone_number, "dr-lee")
+    assert stranger.status == 1 and "not in voicebook's registry" in stranger.out
+
+
+async def test_buy_and_configure_refuse_unknown_resources_before_asking_twilio(settings: Settings, sim: Sim) -> None:
+    state, _ = sim
+    number = state.offered("US", "local")[10].phone_number
+    bought = await numbers(settings, "buy", number, "--serves", "dr-lee", "--serves", "dr-leee")
+    assert bought.status == 2 and "unknown resource dr-leee;" in bought.err
+    assert state.numbers == {} and state.requests == [], "nothing bought, nothing sent"
+    assert (await numbers(settings, "buy", number)).status == 0
+    sent = len(state.requests)
+    configured = await numbers(settings, "configure", number, "--serves", "front-desk")
+    assert configured.status == 2 and "unknown resource front-desk;" in configured.err
+    assert len(state.requests) == sent
+
+
+async def test_voicebook_simulators_serve_the_compliance_apis(business: Business) -> None:
+    options = SimulatorOptions()
+    twilio_app = simulator_apps(options, business, TOKEN)[options.twilio_port]
+    transport = httpx.ASGITransport(app=twilio_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://twilio.test") as http:
+        auth = (options.twilio_account_sid, TOKEN)
+        verifications = await http.get("/v1/Tollfree/Verifications", auth=auth)
+        campaigns = await http.get(f"/v1/Services/{options.twilio_messaging_service_sid}/Compliance/Usa2p", auth=auth)
+        unknown = await http.get(f"/v1/Services/MG{'0' * 32}/Compliance/Usa2p", auth=auth)
+        stranger = await http.get("/v1/Tollfree/Verifications", auth=(options.twilio_account_sid, "0" * 32))
+    assert verifications.status_code == 200 and verifications.json()["verifications"] == []
+    assert campaigns.status_code == 200 and campaigns.json()["compliance"] == []
+    assert unknown.status_code == 404 and stranger.status_code == 401

@@ -9,10 +9,21 @@
   changes nothing;
 - ``numbers verify [NUMBER ...] [--voice-only]``: read each number (all registered ones by default) back
   from Twilio and report every mismatch; the result and its time are kept in the registry;
+- ``numbers compliance [NUMBER ...] [--a2p STATUS] [--toll-free STATUS] [--refresh]``: where each number
+  (all registered ones by default) stands on A2P 10DLC registration and toll-free verification. The flags
+  record a status; ``--refresh`` reads them from Twilio and records them; neither shows what is recorded;
+- ``numbers release NUMBER --yes [--force]``: give the number back to Twilio and drop it from the
+  registry; without ``--yes`` only say what would happen. The business's own phone needs ``--force``;
+- ``numbers assign NUMBER [RESOURCE ...]``: what calls to the number book (no resources: the whole
+  business);
 - ``numbers list``: the registry, with when each number was last verified and what it serves.
 
-Exit status: 0 done (verify: nothing wrong), 1 Twilio refused or verify found a mismatch, 2 unusable
-input or configuration (an invalid number, no Twilio credentials, no public URL).
+Resource ids (``assign``, ``--serves``) must be the business file's, checked before anything is sent.
+
+Exit status: 0 done (verify: nothing wrong; compliance without a flag: every texting number cleared to
+text), 1 Twilio refused, verify found a mismatch, compliance found a texting number not cleared, or the
+number is not registered, 2 unusable input or configuration (an invalid number, an unknown resource, no
+Twilio credentials, no public URL, release without ``--yes`` or of the business's phone).
 """
 
 from __future__ import annotations
@@ -23,12 +34,22 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from booking.errors import InvalidRequest
-from booking.ledger.numbers_repository import Mismatch, NumberRegistry, NumberType, RegisteredNumber
-from booking.phone import normalise_phone
+from booking.business import Business, load_business
+from booking.errors import ConfigurationError, InvalidRequest
+from booking.ledger.numbers_repository import (
+    A2PStatus,
+    Mismatch,
+    NumberRegistry,
+    NumberType,
+    RegisteredNumber,
+    TollFreeVerification,
+    cleared_to_text,
+)
+from booking.phone import normalise_phone, region_of
 from integrations.egress import Allowlist
 from integrations.twilio_numbers import (
     MESSAGING_HOSTS,
+    Compliance,
     IncomingNumber,
     NumbersError,
     TwilioNumbers,
@@ -40,7 +61,7 @@ from voice_server import egress_policy
 from voice_server.dlq_cli import CONFIGURATION, NOT_FOUND, OK, Unusable, open_ledger
 from voice_server.settings import Settings
 
-MISMATCH = NOT_FOUND  # exit 1: verify found something wrong, or Twilio refused
+MISMATCH = NOT_FOUND  # exit 1: verify or compliance found something wrong, or Twilio refused
 
 
 def numbers_client(settings: Settings) -> TwilioNumbers:
@@ -85,6 +106,13 @@ async def run(settings: Settings, args: argparse.Namespace, out: TextIO, err: Te
             return await _search(client, args, out)
         if args.action == "configure" and not settings.public_url:
             raise Unusable("configuring a number needs VOICEBOOK_PUBLIC_URL: the https:// base Twilio reaches us at")
+        if getattr(args, "serves", None):
+            check_resources(_business(settings), args.serves)
+        if args.action == "release" and not args.force and numbers[0] == _business_phone(settings):
+            raise Unusable(
+                f"{numbers[0]} is the business's own phone (phone in {settings.business_file}): callers and "
+                "texts use it; release it with --force if that is really meant"
+            )
         async with open_ledger(settings) as database:
             registry = NumberRegistry(database)
             if args.action == "buy":
@@ -93,6 +121,12 @@ async def run(settings: Settings, args: argparse.Namespace, out: TextIO, err: Te
                 return await _configure(client, registry, settings, numbers[0], args, out)
             if args.action == "verify":
                 return await _verify(client, registry, settings, numbers, args.voice_only, out)
+            if args.action == "compliance":
+                return await _compliance(client, registry, numbers, args, out)
+            if args.action == "release":
+                return await _release(client, registry, numbers[0], args.yes, out)
+            if args.action == "assign":
+                return await _assign(registry, numbers[0], args.serves, out)
             return await _list(registry, out)
     except Unusable as exc:
         print(f"voicebook: {exc}", file=err)
@@ -109,6 +143,36 @@ def _numbers(args: argparse.Namespace) -> list[str]:
         return [normalise_phone(raw) for raw in given]
     except InvalidRequest as exc:
         raise Unusable(f"{exc.detail} (give it in E.164, e.g. +12125550123)") from None
+
+
+def _business(settings: Settings) -> Business:
+    try:
+        return load_business(settings.business_file)
+    except ConfigurationError as exc:
+        raise Unusable(exc.detail) from None
+
+
+def _business_phone(settings: Settings) -> str | None:
+    """The business file's phone in E.164 (as given when it does not parse), None when it has none."""
+    phone = _business(settings).phone
+    if not phone:
+        return None
+    try:
+        return normalise_phone(phone, default_region=region_of(phone))
+    except InvalidRequest:
+        return phone
+
+
+def check_resources(business: Business, resources: Sequence[str]) -> None:
+    """:class:`Unusable` naming every id in ``resources`` that is not one of ``business``'s resources,
+    with the ones it has: a typo would otherwise make a line that books nobody."""
+    known = [resource.id for resource in business.resources]
+    unknown = sorted({resource for resource in resources if resource not in known})
+    if unknown:
+        raise Unusable(
+            f"unknown resource{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"the business's resources are {', '.join(known)}"
+        )
 
 
 def _abilities(voice: bool, sms: bool, mms: bool) -> str:
@@ -224,6 +288,100 @@ async def _verify(
     return worst
 
 
+def _standing(number: str, sms: bool, compliance: Compliance) -> tuple[str, bool]:
+    """One line for ``number``'s carrier registrations, and whether it blocks texting."""
+    statuses = f"{number}: a2p={compliance.a2p_status.value} toll_free={compliance.toll_free_verification.value}"
+    if not sms:
+        return f"{statuses}  does not text", False
+    if cleared_to_text(compliance.a2p_status, compliance.toll_free_verification):
+        return f"{statuses}  cleared to text", False
+    note = f" ({compliance.note})" if compliance.note else ""
+    return f"{statuses}  not cleared to text{note}", True
+
+
+async def _compliance(
+    client: TwilioNumbers, registry: NumberRegistry, numbers: Sequence[str], args: argparse.Namespace, out: TextIO
+) -> int:
+    a2p = A2PStatus(args.a2p) if args.a2p else None
+    verification = TollFreeVerification(args.toll_free) if args.toll_free else None
+    recording = a2p is not None or verification is not None
+    if recording and args.refresh:
+        raise Unusable("--refresh reads the statuses from Twilio: give it or --a2p/--toll-free, not both")
+    if recording and not numbers:
+        raise Unusable("name the number whose status to record")
+    targets = list(numbers) or [known.number for known in await registry.list()]
+    if not targets:
+        print("no numbers registered (voicebook numbers buy, or configure a number already on the account)", file=out)
+        return MISMATCH
+    worst = OK
+    for number in targets:
+        known = await registry.get(number)
+        if known is None:
+            print(f"{number}: not in voicebook's registry: voicebook numbers configure {number}", file=out)
+            worst = MISMATCH
+            continue
+        sms = known.sms
+        if recording:
+            await registry.set_compliance(number, a2p_status=a2p, toll_free_verification=verification)
+            standing = Compliance(a2p or known.a2p_status, verification or known.toll_free_verification)
+        elif args.refresh:
+            current = await client.find(number)
+            if current is None:
+                print(f"{number}: the number is not on this Twilio account", file=out)
+                worst = MISMATCH
+                continue
+            await registry.upsert(current.facts())  # Twilio may have changed its capabilities
+            standing = await client.compliance(current, known.messaging_service_sid)
+            await registry.set_compliance(
+                number, a2p_status=standing.a2p_status, toll_free_verification=standing.toll_free_verification
+            )
+            sms = current.sms
+        else:
+            standing = Compliance(known.a2p_status, known.toll_free_verification)
+        line, blocked = _standing(number, sms, standing)
+        print(line, file=out)
+        if blocked and not recording:  # recording succeeded; only reading gates a deploy
+            worst = MISMATCH
+    return worst
+
+
+async def _release(client: TwilioNumbers, registry: NumberRegistry, number: str, yes: bool, out: TextIO) -> int:
+    current = await client.find(number)
+    known = await registry.get(number)
+    if current is None and known is None:
+        print(f"{number} is not on this Twilio account and not in voicebook's registry", file=out)
+        return MISMATCH
+    if not yes:
+        if current is not None:
+            print(
+                f"would release {number} ({current.sid}) at Twilio: calls and texts to it stop, and Twilio may "
+                "sell it to someone else",
+                file=out,
+            )
+        else:
+            print(f"{number} is not on this Twilio account", file=out)
+        if known is not None:
+            print(f"would remove {number} from voicebook's registry", file=out)
+        print("nothing done: run again with --yes to do it", file=out)
+        return CONFIGURATION
+    if current is not None:
+        await client.release(current)
+        print(f"released {number} ({current.sid}) at Twilio", file=out)
+    else:
+        print(f"{number} is not on this Twilio account", file=out)
+    if await registry.remove(number):
+        print(f"removed {number} from voicebook's registry", file=out)
+    return OK
+
+
+async def _assign(registry: NumberRegistry, number: str, serves: Sequence[str], out: TextIO) -> int:
+    if not await registry.assign(number, serves):
+        print(f"{number} is not in voicebook's registry (voicebook numbers buy, or configure it)", file=out)
+        return MISMATCH
+    print(f"{number} serves {', '.join(sorted(set(serves))) or 'the whole business'}", file=out)
+    return OK
+
+
 def _row(known: RegisteredNumber) -> str:
     abilities = _abilities(known.voice, known.sms, known.mms)
     if known.last_verified_at is None:
@@ -284,7 +442,28 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify = actions.add_parser("verify", help="read numbers back from Twilio and report every mismatch")
     verify.add_argument("numbers", nargs="*", help="default: every registered number")
     verify.add_argument("--voice-only", action="store_true", help="a number that cannot text is not a mismatch")
+    compliance = actions.add_parser(
+        "compliance",
+        help="A2P 10DLC registration and toll-free verification: record them, read them from Twilio, or show them",
+        description="Without --a2p, --toll-free or --refresh: the recorded statuses. Exit status 1 when a "
+        "number that texts is not cleared to text (not when recording a status).",
+    )
+    compliance.add_argument("numbers", nargs="*", metavar="NUMBER", help="default: every registered number")
+    compliance.add_argument("--a2p", choices=[status.value for status in A2PStatus], help="record this A2P status")
+    compliance.add_argument(
+        "--toll-free",
+        choices=[status.value for status in TollFreeVerification],
+        help="record this toll-free verification status",
+    )
+    compliance.add_argument("--refresh", action="store_true", help="read each number's statuses from Twilio")
+    release = actions.add_parser("release", help="give a number back to Twilio and drop it from the registry")
+    release.add_argument("number")
+    release.add_argument("--yes", action="store_true", help="do it (without: say what would happen, exit 2)")
+    release.add_argument("--force", action="store_true", help="even when it is the business's own phone")
+    assign = actions.add_parser("assign", help="what calls to a registered number book")
+    assign.add_argument("number")
+    assign.add_argument("serves", nargs="*", metavar="RESOURCE", help="a resource id (none: the whole business)")
     actions.add_parser("list", help="the registered numbers, with when each was last verified")
 
 
-__all__ = ["add_parser", "numbers_client", "numbers_command", "run"]
+__all__ = ["add_parser", "check_resources", "numbers_client", "numbers_command", "run"]

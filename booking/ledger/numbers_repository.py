@@ -13,6 +13,7 @@ Usage::
     await registry.assign("+12125550123", ["dr-lee"])      # this line books Dr Lee only
     await registry.serves("+12125550123")                 # ("dr-lee",)
     await registry.mark_verified("+12125550123", [])      # checked, nothing wrong
+    await registry.remove("+12125550123")                 # released at Twilio
 
 Numbers are the business's, not personal data: they are stored in plain E.164.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -126,6 +127,15 @@ def default_compliance(facts: NumberFacts) -> tuple[A2PStatus, TollFreeVerificat
     if facts.sms and facts.number.startswith("+1") and facts.type is NumberType.TOLL_FREE:
         verification = TollFreeVerification.UNVERIFIED
     return a2p, verification
+
+
+def cleared_to_text(a2p_status: A2PStatus, toll_free_verification: TollFreeVerification) -> bool:
+    """Whether carriers let the number's texts through: every registration it needs is approved (one it
+    does not need is ``not_required``). Unregistered, unverified, pending, failed and rejected are not."""
+    return a2p_status in (A2PStatus.NOT_REQUIRED, A2PStatus.APPROVED) and toll_free_verification in (
+        TollFreeVerification.NOT_REQUIRED,
+        TollFreeVerification.APPROVED,
+    )
 
 
 def _registered(row: Row[Any]) -> RegisteredNumber:
@@ -241,6 +251,15 @@ class NumberRegistry:
             last_verified_at=at or self._clock(),
             last_verification=[mismatch.to_json() for mismatch in mismatches],
         )
+
+    async def remove(self, number: str) -> bool:
+        """Forget ``number`` (released at Twilio, or never ours). False when it was not registered."""
+
+        def work(conn: Connection) -> bool:
+            result = conn.execute(delete(t.phone_numbers).where(t.phone_numbers.c.number == number))
+            return bool(result.rowcount)
+
+        return await self._db.write(work)
 
     async def _set(self, number: str, **values: Any) -> bool:
         def work(conn: Connection) -> bool:

@@ -1,9 +1,11 @@
 """Twilio's phone-number APIs on loopback: searching the numbers on offer (AvailablePhoneNumbers), buying,
-reading, configuring and releasing them (IncomingPhoneNumbers), and a Messaging Service's sender pool
-(``/v1/Services/{MG...}/PhoneNumbers``, which Twilio serves on messaging.twilio.com; here on the same host,
-so one base URL points twilio's client at both). Strict where Twilio is: Basic auth, the account in the
-path, only numbers on offer can be bought (21422), unknown numbers and services are 404 (20404), webhook
-URLs must be absolute http(s) URLs (11100), methods GET or POST.
+reading, configuring and releasing them (IncomingPhoneNumbers), a Messaging Service's sender pool
+(``/v1/Services/{MG...}/PhoneNumbers``) and its US A2P campaigns (``/v1/Services/{MG...}/Compliance/Usa2p``),
+and toll-free verifications (``/v1/Tollfree/Verifications``). Twilio serves the ``/v1`` APIs on
+messaging.twilio.com; here they are on the same host, so one base URL points twilio's client at all.
+Strict where Twilio is: Basic auth, the account in the path, only numbers on offer can be bought (21422),
+unknown numbers and services are 404 (20404), webhook URLs must be absolute http(s) URLs (11100), methods
+GET or POST.
 
 The inventory is generated per country and type from ``seed``, so a test searches the same numbers every
 run; each number is one ``phonenumbers`` deems valid and of that type. Capabilities follow what Twilio
@@ -12,7 +14,9 @@ mobiles: voice and SMS). As Twilio does, the search answer spells its capabiliti
 the owned number's ``sms``/``mms``.
 
 ``state.requests`` records every request (method, path, form), so a test can prove an idempotent
-command sent no update. Mount it with :func:`add_number_routes` on the Calls simulator.
+command sent no update. Reviews happen in Twilio's back office, so a test seeds them:
+``state.set_toll_free_verification(number, "TWILIO_APPROVED")``, ``state.add_campaign(service, "VERIFIED")``.
+Mount it with :func:`add_number_routes` on the Calls simulator.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ NUMBER_PATH = API + "/Accounts/{account}/IncomingPhoneNumbers/{sid}.json"
 AVAILABLE_PATH = API + "/Accounts/{account}/AvailablePhoneNumbers/{country}/{kind}.json"
 SERVICE_NUMBERS_PATH = "/v1/Services/{service}/PhoneNumbers"
 SERVICE_NUMBER_PATH = "/v1/Services/{service}/PhoneNumbers/{sid}"
+CAMPAIGNS_PATH = "/v1/Services/{service}/Compliance/Usa2p"
+TOLL_FREE_VERIFICATIONS_PATH = "/v1/Tollfree/Verifications"
 
 NOT_AVAILABLE = 21422  # "PhoneNumber requested is not available"
 INVALID_NUMBER = 21421  # "PhoneNumber is invalid"
@@ -167,6 +173,30 @@ class OwnedNumber:
     date_updated: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+@dataclass
+class TollFreeVerification:
+    """A toll-free verification as Twilio keeps it: ``status`` as Twilio spells it (``PENDING_REVIEW``,
+    ``IN_REVIEW``, ``TWILIO_APPROVED``, ``TWILIO_REJECTED``)."""
+
+    sid: str
+    number_sid: str
+    phone_number: str
+    status: str
+    rejection_reason: str | None = None
+    date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class Campaign:
+    """A US A2P 10DLC campaign of a Messaging Service; ``status`` as Twilio spells it (``PENDING``,
+    ``IN_PROGRESS``, ``VERIFIED``, ``FAILED``)."""
+
+    sid: str
+    service_sid: str
+    status: str
+    date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
 @dataclass(frozen=True, slots=True)
 class SeenRequest:
     method: str
@@ -211,6 +241,10 @@ class NumbersState:
     """By SID (``PN...``)."""
     services: dict[str, dict[str, datetime]] = field(default_factory=dict)
     """Messaging Service SID -> the SIDs of the numbers in its sender pool, with when each joined."""
+    campaigns: dict[str, Campaign] = field(default_factory=dict)
+    """By SID (``QE...``)."""
+    toll_free_verifications: dict[str, TollFreeVerification] = field(default_factory=dict)
+    """By SID (``HH...``)."""
     requests: list[SeenRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -230,6 +264,31 @@ class NumbersState:
         service = sid or "MG" + secrets.token_hex(16)
         self.services.setdefault(service, {})
         return service
+
+    def set_toll_free_verification(self, phone_number: str, status: str, rejection_reason: str | None = None) -> str:
+        """Record Twilio's review of the owned number ``phone_number``'s toll-free verification (one per
+        number: a later call changes it); its SID. KeyError when the account lacks the number."""
+        owned = self.owned(phone_number)
+        if owned is None:
+            raise KeyError(f"{phone_number} is not on the account")
+        for verification in self.toll_free_verifications.values():
+            if verification.number_sid == owned.sid:
+                verification.status, verification.rejection_reason = status, rejection_reason
+                return verification.sid
+        verification = TollFreeVerification(
+            "HH" + secrets.token_hex(16), owned.sid, phone_number, status, rejection_reason
+        )
+        self.toll_free_verifications[verification.sid] = verification
+        return verification.sid
+
+    def add_campaign(self, service_sid: str, status: str = "VERIFIED") -> str:
+        """Register a US A2P campaign for Messaging Service ``service_sid``; its SID. KeyError when the
+        service is unknown."""
+        if service_sid not in self.services:
+            raise KeyError(f"no Messaging Service {service_sid}")
+        campaign = Campaign("QE" + secrets.token_hex(16), service_sid, status)
+        self.campaigns[campaign.sid] = campaign
+        return campaign.sid
 
     def updates_of(self, sid: str) -> list[SeenRequest]:
         """The POSTs that changed the number ``sid``'s configuration."""
@@ -334,6 +393,45 @@ def _owned_resource(state: NumbersState, number: OwnedNumber) -> dict[str, Any]:
     }
 
 
+def _stamp(moment: datetime) -> str:
+    """The /v1 APIs' ISO 8601 time, in UTC with a Z."""
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _verification_resource(state: NumbersState, verification: TollFreeVerification) -> dict[str, Any]:
+    rejected = verification.status == "TWILIO_REJECTED"
+    return {
+        "sid": verification.sid,
+        "account_sid": state.account_sid,
+        "tollfree_phone_number_sid": verification.number_sid,
+        "tollfree_phone_number": verification.phone_number,
+        "status": verification.status,
+        "rejection_reason": verification.rejection_reason if rejected else None,
+        "edit_allowed": rejected,
+        "date_created": _stamp(verification.date_created),
+        "date_updated": _stamp(verification.date_created),
+        "url": f"https://messaging.twilio.com/v1/Tollfree/Verifications/{verification.sid}",
+    }
+
+
+def _campaign_resource(state: NumbersState, campaign: Campaign) -> dict[str, Any]:
+    return {
+        "sid": campaign.sid,
+        "account_sid": state.account_sid,
+        "brand_registration_sid": "BN" + "0" * 32,
+        "messaging_service_sid": campaign.service_sid,
+        "us_app_to_person_usecase": "CUSTOMER_CARE",
+        "campaign_status": campaign.status,
+        "campaign_id": "C" + campaign.sid[-6:].upper(),
+        "is_externally_registered": False,
+        "mock": True,
+        "errors": [],
+        "date_created": _stamp(campaign.date_created),
+        "date_updated": _stamp(campaign.date_created),
+        "url": f"https://messaging.twilio.com/v1/Services/{campaign.service_sid}/Compliance/Usa2p/{campaign.sid}",
+    }
+
+
 def _service_number_resource(
     state: NumbersState, service: str, number: OwnedNumber, joined: datetime
 ) -> dict[str, Any]:
@@ -350,8 +448,8 @@ def _service_number_resource(
         "sid": number.sid,
         "account_sid": state.account_sid,
         "service_sid": service,
-        "date_created": joined.isoformat().replace("+00:00", "Z"),
-        "date_updated": joined.isoformat().replace("+00:00", "Z"),
+        "date_created": _stamp(joined),
+        "date_updated": _stamp(joined),
         "phone_number": number.phone_number,
         "country_code": number.iso_country,
         "capabilities": capabilities,
@@ -406,6 +504,21 @@ def _page(key: str, items: list[dict[str, Any]], request: Request, page_size: in
             "previous_page_uri": None,
         }
     )
+
+
+def _meta_page(key: str, items: list[dict[str, Any]], request: Request, page_size: int) -> Response:
+    """A page of the /v1 APIs, which describe it under ``meta`` rather than beside the items."""
+    uri = str(request.url)
+    meta = {
+        "page": 0,
+        "page_size": page_size,
+        "first_page_url": uri,
+        "previous_page_url": None,
+        "url": uri,
+        "next_page_url": None,
+        "key": key,
+    }
+    return JSONResponse({key: items[:page_size], "meta": meta})
 
 
 def _page_size(request: Request) -> int | Response:
@@ -549,21 +662,7 @@ def number_routes(state: NumbersState) -> list[Route]:
             if isinstance(page_size, Response):
                 return page_size
             items = [_service_number_resource(state, service, state.numbers[sid], at) for sid, at in pool.items()]
-            uri = str(request.url)
-            return JSONResponse(
-                {
-                    "phone_numbers": items[:page_size],
-                    "meta": {
-                        "page": 0,
-                        "page_size": page_size,
-                        "first_page_url": uri,
-                        "previous_page_url": None,
-                        "url": uri,
-                        "next_page_url": None,
-                        "key": "phone_numbers",
-                    },
-                }
-            )
+            return _meta_page("phone_numbers", items, request, page_size)
         sid = form.get("PhoneNumberSid", "")
         number = state.numbers.get(sid)
         if number is None:
@@ -590,12 +689,42 @@ def number_routes(state: NumbersState) -> list[Route]:
             _service_number_resource(state, request.path_params["service"], state.numbers[sid], pool[sid])
         )
 
+    async def campaigns(request: Request) -> Response:
+        _, refused = await gate(request)
+        if refused is not None:
+            return refused
+        service = request.path_params["service"]
+        if service not in state.services:
+            return not_found(request)
+        page_size = _page_size(request)
+        if isinstance(page_size, Response):
+            return page_size
+        items = [_campaign_resource(state, c) for c in state.campaigns.values() if c.service_sid == service]
+        return _meta_page("compliance", items, request, page_size)
+
+    async def toll_free_verifications(request: Request) -> Response:
+        _, refused = await gate(request)
+        if refused is not None:
+            return refused
+        page_size = _page_size(request)
+        if isinstance(page_size, Response):
+            return page_size
+        number_sid, status = request.query_params.get("TollfreePhoneNumberSid"), request.query_params.get("Status")
+        items = [
+            _verification_resource(state, v)
+            for v in sorted(state.toll_free_verifications.values(), key=lambda v: v.date_created)
+            if (number_sid is None or v.number_sid == number_sid) and (status is None or v.status == status)
+        ]
+        return _meta_page("verifications", items, request, page_size)
+
     return [
         Route(AVAILABLE_PATH, search, methods=["GET"]),
         Route(NUMBERS_PATH, incoming, methods=["GET", "POST"]),
         Route(NUMBER_PATH, one_number, methods=["GET", "POST", "DELETE"]),
         Route(SERVICE_NUMBERS_PATH, service_numbers, methods=["GET", "POST"]),
         Route(SERVICE_NUMBER_PATH, service_number, methods=["GET", "DELETE"]),
+        Route(CAMPAIGNS_PATH, campaigns, methods=["GET"]),
+        Route(TOLL_FREE_VERIFICATIONS_PATH, toll_free_verifications, methods=["GET"]),
     ]
 
 
