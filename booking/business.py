@@ -12,7 +12,7 @@ import enum
 import itertools
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import time, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -496,6 +496,28 @@ class Business(_Frozen):
 
     def closures_for(self, resource_id: str) -> tuple[Closure, ...]:
         return tuple(closure for closure in self.closures if closure.applies_to(resource_id))
+
+    def serving(self, resource_ids: Collection[str]) -> Business:
+        """The business as a phone line that books only ``resource_ids`` presents it: those resources,
+        the services they provide (each limited to them) and the closures that touch them. Ids it does
+        not have are ignored; with none of its own left, the whole business (a line is never empty)."""
+        kept = tuple(resource for resource in self.resources if resource.id in resource_ids)
+        if not kept or len(kept) == len(self.resources):
+            return self
+        ids = {resource.id for resource in kept}
+        services = tuple(
+            service.model_copy(update={"resources": tuple(rid for rid in service.resources if rid in ids)})
+            for service in self.services
+            if ids.intersection(service.resources)
+        )
+        closures = tuple(
+            closure.model_copy(update={"resources": tuple(rid for rid in closure.resources if rid in ids)})
+            for closure in self.closures
+            if not closure.resources or ids.intersection(closure.resources)
+        )
+        # Built anew (not model_copy): the lookups are cached per instance and must see the narrowed lists.
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**fields, "resources": kept, "services": services, "closures": closures})
 
 
 def parse_business(data: Mapping[str, Any], *, source: str = "<business>") -> Business:

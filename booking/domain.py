@@ -141,6 +141,9 @@ class Booking:
     source: str = "api"
     notes: str | None = None
     sms_consent: SmsConsent = SmsConsent.IMPLIED
+    line_number: str | None = None
+    """The business's number the customer reached it on (a call's ``To``), E.164; texts about the booking
+    go from it. None: made another way (the API, a booking page), texted from the configured sender."""
 
     @property
     def interval(self) -> Interval:

@@ -240,6 +240,7 @@ def booking_payload(booking: Booking) -> dict[str, Any]:
         "source": booking.source,
         "notes": booking.notes,
         "sms_consent": booking.sms_consent.value,
+        "line_number": booking.line_number,
         "customer": {
             "id": booking.customer.id,
             "phone": booking.customer.phone,
@@ -276,6 +277,7 @@ def booking_from_payload(payload: Mapping[str, Any]) -> Booking:
         notes=payload["notes"],
         # Effects enqueued before consent was recorded carry none: those bookings were texted as implied.
         sms_consent=SmsConsent(payload.get("sms_consent", SmsConsent.IMPLIED.value)),
+        line_number=payload.get("line_number"),  # absent from effects enqueued before lines were kept
     )
 
 

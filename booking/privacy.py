@@ -108,6 +108,7 @@ def _booking(booking: Booking) -> dict[str, Any]:
         "source": booking.source,
         "notes": booking.notes,
         "sms_consent": booking.sms_consent.value,
+        "line_number": booking.line_number,
         "created_at": _iso(booking.created_at),
         "updated_at": _iso(booking.updated_at),
     }

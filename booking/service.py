@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Coroutine, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -76,6 +76,10 @@ class BookRequest:
     sms_consent_wording: str | None = None
     """The words the customer answered about texts (a booking form's checkbox label); kept with the
     decision in the consent history."""
+    among: frozenset[str] | None = None
+    """The resources this request may book (a number that serves part of the business); None: any."""
+    line_number: str | None = None
+    """The business's number the customer reached us on (E.164), kept with the booking for its texts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,15 +203,27 @@ class BookingService:
             raise InvalidRequest(f"unknown service {service_id!r} (known: {known})", code="unknown_service")
         return service
 
-    def _candidates(self, service: Service, resource_id: str | None) -> list[str]:
+    def _candidates(self, service: Service, resource_id: str | None, among: Collection[str] | None = None) -> list[str]:
+        """The resources that may take a booking of ``service``: ``resource_id`` when one is asked for,
+        else every one providing it, limited to ``among`` (the resources a phone line serves) if given."""
+        offered = [rid for rid in service.resources if among is None or rid in among]
+        if not offered:
+            raise InvalidRequest(
+                f"{service.id} is not booked on this line (who provides it: {', '.join(service.resources)})",
+                code="service_not_offered",
+            )
         if resource_id is None:
-            return list(service.resources)
+            return offered
         if self.business.resource(resource_id) is None:
             raise InvalidRequest(f"unknown resource {resource_id!r}", code="unknown_resource")
         if resource_id not in service.resources:
             raise InvalidRequest(
                 f"{resource_id} does not provide {service.id} (who does: {', '.join(service.resources)})",
                 code="resource_cannot_serve",
+            )
+        if resource_id not in offered:
+            raise InvalidRequest(
+                f"{resource_id} is not booked on this line (who is: {', '.join(offered)})", code="resource_not_offered"
             )
         return [resource_id]
 
@@ -292,12 +308,14 @@ class BookingService:
         window: Interval | None = None,
         near: datetime | None = None,
         resource_id: str | None = None,
+        among: Collection[str] | None = None,
         limit: int = 10,
     ) -> SlotSearch:
         """Bookable slots in ``window``; with ``near``, the ones closest to it first, and whether exactly
-        ``near`` is available. Without a window, ``near`` widens to a few days around it."""
+        ``near`` is available. Without a window, ``near`` widens to a few days around it. ``among``
+        limits the search to those resources (a phone line's)."""
         service = self._service(service_id)
-        candidates = self._candidates(service, resource_id)
+        candidates = self._candidates(service, resource_id, among)
         if window is None:
             anchor = ensure_utc(near) if near is not None else self._clock()
             local_day = anchor.astimezone(self.business.tz).date()
@@ -322,14 +340,20 @@ class BookingService:
         return SlotSearch(tuple(rank_slots(slots, near, limit=limit, prefer_resource=resource_id)), available)
 
     async def alternatives(
-        self, service_id: str, near: datetime, resource_id: str | None, limit: int = 5
+        self,
+        service_id: str,
+        near: datetime,
+        resource_id: str | None,
+        limit: int = 5,
+        *,
+        among: Collection[str] | None = None,
     ) -> tuple[Slot, ...]:
         """The bookable slots nearest to ``near``, closest first. Looks within a day either side first
         (enough almost always, and cheap), then over the default few days around it."""
         near = ensure_utc(near)
         for window in (Interval(near - timedelta(days=1), near + timedelta(days=1)), None):
             found = await self.find_slots(
-                service_id, window=window, near=near, resource_id=resource_id, limit=limit + 1
+                service_id, window=window, near=near, resource_id=resource_id, among=among, limit=limit + 1
             )
             slots = tuple(slot for slot in found.slots if slot.start != near)[:limit]
             if len(slots) == limit:
@@ -346,12 +370,19 @@ class BookingService:
 
     # -- holds ------------------------------------------------------------------------------------
     async def hold(
-        self, service_id: str, start: datetime, *, resource_id: str | None = None, owner: str | None = None
+        self,
+        service_id: str,
+        start: datetime,
+        *,
+        resource_id: str | None = None,
+        owner: str | None = None,
+        among: Collection[str] | None = None,
     ) -> HoldOutcome:
-        """Hold a slot while the caller decides (``hold_ttl_seconds`` from the business rules)."""
+        """Hold a slot while the caller decides (``hold_ttl_seconds`` from the business rules), with one
+        of ``among``'s resources when given."""
         service = self._service(service_id)
         start = ensure_utc(start)
-        candidates = self._viable(service, self._candidates(service, resource_id), [start])
+        candidates = self._viable(service, self._candidates(service, resource_id, among), [start])
         block = self._block(service, start)
         ttl = timedelta(seconds=self.business.booking.hold_ttl_seconds)
         for rid in candidates:
@@ -361,7 +392,8 @@ class BookingService:
                 return Held(outcome.token, slot, outcome.expires_at, self._warnings(rid, outcome.external_overlaps))
             if isinstance(outcome, HoldInProgress):
                 raise RequestInProgress("this caller already holds an overlapping slot", resource_id=rid)
-        return SlotUnavailable(service.id, start, await self.alternatives(service.id, start, resource_id))
+        alternatives = await self.alternatives(service.id, start, resource_id, among=among)
+        return SlotUnavailable(service.id, start, alternatives)
 
     async def release_hold(self, token: str) -> bool:
         return await self.index.release(token)
@@ -416,7 +448,7 @@ class BookingService:
         # No look-up of the idempotency key first: a retry of a committed request finds its slot taken
         # (by itself) or commits into the key's unique constraint, and both paths end in a replay below.
         # That keeps a read off the fast path.
-        candidates = self._candidates(service, request.resource_id)
+        candidates = self._candidates(service, request.resource_id, request.among)
         series: SeriesSpec | None = None
         if request.rrule is not None:
             occurrences = expand(
@@ -482,7 +514,8 @@ class BookingService:
                 return await self._replay(record, fingerprint)
         if series is not None:
             return SlotUnavailable(service.id, start, conflicts=first_conflicts)
-        return SlotUnavailable(service.id, start, await self.alternatives(service.id, start, request.resource_id))
+        alternatives = await self.alternatives(service.id, start, request.resource_id, among=request.among)
+        return SlotUnavailable(service.id, start, alternatives)
 
     async def _commit(
         self,
@@ -506,6 +539,7 @@ class BookingService:
                 notes=request.notes,
                 sms_consent=request.sms_consent,
                 sms_consent_wording=request.sms_consent_wording,
+                line_number=request.line_number,
                 actor=request.actor,
             )
         except BaseException:
@@ -613,11 +647,13 @@ class BookingService:
         resource_id: str | None = None,
         expected_version: int | None = None,
         actor: str = "api",
+        among: Collection[str] | None = None,
     ) -> BookOutcome:
         """Move a booking. The new slot is secured (held in Redis, then taken in the same UPDATE that
-        releases the old time) before the old one is let go."""
+        releases the old time) before the old one is let go. ``among`` limits the resources it may move
+        to (a phone line's); its own resource stays allowed, so it can always move within its day book."""
         move = self._reschedule(
-            booking_id, new_start, resource_id=resource_id, expected_version=expected_version, actor=actor
+            booking_id, new_start, resource_id=resource_id, expected_version=expected_version, actor=actor, among=among
         )
         return await metrics.timed_booking("reschedule", move, unavailable=SlotUnavailable)
 
@@ -629,16 +665,19 @@ class BookingService:
         resource_id: str | None,
         expected_version: int | None,
         actor: str,
+        among: Collection[str] | None,
     ) -> BookOutcome:
         booking = await self.ledger.require_booking(booking_id)
         if not booking.status.is_active:
             booking.status.check_transition(BookingStatus.CONFIRMED, booking_id=booking_id)
         service = self._service(booking.service_id)
         new_start = ensure_utc(new_start)
+        among = None if among is None else {*among, booking.resource_id}
         candidates = (
-            self._candidates(service, resource_id)
+            self._candidates(service, resource_id, among)
             if resource_id
-            else [booking.resource_id] + [rid for rid in service.resources if rid != booking.resource_id]
+            else [booking.resource_id]
+            + [rid for rid in service.resources if rid != booking.resource_id and (among is None or rid in among)]
         )
         candidates = self._viable(service, candidates, [new_start])
         block = self._block(service, new_start)
@@ -674,7 +713,8 @@ class BookingService:
                 await self.index.remove_booking(booking_id, booking.resource_id, booking.block)
                 await self.index.confirm(outcome.token, booking_id=booking_id, resource_id=rid, blocks=[block])
             return Booked((result,), warnings=self._warnings(rid, outcome.external_overlaps))
-        return SlotUnavailable(service.id, new_start, await self.alternatives(service.id, new_start, resource_id))
+        alternatives = await self.alternatives(service.id, new_start, resource_id, among=among)
+        return SlotUnavailable(service.id, new_start, alternatives)
 
     async def cancel(self, booking_id: str, *, reason: str | None = None, actor: str = "api") -> Booking:
         return await self.change_status(booking_id, BookingStatus.CANCELLED, reason=reason, actor=actor)

@@ -73,7 +73,8 @@ class TwilioCaller:
             message = {"event": event, "sequenceNumber": str(self.sequence), "streamSid": self.stream_sid, **body}
         await self.ws.send(orjson.dumps(message).decode())
 
-    async def connect(self) -> None:
+    async def connect(self, *, to: str = "+12125550100") -> None:
+        """``connected`` and ``start``; ``to`` is the business's number the call came to."""
         await self.send("connected", protocol="Call", version="1.0.0")
         await self.send(
             "start",
@@ -82,7 +83,7 @@ class TwilioCaller:
                 "accountSid": "AC" + "0" * 32,
                 "callSid": self.call_sid,
                 "tracks": ["inbound"],
-                "customParameters": {"call_sid": self.call_sid, "from": "+16465550199", "to": "+12125550100"},
+                "customParameters": {"call_sid": self.call_sid, "from": "+16465550199", "to": to},
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             },
         )

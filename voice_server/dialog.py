@@ -71,14 +71,26 @@ class DialogAgent:
         self._business = business
         self._clock = clock
         self._words = Understanding(business)
+        self._lines: dict[frozenset[str], Understanding] = {}
+
+    def _understanding(self, serves: frozenset[str] | None) -> Understanding:
+        """The vocabulary of the line called: a line that serves part of the business offers only its
+        services and staff (``voice_server.lines``). Built once per line."""
+        if not serves:
+            return self._words
+        words = self._lines.get(serves)
+        if words is None:
+            words = self._lines[serves] = Understanding(self._business.serving(serves))
+        return words
 
     async def respond(self, conversation: Sequence[Turn], call: CallInfo) -> AsyncIterator[AgentEvent]:
-        for event in self.reply(conversation):
+        for event in self.reply(conversation, serves=call.serves):
             yield event
 
-    def reply(self, conversation: Sequence[Turn]) -> list[AgentEvent]:
-        """The next reply to ``conversation``, as events (pure: no I/O, no state kept)."""
-        _, step = self.replay(conversation)
+    def reply(self, conversation: Sequence[Turn], *, serves: frozenset[str] | None = None) -> list[AgentEvent]:
+        """The next reply to ``conversation`` on the line serving ``serves`` (None: the whole business),
+        as events (pure: no I/O, no state kept)."""
+        _, step = self.replay(conversation, serves=serves)
         events: list[AgentEvent] = []
         if step.expect is not None:
             events.append(Expect(step.expect))
@@ -92,30 +104,31 @@ class DialogAgent:
             events.append(EndCall(step.end))
         return events
 
-    def replay(self, conversation: Sequence[Turn]) -> tuple[State, Step]:
+    def replay(self, conversation: Sequence[Turn], *, serves: frozenset[str] | None = None) -> tuple[State, Step]:
         """Fold the conversation into the dialog state, deciding again at every point where the session
         asked for a reply; returns the state and the last decision."""
+        words = self._understanding(serves)
         today = self._clock().astimezone(self._business.tz).date()
         state = State()
         step: Step | None = None
         for turn in conversation:
             if turn.role == "caller":
-                heard = self._words.hear(turn.text, today=today, expecting_name=state.asked == "name")
-                state = on_caller(state, heard, self._words)
+                heard = words.hear(turn.text, today=today, expecting_name=state.asked == "name")
+                state = on_caller(state, heard, words)
             elif turn.role == "dtmf":
-                state = on_digit(state, turn.text.strip(), self._words)
+                state = on_digit(state, turn.text.strip(), words)
             elif turn.role == "tool":
                 record = _tool_record(turn)
                 if record is None:  # the session's own note (a transfer that failed): carry on from here
                     state = replace(state, transfer=None)
                     continue
                 arguments, result = record
-                state = on_tool(state, turn.tool or "", arguments, result, self._words)
+                state = on_tool(state, turn.tool or "", arguments, result, words)
             else:
                 continue  # the agent's own words (and the session's greeting) change nothing
-            state, step = decide(state, self._words)
+            state, step = decide(state, words)
         if step is None:
-            state, step = decide(state, self._words)
+            state, step = decide(state, words)
         return state, step
 
 

@@ -26,6 +26,7 @@ from voice_server import metrics, tracing, twiml
 from voice_server.caller_id import transfer_caller_id
 from voice_server.components import Components
 from voice_server.correlation import new_correlation_id
+from voice_server.lines import line_scope
 from voice_server.media_streams import Dtmf, Mark, Media, MediaStreamCodec, Rejected, Start, Stop, StreamTracker
 from voice_server.playout import Playout
 from voice_server.ports import CallInfo
@@ -198,12 +199,14 @@ def _log_rejection(rejected: Rejected, session: CallSession | None) -> None:
 
 async def _start_session(websocket: WebSocket, components: Components, start: Start, keep: _Keeping) -> CallSession:
     parameters = dict(start.custom_parameters)
+    called = parameters.get("to", "")
     info = CallInfo(
         call_sid=start.call_sid,
         stream_sid=start.stream_sid,
         caller=parameters.get("from", ""),
-        called=parameters.get("to", ""),
+        called=called,
         parameters=parameters,
+        serves=await line_scope(components, called),
     )
     # The call's own correlation id, for its life: the session's tasks copy this context when created.
     upgrade_id = structlog.contextvars.get_contextvars().get("correlation_id")

@@ -18,6 +18,8 @@ class CallInfo:
     caller: str
     called: str
     parameters: Mapping[str, str] = field(default_factory=dict)
+    serves: frozenset[str] | None = None
+    """The resources the number called books (``voice_server.lines``); None: the whole business."""
 
 
 # -- speech to text ----------------------------------------------------------------------------------

@@ -219,7 +219,9 @@ async def build_voice(
         context = caller_context_lookup(service, clock)
 
         async def system_prompt(info: CallInfo) -> str:
-            return build_system_prompt(business, await context(info), clock())
+            # A line that serves part of the business presents only that part (voice_server/lines.py).
+            line = business.serving(info.serves) if info.serves else business
+            return build_system_prompt(line, await context(info), clock())
 
         agent = OpenAIAgent(
             client,

@@ -335,14 +335,16 @@ class BookingTools:
             try:
                 outcome = await self._write(
                     lambda bookings: bookings.hold(
-                        service.id, start, resource_id=resource_id, owner=f"call:{info.call_sid}"
+                        service.id, start, resource_id=resource_id, owner=f"call:{info.call_sid}", among=info.serves
                     )
                 )
             except InvalidRequest as error:
                 # Outside hours, too soon, closed: not bookable, but the nearest times are.
                 answer["requested_available"] = False
                 answer["reason"] = error.detail
-                slots = await self._service.alternatives(service.id, start, resource_id, limit=MAX_OFFERED)
+                slots = await self._service.alternatives(
+                    service.id, start, resource_id, limit=MAX_OFFERED, among=info.serves
+                )
                 answer["slots"] = [self._slot_view(slot) for slot in slots]
                 return answer
             if isinstance(outcome, Held):
@@ -366,7 +368,7 @@ class BookingTools:
             if window is None:
                 return _error("invalid_argument", f"{args.date} is in the past", "date")
         search = await self._service.find_slots(
-            service.id, window=window, resource_id=resource_id, limit=MAX_OFFERED * 4
+            service.id, window=window, resource_id=resource_id, among=info.serves, limit=MAX_OFFERED * 4
         )
         answer["slots"] = [self._slot_view(slot) for slot in _spread(search.slots, MAX_OFFERED)]
         return answer
@@ -407,6 +409,8 @@ class BookingTools:
             actor=f"call:{info.call_sid}",
             # Calling from the number and booking: texts about this booking are implied unless discussed.
             sms_consent=SmsConsent.from_answer(args.texts_ok),
+            among=info.serves,
+            line_number=info.called or None,  # texts about it go from the number the caller dialled
         )
         outcome = await self._write(lambda bookings: bookings.book(request))
         if isinstance(outcome, Booked):
@@ -434,7 +438,7 @@ class BookingTools:
         new_start = self._local(args.new_start)
         outcome = await self._write(
             lambda bookings: bookings.reschedule(
-                booking.id, new_start, resource_id=resource_id, actor=f"call:{info.call_sid}"
+                booking.id, new_start, resource_id=resource_id, actor=f"call:{info.call_sid}", among=info.serves
             )
         )
         if isinstance(outcome, Booked):

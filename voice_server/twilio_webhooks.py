@@ -21,13 +21,12 @@ from starlette.routing import Route
 
 from booking.calls import CallStatus, StatusUpdate
 from booking.consent import CALL_KINDS, Channel, ConsentMode, Decision, wording_version
-from booking.errors import InvalidRequest
 from booking.ledger.consent_repository import NewConsent
-from booking.ledger.numbers_repository import NumberRegistry
 from booking.ledger.repository import utc_now
-from booking.phone import normalise_phone, region_of
+from booking.phone import region_of
 from voice_server import tracing, twiml
 from voice_server.components import Components
+from voice_server.lines import is_our_number, normalised_number
 from voice_server.twilio_signature import matching_token
 from voice_server.webhook_dedupe import claim
 
@@ -86,14 +85,6 @@ def form_field(form: FormData, name: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def normalised_number(number: str, region: str) -> str:
-    """E.164 when it parses; otherwise as given (Twilio sends "anonymous" or "+266696687" for withheld)."""
-    try:
-        return normalise_phone(number, default_region=region)
-    except InvalidRequest:
-        return number
-
-
 async def _signed_call(request: Request) -> tuple[Components, FormData, str] | Response:
     """The components, the verified form and its CallSid; or the response refusing the request."""
     components = components_of(request)
@@ -104,19 +95,6 @@ async def _signed_call(request: Request) -> tuple[Components, FormData, str] | R
     if not call_sid:
         return PlainTextResponse("CallSid is required", status_code=400)
     return components, verified, call_sid
-
-
-async def is_our_number(components: Components, called: str, region: str) -> bool:
-    """Whether a call to ``called`` is this business's: its configured phone, or a number in the registry
-    (``voicebook numbers``). With neither a phone configured nor a number registered, every number is
-    (a development server answers whatever it is dialled on)."""
-    business_phone = normalised_number(components.business.phone, region) if components.business.phone else None
-    if not called or called == business_phone:
-        return True
-    registry = NumberRegistry(components.database)
-    if await registry.serves(called) is not None:
-        return True
-    return business_phone is None and not await registry.list()
 
 
 async def incoming_call(request: Request) -> Response:

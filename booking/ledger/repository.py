@@ -210,6 +210,7 @@ def booking_from_row(row: Row[Any]) -> Booking:
         source=m["source"],
         notes=pii.cipher().decrypt(m["notes"], table="bookings", column="notes", row=m["id"]),
         sms_consent=SmsConsent(m["sms_consent"]),
+        line_number=m["line_number"],
     )
 
 
@@ -355,6 +356,7 @@ class Ledger:
         notes: str | None = None,
         sms_consent: SmsConsent = SmsConsent.IMPLIED,
         sms_consent_wording: str | None = None,
+        line_number: str | None = None,
         actor: str = "api",
     ) -> CreateResult:
         """Insert one booking, or every occurrence of a series, in one transaction: all or nothing. An
@@ -400,6 +402,7 @@ class Ledger:
                         "source": source,
                         "notes": seal_notes(b.id, notes),
                         "sms_consent": sms_consent.value,
+                        "line_number": line_number,
                         "version": 1,
                         "created_at": now,
                         "updated_at": now,
@@ -428,6 +431,7 @@ class Ledger:
                     source=source,
                     notes=notes,
                     sms_consent=sms_consent,
+                    line_number=line_number,
                 )
                 for b in new
             )

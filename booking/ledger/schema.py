@@ -151,6 +151,8 @@ bookings = Table(
     Column("notes", Text),
     # What the customer said about texts when booking (booking.domain.SmsConsent).
     Column("sms_consent", String(16), nullable=False, server_default="implied"),
+    # The business's number the booking was made on (E.164): its texts go from that number.
+    Column("line_number", String(16)),
     Column("version", Integer, nullable=False),
     # The request that created a single booking (a series keeps its key on booking_series).
     Column("idempotency_key", String(255), unique=True),
