@@ -83,7 +83,8 @@ def region_of(number: str | None, fallback: str = "US") -> str:
         region = phonenumbers.region_code_for_number(phonenumbers.parse(number, None))
     except NumberParseException:
         return fallback
-    return region or fallback
+    # "ZZ": no country (a withheld or unknown number); "001": a non-geographic one (+800, +882).
+    return region if region and region not in ("ZZ", "001") else fallback
 
 
 def _displayable(number: str) -> phonenumbers.PhoneNumber | None:

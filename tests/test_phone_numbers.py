@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from booking.business import EXAMPLE_BUSINESS_FILE
 from booking.errors import InvalidRequest
 from booking.phone import format_national, normalise_phone, spoken_number
 from tests.conftest import FrozenClock, running_app
 from tests.test_twilio_webhooks import AUTH_TOKEN, CALL, PUBLIC, post
+from voice_server.privacy_cli import person_number
 from voice_server.settings import Settings
 
 
@@ -109,3 +112,21 @@ async def test_a_blocked_number_typed_nationally_blocks_the_caller(app_settings:
         assert response.status_code == 200
         call = await application.state.components.calls.require_call(CALL["CallSid"])
     assert call.from_number == "+16465550199" and call.refused_reason == "blocked_caller"
+
+
+def test_a_number_an_operator_types_is_read_in_the_business_country(app_settings: Settings, tmp_path: Path) -> None:
+    """``voicebook privacy`` and ``consent`` read a number without a country code as the business's own
+    country's, as callers and the booking API do; one with a country code needs no business file."""
+    london = tmp_path / "london.toml"
+    london.write_text(
+        EXAMPLE_BUSINESS_FILE.read_text()
+        .replace('phone = "+12125550100"', 'phone = "+442079460000"')
+        .replace('timezone = "America/New_York"', 'timezone = "Europe/London"')
+    )
+    in_london = dataclasses.replace(app_settings, business_file=london)
+    assert person_number(in_london, "020 7946 0958") == "+442079460958"
+    assert person_number(app_settings, "(646) 555-0199") == "+16465550199"
+    nowhere = dataclasses.replace(app_settings, business_file=tmp_path / "missing.toml")
+    assert person_number(nowhere, "+44 20 7946 0958") == "+442079460958"
+    with pytest.raises(InvalidRequest):
+        person_number(in_london, "0207 946")

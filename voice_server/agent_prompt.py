@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import phonenumbers
-
 from booking.business import WEEKDAYS, Business, OpeningSpan
-from booking.phone import region_of
+from booking.errors import InvalidRequest
+from booking.phone import format_national, normalise_phone, region_of
 from voice_server.tools import spoken_time
 
 _DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -147,17 +146,15 @@ def _hours_phrase(minutes: int) -> str:
 
 
 def _national(number: str | None, business: Business) -> str | None:
+    """``number`` as a person in the business's country writes it; None when it is not a valid number."""
     if not number:
         return None
+    home = region_of(business.phone)
     try:
-        parsed = phonenumbers.parse(number, region_of(business.phone))
-    except phonenumbers.NumberParseException:
+        e164 = normalise_phone(number, default_region=home)
+    except InvalidRequest:
         return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    if phonenumbers.region_code_for_number(parsed) != region_of(business.phone):
-        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.NATIONAL)
+    return format_national(e164, home_region=home)
 
 
 def _caller_zone_line(business: Business, zone_name: str | None, now: datetime) -> str | None:

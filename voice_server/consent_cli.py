@@ -31,7 +31,7 @@ def consent_command(settings: Settings, args: argparse.Namespace, out: TextIO | 
     stream = out or sys.stdout  # read now: a test's captured stream replaces it after import
     unfinished = args.action == "grant" and (args.kind == ALL_KINDS or not args.wording.strip())
     refusal = "a grant names one kind and the words the person agreed to (--wording)" if unfinished else None
-    return for_person(args.phone, refusal, lambda phone: _consent(settings, args, phone, stream))
+    return for_person(settings, args.phone, refusal, lambda phone: _consent(settings, args, phone, stream))
 
 
 async def _consent(settings: Settings, args: argparse.Namespace, phone: str, out: TextIO) -> int:

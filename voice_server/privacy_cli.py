@@ -24,11 +24,12 @@ from typing import Any, TextIO
 
 from sqlalchemy import select
 
-from booking.errors import InvalidRequest
+from booking.business import load_business
+from booking.errors import ConfigurationError, InvalidRequest
 from booking.ledger import pii
 from booking.ledger.pii import PiiKeyError, new_key
 from booking.ledger.pii_rotation import SEALED_COLUMNS, rotate_keys
-from booking.phone import normalise_phone
+from booking.phone import normalise_phone, region_of
 from booking.privacy import dumps, erase_person, export_person
 from booking.reports.pipeline import reseal_spool
 from voice_server.dlq_cli import CONFIGURATION, NOT_FOUND, OK, Unusable, open_ledger
@@ -98,13 +99,24 @@ async def _keys(settings: Settings, args: argparse.Namespace, active: str, out: 
         return OK
 
 
-def for_person(raw_phone: str, refusal: str | None, run: Callable[[str], Coroutine[Any, Any, int]]) -> int:
-    """The shape of every command about one person (``privacy``, ``consent``): the number in E.164, then
-    ``run`` with it; exit 2 when the number is not one, when ``refusal`` says why the command may not
-    run, or when the configuration is unusable."""
+def person_number(settings: Settings, raw_phone: str) -> str:
+    """The number an operator typed, in E.164. Without a country code it is read in the business's
+    country (its phone's), as callers and the booking API read it: ``020 7946 0958`` is a London number to
+    a London business. The business file is read only then."""
+    if raw_phone.strip().startswith(("+", "00")):
+        return normalise_phone(raw_phone)
+    return normalise_phone(raw_phone, default_region=region_of(load_business(settings.business_file).phone))
+
+
+def for_person(
+    settings: Settings, raw_phone: str, refusal: str | None, run: Callable[[str], Coroutine[Any, Any, int]]
+) -> int:
+    """The shape of every command about one person (``privacy``, ``consent``): the number in E.164
+    (:func:`person_number`), then ``run`` with it; exit 2 when the number is not one, when ``refusal``
+    says why the command may not run, or when the configuration is unusable."""
     try:
-        phone = normalise_phone(raw_phone)
-    except InvalidRequest as exc:
+        phone = person_number(settings, raw_phone)
+    except (InvalidRequest, ConfigurationError) as exc:
         print(f"voicebook: {exc}", file=sys.stderr)
         return CONFIGURATION
     if refusal is not None:
@@ -121,7 +133,7 @@ def privacy_command(settings: Settings, args: argparse.Namespace, out: TextIO | 
     stream = out or sys.stdout
     unconfirmed = args.action == "erase" and not args.yes
     refusal = "erasure cannot be undone: add --yes to go ahead" if unconfirmed else None
-    return for_person(args.phone, refusal, lambda phone: _privacy(settings, args, phone, stream))
+    return for_person(settings, args.phone, refusal, lambda phone: _privacy(settings, args, phone, stream))
 
 
 async def _privacy(settings: Settings, args: argparse.Namespace, phone: str, out: TextIO) -> int:

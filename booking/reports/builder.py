@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from booking.business import Business
 from booking.calls import CallRecord, CallTurn
+from booking.phone import region_of
 from booking.reports.analysis import OfflineAnalyser
-from booking.reports.cleaning import clean_text, region_of
+from booking.reports.cleaning import clean_text
 from booking.reports.facts import read_facts
 from booking.reports.outcome import classify_outcome
 from booking.reports.ports import Analyser, AnalysisInput
@@ -49,7 +50,7 @@ async def build_report(
         for index, t in enumerate(turns)
     )
     names = [facts.customer_name] if facts.customer_name else []
-    cleaned = _clean(raw, region_of(call.to_number if _inbound(call) else call.from_number, default="US"), names)
+    cleaned = _clean(raw, region_of(call.to_number if _inbound(call) else call.from_number), names)
     outcome = classify_outcome(call, facts, bookings_touched)
     analysis = await (analyser or OfflineAnalyser()).analyse(
         AnalysisInput(

@@ -68,17 +68,6 @@ def clean_text(text: str, region: str = "US", names: Sequence[str] = ()) -> str:
     return mask_names(mask_pii(remove_fillers(text), region), names)
 
 
-def region_of(number: str | None, default: str = "US") -> str:
-    """The ISO region of an E.164 number (the business's phone), or ``default``."""
-    if not number:
-        return default
-    try:
-        region = phonenumbers.region_code_for_number(phonenumbers.parse(number, None))
-    except phonenumbers.NumberParseException:
-        return default
-    return region if region and region != "ZZ" else default
-
-
 def _mask_phones(text: str, region: str) -> str:
     matches = list(phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID))
     for match in reversed(matches):  # from the end, so earlier offsets stay right
