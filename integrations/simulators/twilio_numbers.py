@@ -49,8 +49,14 @@ TOLL_FREE_VERIFICATIONS_PATH = "/v1/Tollfree/Verifications"
 NOT_AVAILABLE = 21422  # "PhoneNumber requested is not available"
 INVALID_NUMBER = 21421  # "PhoneNumber is invalid"
 INVALID_URL = 11100  # "Invalid URL format"
-ALREADY_IN_SERVICE = 21710  # the number is already in this Messaging Service
-IN_ANOTHER_SERVICE = 21712  # the number belongs to another Messaging Service
+# Twilio's refusals as the simulator gives them. 21712 is documented (twilio.com/docs/api/errors/21712:
+# "associated with another Messaging Service"). For a number already in the same service and for a
+# malformed parameter the code is the simulator's own choice: Twilio's dictionary names no error code for
+# the first (only warning 80104, "Phone Number Already In Service"), and answers the second with codes
+# that vary by resource. Nothing in voicebook branches on either code: configure checks membership
+# before it adds a number, and every refusal is reported with Twilio's code and message as they came.
+ALREADY_IN_SERVICE = 21710
+IN_ANOTHER_SERVICE = 21712
 INVALID_PARAMETER = 20001
 
 KINDS = {"Local": "local", "Mobile": "mobile", "TollFree": "toll-free"}
