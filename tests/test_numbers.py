@@ -8,6 +8,7 @@ import dataclasses
 import io
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,8 @@ from booking.ledger.numbers_repository import (
     TollFreeVerification,
     cleared_to_text,
 )
+from booking.ledger.repository import CustomerDetails
+from booking.service import Booked, BookingService, BookRequest
 from integrations.simulators.twilio import TwilioState, create_twilio_simulator
 from integrations.simulators.twilio_numbers import Capabilities, NumbersState, OwnedNumber
 from integrations.twilio_numbers import NumbersError, TwilioNumbers, a2p_registration, toll_free_verification
@@ -601,6 +604,33 @@ async def test_release_says_what_it_would_do_then_does_it_with_yes(
     ]
     again = await numbers(settings, "release", number, "--yes")
     assert again.status == 1 and "not on this Twilio account and not in voicebook's registry" in again.out
+
+
+async def test_release_says_how_many_upcoming_bookings_were_made_on_the_number(
+    settings: Settings, sim: Sim, service: BookingService, business: Business, clock: FrozenClock
+) -> None:
+    """Bookings made on a line text from it; once it is released their texts fall back to the configured
+    sender, and release says so before and when it does it."""
+    state, _ = sim
+    number = state.offered("US", "local")[8].phone_number
+    assert (await numbers(settings, "buy", number)).status == 0
+    for hour, line in ((9, number), (10, number), (11, None)):
+        start = datetime(2026, 12, 1, hour, tzinfo=business.tz)
+        made = await service.book(
+            BookRequest("checkup", start, CustomerDetails(phone=f"+1646555010{hour % 10}", name="A"), line_number=line)
+        )
+        assert isinstance(made, Booked)
+    later = datetime(2026, 12, 1, 9, 30, tzinfo=business.tz)  # the 9:00 check-up (30 minutes) is over
+    args = build_parser().parse_args(["numbers", "release", number])
+    out = io.StringIO()
+    assert await numbers_cli.run(settings, args, out, io.StringIO(), clock=clock) == 2
+    assert out.getvalue().splitlines()[0] == (
+        f"2 upcoming bookings were made on {number}: their texts will come from the configured sender "
+        "(TWILIO_SMS_FROM or TWILIO_MESSAGING_SERVICE_SID) once it is released"
+    )
+    out = io.StringIO()
+    assert await numbers_cli.run(settings, args, out, io.StringIO(), clock=lambda: later.astimezone(UTC)) == 2
+    assert out.getvalue().startswith(f"1 upcoming booking was made on {number}: its texts")
 
 
 async def test_release_of_a_number_gone_from_the_account_forgets_it(

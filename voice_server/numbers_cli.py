@@ -45,6 +45,7 @@ from booking.ledger.numbers_repository import (
     TollFreeVerification,
     cleared_to_text,
 )
+from booking.ledger.repository import Clock, utc_now
 from booking.phone import normalise_phone, region_of
 from integrations.egress import Allowlist
 from integrations.twilio_numbers import (
@@ -97,7 +98,10 @@ def numbers_command(settings: Settings, args: argparse.Namespace, out: TextIO | 
     return asyncio.run(run(settings, args, out or sys.stdout))
 
 
-async def run(settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> int:
+async def run(
+    settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO | None = None, *, clock: Clock = utc_now
+) -> int:
+    """``clock`` says what "upcoming" means (``release`` counts the bookings that still text from it)."""
     err = err or sys.stderr
     try:
         numbers = _numbers(args)
@@ -114,7 +118,7 @@ async def run(settings: Settings, args: argparse.Namespace, out: TextIO, err: Te
                 "texts use it; release it with --force if that is really meant"
             )
         async with open_ledger(settings) as database:
-            registry = NumberRegistry(database)
+            registry = NumberRegistry(database, clock=clock)
             if args.action == "buy":
                 return await _buy(client, registry, numbers[0], args.serves, out)
             if args.action == "configure":
@@ -351,6 +355,15 @@ async def _release(client: TwilioNumbers, registry: NumberRegistry, number: str,
     if current is None and known is None:
         print(f"{number} is not on this Twilio account and not in voicebook's registry", file=out)
         return MISMATCH
+    upcoming = await registry.upcoming_bookings(number)
+    if upcoming:
+        # Their texts would go from a number that is no longer ours: they fall back to the configured sender.
+        print(
+            f"{upcoming} upcoming booking{'s were' if upcoming > 1 else ' was'} made on {number}: "
+            f"{'their' if upcoming > 1 else 'its'} texts will come from the configured sender "
+            "(TWILIO_SMS_FROM or TWILIO_MESSAGING_SERVICE_SID) once it is released",
+            file=out,
+        )
     if not yes:
         if current is not None:
             print(

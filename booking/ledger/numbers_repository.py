@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -260,6 +260,21 @@ class NumberRegistry:
             return bool(result.rowcount)
 
         return await self._db.write(work)
+
+    async def upcoming_bookings(self, number: str) -> int:
+        """How many confirmed bookings not yet over were made on ``number``: their texts go from it while
+        it is registered and cleared to text."""
+        query = (
+            select(func.count())
+            .select_from(t.bookings)
+            .where(
+                t.bookings.c.line_number == number,
+                t.bookings.c.status == "confirmed",
+                t.bookings.c.end_at > self._clock(),
+            )
+        )
+        async with self._db.reader.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def _set(self, number: str, **values: Any) -> bool:
         def work(conn: Connection) -> bool:
