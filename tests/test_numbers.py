@@ -341,7 +341,16 @@ def test_invalid_numbers_and_missing_credentials_are_refused(
         monkeypatch.delenv(name, raising=False)
     assert main(["numbers", "buy", "not a number"]) == 2
     assert "not a phone number" in capsys.readouterr().err
-    assert main(["numbers", "list"]) == 2
+    assert main(["numbers", "verify"]) == 2
+    assert "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN" in capsys.readouterr().err
+    # What only reads or writes the registry needs no Twilio account.
+    assert main(["numbers", "list"]) == 0
+    assert "no numbers registered" in capsys.readouterr().out
+    assert main(["numbers", "compliance"]) == 1
+    assert "no numbers registered" in capsys.readouterr().out
+    assert main(["numbers", "assign", "+12125550111", "dr-lee"]) == 1
+    assert "not in voicebook's registry" in capsys.readouterr().out
+    assert main(["numbers", "compliance", "--refresh"]) == 2
     assert "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN" in capsys.readouterr().err
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
     assert main(["numbers", "search"]) == 2

@@ -19,6 +19,8 @@
 - ``numbers list``: the registry, with when each number was last verified and what it serves.
 
 Resource ids (``assign``, ``--serves``) must be the business file's, checked before anything is sent.
+``list``, ``assign`` and ``compliance`` without ``--refresh`` read and write only the registry, so they
+need no Twilio credentials; the rest talk to Twilio.
 
 Exit status: 0 done (verify: nothing wrong; compliance without a flag: every texting number cleared to
 text), 1 Twilio refused, verify found a mismatch, compliance found a texting number not cleared, or the
@@ -105,13 +107,22 @@ async def run(
     err = err or sys.stderr
     try:
         numbers = _numbers(args)
+        if getattr(args, "serves", None):
+            check_resources(_business(settings), args.serves)
+        if args.action in ("list", "assign") or (args.action == "compliance" and not args.refresh):
+            # The registry alone: no Twilio credentials needed.
+            async with open_ledger(settings) as database:
+                registry = NumberRegistry(database, clock=clock)
+                if args.action == "assign":
+                    return await _assign(registry, numbers[0], args.serves, out)
+                if args.action == "compliance":
+                    return await _compliance(None, registry, numbers, args, out)
+                return await _list(registry, out)
         client = numbers_client(settings)
         if args.action == "search":
             return await _search(client, args, out)
         if args.action == "configure" and not settings.public_url:
             raise Unusable("configuring a number needs VOICEBOOK_PUBLIC_URL: the https:// base Twilio reaches us at")
-        if getattr(args, "serves", None):
-            check_resources(_business(settings), args.serves)
         if args.action == "release" and not args.force and numbers[0] == _business_phone(settings):
             raise Unusable(
                 f"{numbers[0]} is the business's own phone (phone in {settings.business_file}): callers and "
@@ -127,11 +138,7 @@ async def run(
                 return await _verify(client, registry, settings, numbers, args.voice_only, out)
             if args.action == "compliance":
                 return await _compliance(client, registry, numbers, args, out)
-            if args.action == "release":
-                return await _release(client, registry, numbers[0], args.yes, out)
-            if args.action == "assign":
-                return await _assign(registry, numbers[0], args.serves, out)
-            return await _list(registry, out)
+            return await _release(client, registry, numbers[0], args.yes, out)
     except Unusable as exc:
         print(f"voicebook: {exc}", file=err)
         return CONFIGURATION
@@ -304,7 +311,11 @@ def _standing(number: str, sms: bool, compliance: Compliance) -> tuple[str, bool
 
 
 async def _compliance(
-    client: TwilioNumbers, registry: NumberRegistry, numbers: Sequence[str], args: argparse.Namespace, out: TextIO
+    client: TwilioNumbers | None,
+    registry: NumberRegistry,
+    numbers: Sequence[str],
+    args: argparse.Namespace,
+    out: TextIO,
 ) -> int:
     a2p = A2PStatus(args.a2p) if args.a2p else None
     verification = TollFreeVerification(args.toll_free) if args.toll_free else None
@@ -329,6 +340,7 @@ async def _compliance(
             await registry.set_compliance(number, a2p_status=a2p, toll_free_verification=verification)
             standing = Compliance(a2p or known.a2p_status, verification or known.toll_free_verification)
         elif args.refresh:
+            assert client is not None  # run() builds one for --refresh
             current = await client.find(number)
             if current is None:
                 print(f"{number}: the number is not on this Twilio account", file=out)
