@@ -197,7 +197,21 @@ class TwilioSMS:
         pairs.append((EFFECT_PARAM, idempotency_key))
         return urlunsplit((scheme, netloc, path, urlencode(pairs), fragment))
 
-    async def send(self, to: str, body: str, *, idempotency_key: str) -> SentMessage:
+    async def send(
+        self,
+        to: str,
+        body: str,
+        *,
+        idempotency_key: str,
+        from_number: str | None = None,
+        messaging_service_sid: str | None = None,
+    ) -> SentMessage:
+        """Text ``body`` to ``to`` from the configured sender, or from ``from_number`` (a booking's line)
+        when given. ``messaging_service_sid`` goes with ``from_number``: the Messaging Service whose
+        sender pool holds that number (None: it is in none). Every send takes its token from the one
+        rate limiter, whichever number it goes from: stricter than a bucket per number, never looser."""
+        if messaging_service_sid is not None and from_number is None:
+            raise ValueError("messaging_service_sid overrides the sender only together with from_number")
         count = segments(body)
         if not body.strip() or count.characters > MAX_BODY_CHARS:
             raise EffectFailed(
@@ -211,7 +225,19 @@ class TwilioSMS:
         if self._rate_limiter is not None:
             await self._rate_limiter.acquire()
         arguments: dict[str, Any] = {"to": to, "body": body}
-        if self._messaging_service_sid is not None:
+        if from_number is not None:
+            arguments["from_"] = from_number
+            if messaging_service_sid is not None:
+                # Twilio's Messages API takes a MessagingServiceSid "instead of or in addition to a
+                # specific 'From'" (https://www.twilio.com/docs/errors/21603); with both, "you can
+                # provide a specific sender from your Sender Pool" (twilio's MessageList.create,
+                # ``from_`` and ``messaging_service_sid``): this number sends, and the message belongs
+                # to the service, so its features (Advanced Opt-Out, its A2P campaign) still apply.
+                # Our StatusCallback below is used "instead of the Status Callback URL of the Messaging
+                # Service" (``status_callback``), as for every send here. A From outside the pool draws
+                # 21711 (https://www.twilio.com/docs/errors/21711), hence the number's own service.
+                arguments["messaging_service_sid"] = messaging_service_sid
+        elif self._messaging_service_sid is not None:
             arguments["messaging_service_sid"] = self._messaging_service_sid
         else:
             arguments["from_"] = self._from_number

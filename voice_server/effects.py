@@ -5,6 +5,11 @@ is the calendar and the effect is recorded as done. With a Twilio sender (a Mess
 number), SMS effects text the customer; without one the message is rendered and logged (phone masked)
 instead, so a local run shows what would have been sent.
 
+A text about a booking made on one of the business's registered lines (the number the caller dialled)
+goes from that line when the registry says it can text and carriers have cleared it; otherwise from the
+configured sender, and the log says why (``sms_line_not_used``). The destination's rules
+(booking/sms_rules.py) apply to whichever sender the text goes from.
+
 Every SMS effect first consults the ledger's suppression list (when the handlers are given the ledger's
 database): a number that texted STOP is not texted. That is an expected outcome, so the effect finishes
 as done, without a send, and the log says ``sms_suppressed``. Twilio refusing a send with 21610 (opted
@@ -22,6 +27,7 @@ import structlog
 from booking.business import Business
 from booking.errors import EffectFailed
 from booking.ledger.database import Database
+from booking.ledger.numbers_repository import NumberRegistry, RegisteredNumber
 from booking.ledger.sms_repository import SmsLedger, SuppressionSource
 from booking.messages import BookingView, MessageKind, render
 from booking.outbox import REWRITE_DETAILS, SERIES, Effect, EffectKind, booking_from_payload
@@ -29,6 +35,7 @@ from booking.phone import format_national, region_of
 from booking.sms_rules import NoSender, Senders, body_problem, choose_sender, opt_out_footer
 from booking.worker import Handler
 from voice_server import egress_policy
+from voice_server.lines import why_not_text_from
 from voice_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -176,12 +183,32 @@ def build_handlers(
             alpha_sender=settings.sms_alpha_sender,
         )
         home_region = region_of(business.phone)
+        registry = NumberRegistry(database)
 
-        def outgoing(effect: Effect, to: str) -> str:
-            """The text as it may go to ``to``'s country: a sender carriers there deliver from, the opt-out
-            that sender allows, within the segment limit. Refused permanently otherwise (a retry cannot
-            change the configuration), naming why."""
-            choice = choose_sender(to, senders, home_region=home_region)
+        async def line_of(effect: Effect, line_number: str | None, to: str) -> RegisteredNumber | None:
+            """The booking's line when its text may go from it; None: the configured sender, with the
+            reason logged when the booking has a line. Read from the registry on every text, so a number
+            cleared, released or moved to another Messaging Service takes effect at once in every worker."""
+            if line_number is None:
+                return None
+            line = await registry.get(line_number)
+            reason = why_not_text_from(line)
+            detail = None
+            if line is not None and reason is None:
+                reach = choose_sender(to, Senders(from_number=line.number), home_region=home_region)
+                if not isinstance(reach, NoSender):
+                    return line
+                # Carriers there do not deliver from it: the configured sender (an alphanumeric one, say) may.
+                reason, detail = "not_for_destination", reach.reason
+            log.info("sms_line_not_used", reason=reason, detail=detail, line=line_number, booking_id=effect.booking_id)
+            return None
+
+        def outgoing(effect: Effect, to: str, line: RegisteredNumber | None) -> str:
+            """The text as it may go to ``to``'s country: a sender carriers there deliver from (``line``,
+            else the configured one), the opt-out that sender allows, within the segment limit. Refused
+            permanently otherwise (a retry cannot change the configuration), naming why."""
+            sending = senders if line is None else Senders(from_number=line.number)
+            choice = choose_sender(to, sending, home_region=home_region)
             if isinstance(choice, NoSender):
                 raise EffectFailed(
                     f"no text to {masked_phone(to)}: {choice.reason}",
@@ -229,14 +256,22 @@ def build_handlers(
             )
 
         async def text(effect: Effect) -> None:
-            to = booking_from_payload(effect.payload).customer.phone
+            booking = booking_from_payload(effect.payload)
+            to = booking.customer.phone
             if await suppressed(effect, to):
                 return
-            body = outgoing(effect, to)
+            line = await line_of(effect, booking.line_number, to)
+            body = outgoing(effect, to, line)
             if await already_sent(effect, to, body):
                 return
             try:
-                sent = await sms.send(to, body, idempotency_key=effect.idempotency_key)
+                sent = await sms.send(
+                    to,
+                    body,
+                    idempotency_key=effect.idempotency_key,
+                    from_number=None if line is None else line.number,
+                    messaging_service_sid=None if line is None else line.messaging_service_sid,
+                )
             except EffectFailed as error:
                 if error.code not in _OUTCOME_UNKNOWN:
                     # Twilio answered with a refusal: nothing left, so the next attempt need not look.
@@ -246,7 +281,8 @@ def build_handlers(
                     log.info("sms_recipient_opted_out", booking_id=effect.booking_id, to=masked_phone(to))
                 raise
             await record(effect, to, sent)
-            log.info("sms_sent", kind=effect.kind, booking_id=effect.booking_id, message_sid=sent.sid)
+            sender = "configured" if line is None else line.number
+            log.info("sms_sent", kind=effect.kind, booking_id=effect.booking_id, message_sid=sent.sid, sender=sender)
 
     else:
 
