@@ -258,6 +258,14 @@ async def _configure(
     return OK
 
 
+async def _targets(registry: NumberRegistry, numbers: Sequence[str], out: TextIO) -> list[str]:
+    """The numbers named, or every registered one; empty (said on ``out``) when there are none."""
+    targets = list(numbers) or [known.number for known in await registry.list()]
+    if not targets:
+        print("no numbers registered (voicebook numbers buy, or configure a number already on the account)", file=out)
+    return targets
+
+
 async def _verify(
     client: TwilioNumbers,
     registry: NumberRegistry,
@@ -268,9 +276,8 @@ async def _verify(
 ) -> int:
     if not settings.public_url:
         raise Unusable("verifying needs VOICEBOOK_PUBLIC_URL: the https:// base Twilio must reach us at")
-    targets = list(numbers) or [known.number for known in await registry.list()]
+    targets = await _targets(registry, numbers, out)
     if not targets:
-        print("no numbers registered (voicebook numbers buy, or configure a number already on the account)", file=out)
         return MISMATCH
     worst = OK
     for number in targets:
@@ -324,9 +331,8 @@ async def _compliance(
         raise Unusable("--refresh reads the statuses from Twilio: give it or --a2p/--toll-free, not both")
     if recording and not numbers:
         raise Unusable("name the number whose status to record")
-    targets = list(numbers) or [known.number for known in await registry.list()]
+    targets = await _targets(registry, numbers, out)
     if not targets:
-        print("no numbers registered (voicebook numbers buy, or configure a number already on the account)", file=out)
         return MISMATCH
     worst = OK
     for number in targets:
