@@ -15,7 +15,7 @@ from __future__ import annotations
 import structlog
 
 from booking.errors import InvalidRequest
-from booking.ledger.numbers_repository import A2PStatus, NumberRegistry, RegisteredNumber, TollFreeVerification
+from booking.ledger.numbers_repository import A2P_CLEARED, TOLL_FREE_CLEARED, NumberRegistry, RegisteredNumber
 from booking.phone import normalise_phone
 from voice_server.components import Components
 
@@ -60,12 +60,6 @@ async def line_scope(components: Components, called: str) -> frozenset[str] | No
     return kept or None
 
 
-_A2P_BLOCKED = frozenset({A2PStatus.UNREGISTERED, A2PStatus.PENDING, A2PStatus.FAILED})
-_TOLL_FREE_BLOCKED = frozenset(
-    {TollFreeVerification.UNVERIFIED, TollFreeVerification.PENDING, TollFreeVerification.REJECTED}
-)
-
-
 def why_not_text_from(line: RegisteredNumber | None) -> str | None:
     """Why texts may not go from a booking's line, or None when they may. ``not_registered``: not in the
     registry (released, or never ours); ``cannot_text``: no SMS capability; ``a2p_<status>`` and
@@ -74,9 +68,9 @@ def why_not_text_from(line: RegisteredNumber | None) -> str | None:
         return "not_registered"
     if not line.sms:
         return "cannot_text"
-    if line.a2p_status in _A2P_BLOCKED:
+    if line.a2p_status not in A2P_CLEARED:
         return f"a2p_{line.a2p_status.value}"
-    if line.toll_free_verification in _TOLL_FREE_BLOCKED:
+    if line.toll_free_verification not in TOLL_FREE_CLEARED:
         return f"toll_free_{line.toll_free_verification.value}"
     return None
 

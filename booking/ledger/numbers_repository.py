@@ -129,13 +129,15 @@ def default_compliance(facts: NumberFacts) -> tuple[A2PStatus, TollFreeVerificat
     return a2p, verification
 
 
+A2P_CLEARED = frozenset({A2PStatus.NOT_REQUIRED, A2PStatus.APPROVED})
+TOLL_FREE_CLEARED = frozenset({TollFreeVerification.NOT_REQUIRED, TollFreeVerification.APPROVED})
+"""The statuses carriers let a number's texts through with: every registration it needs approved (one it
+does not need is ``not_required``). Unregistered, unverified, pending, failed and rejected are not."""
+
+
 def cleared_to_text(a2p_status: A2PStatus, toll_free_verification: TollFreeVerification) -> bool:
-    """Whether carriers let the number's texts through: every registration it needs is approved (one it
-    does not need is ``not_required``). Unregistered, unverified, pending, failed and rejected are not."""
-    return a2p_status in (A2PStatus.NOT_REQUIRED, A2PStatus.APPROVED) and toll_free_verification in (
-        TollFreeVerification.NOT_REQUIRED,
-        TollFreeVerification.APPROVED,
-    )
+    """Whether carriers let the number's texts through (:data:`A2P_CLEARED`, :data:`TOLL_FREE_CLEARED`)."""
+    return a2p_status in A2P_CLEARED and toll_free_verification in TOLL_FREE_CLEARED
 
 
 def _registered(row: Row[Any]) -> RegisteredNumber:
