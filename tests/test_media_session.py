@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from integrations.simulators.twilio import TwilioState, create_twilio_simulator
 from integrations.twilio_rest import TwilioCallControl
 from tests.conftest import FrozenClock, serving
 from tests.twilio_caller import TwilioCaller
-from tests.voice_fakes import SlowTools, scripted_ports
+from tests.voice_fakes import ScriptedTTS, SlowTools, scripted_ports
 from voice_server import media_endpoint
 from voice_server.app import create_app
 from voice_server.recording import load_recording
@@ -157,6 +158,29 @@ async def test_barge_in_clears_playback_and_keeps_only_what_was_heard(server: Se
     assert truncated, "an interrupted reply is flagged"
     assert "sentence number 1 " in text + " " and "sentence number 8" not in text
     assert caller.media_frames_received > 0
+
+
+async def test_speech_cut_off_is_closed_by_the_call_not_left_to_the_garbage_collector(server: Server) -> None:
+    """A sentence cut off by a barge-in, or by the hang-up, has its provider stream closed by the call
+    itself. Left to the collector, asyncio's finalizer closes nested streams in no order, and an outer one
+    closing an inner one the finalizer is closing too fails ("already running") with its HTTP response
+    still held."""
+    tts = server.app.state.components.voice.tts
+    assert isinstance(tts, ScriptedTTS)
+    async with dial(server) as caller:
+        await hear_greeting(caller)
+        await caller.say()  # "I would like a checkup"
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 2)
+        await caller.say()  # "tell me a story": eight long sentences
+        await caller.wait_for(lambda: len(caller.marks_echoed) >= GREETING_MARKS + 3)
+        clears = caller.clears
+        await caller.say(loud_ms=100, then_silence_ms=0)  # cut off mid-story
+        await caller.wait_for(lambda: caller.clears == clears + 1)
+        await caller.stop()
+    await transcript_of(server)  # the call is filed: every task of it has ended
+    gc.collect()  # whatever the call left behind is found now, and finalized
+    await asyncio.sleep(0.05)
+    assert tts.closed_by and "async_generator_athrow" not in tts.closed_by, tts.closed_by
 
 
 @pytest.mark.parametrize("script", [["please book it", "wait"]])

@@ -109,13 +109,23 @@ class ScriptedAgent:
 
 
 class ScriptedTTS:
-    """10 ms of audio per character, as a few chunks (a mid-level tone, so it is not silence)."""
+    """10 ms of audio per character, as a few chunks (a mid-level tone, so it is not silence).
+    ``closed_by`` names, for every stream that ended, what ran its end: the consumer's own task (a
+    ``coroutine``), or asyncio's finalizer for a stream left to the garbage collector
+    (``async_generator_athrow``)."""
+
+    def __init__(self) -> None:
+        self.closed_by: list[str] = []
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         total = len(text) * 80
-        for start in range(0, total, 800):
-            await asyncio.sleep(0)
-            yield bytes([0x30]) * min(800, total - start)
+        try:
+            for start in range(0, total, 800):
+                await asyncio.sleep(0)
+                yield bytes([0x30]) * min(800, total - start)
+        finally:
+            task = asyncio.current_task()
+            self.closed_by.append(type(task.get_coro()).__name__ if task is not None else "no task")
 
 
 @dataclass

@@ -54,6 +54,7 @@ from voice_server.ports import (
     SpeechToTextStream,
     TextToSpeech,
     Transcript,
+    closing,
 )
 
 log = structlog.get_logger("voicebook.fallback")
@@ -175,14 +176,6 @@ class CircuitBreaker:
             self._probing = False
 
 
-def _closing(iterator: AsyncIterator[T]) -> contextlib.AbstractAsyncContextManager[AsyncIterator[T]]:
-    """Close a provider's iterator when its consumer stops (``aclosing``); the ports promise an
-    ``AsyncIterator``, so one that is not a generator has nothing to close."""
-    if isinstance(iterator, AsyncGenerator):
-        return contextlib.aclosing(iterator)
-    return contextlib.nullcontext(iterator)
-
-
 class _Done:
     """The iterator ended."""
 
@@ -256,7 +249,7 @@ class FallbackTTS:
         started = False  # some of the primary's audio has been yielded
         failure: Exception | None = None
         try:
-            async with _closing(self._primary.synthesize(text)) as audio:
+            async with closing(self._primary.synthesize(text)) as audio:
                 while True:
                     item = await _pull(audio, None if started else self.first_byte_timeout_s)
                     if isinstance(item, _Done):
@@ -293,7 +286,7 @@ class FallbackTTS:
                 yield chunk
 
     async def _speak_fallback(self, text: str) -> AsyncGenerator[bytes, None]:
-        async with _closing(self._fallback.synthesize(text)) as audio:
+        async with closing(self._fallback.synthesize(text)) as audio:
             while True:
                 item = await _pull(audio)
                 if isinstance(item, _Done):
@@ -480,7 +473,7 @@ class FallbackSTTStream:
         """Forward ``stream``'s events until they end (None) or fail (the error)."""
         primary = not self.on_fallback
         try:
-            async with _closing(stream.events()) as events:
+            async with closing(stream.events()) as events:
                 async for event in events:
                     if primary and isinstance(event, Transcript) and event.is_final:
                         self._unconfirmed.clear()  # recognised: never replayed

@@ -3,10 +3,13 @@ that cross them. Deepgram, OpenAI and the offline defaults implement these; test
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,3 +174,16 @@ class VoicePorts:
     tts: TextToSpeech
     tools: ToolRunner
     control: CallControl | None = None
+
+
+def closing(iterator: AsyncIterator[T]) -> contextlib.AbstractAsyncContextManager[AsyncIterator[T]]:
+    """Close a provider's stream when its consumer stops, even when cancelled (``aclosing``); the ports
+    promise an ``AsyncIterator``, so one that is not a generator has nothing to close.
+
+    A generator left to the garbage collector is closed by asyncio's finalizer in a task of its own, in
+    no particular order: an outer one's close then awaits the inner one's while the finalizer closes that
+    inner one too, which fails with "aclose(): asynchronous generator is already running" and leaves its
+    HTTP response unreleased. Closing in the consumer, outer before inner, avoids both."""
+    if isinstance(iterator, AsyncGenerator):
+        return contextlib.aclosing(iterator)
+    return contextlib.nullcontext(iterator)

@@ -42,6 +42,7 @@ from voice_server.ports import (
     TransferCall,
     Turn,
     VoicePorts,
+    closing,
 )
 from voice_server.tracing import record_tool_result, record_turn
 from voice_server.turn_timing import TurnTimer, TurnTiming, observe
@@ -360,8 +361,10 @@ class CallSession:
                     calls: list[ToolCall] = []
                     self._unstarted_tools = calls
                     self._tools_parent = otel_context.get_current()  # the tools this round starts are the turn's
-                    events = timer.agent(self._ports.agent.respond(list(self.transcript), self.info))
-                    await self._speak_reply(events, calls, timer)
+                    answer = self._ports.agent.respond(list(self.transcript), self.info)
+                    # Closed here when the reply is cancelled (barge-in, hang-up), outer before inner.
+                    async with closing(answer) as answer, closing(timer.agent(answer)) as events:
+                        await self._speak_reply(events, calls, timer)
                     if not calls:
                         break
                     # Tools run in tasks of their own: a barge-in cancels this reply, never a booking under way.
@@ -480,11 +483,13 @@ class CallSession:
             self._move(CallState.SPEAKING)
         mark = f"{uuid.uuid4().hex[:12]}"
         self._spoken.append((mark, sentence))
-        audio = self._ports.tts.synthesize(sentence)
-        if timer is None or timer.spoke:
-            await self._playout.play(audio, mark)
-            return
-        await self._playout.play(timer.audio(audio, lambda: self._playout.frames_sent), mark)
+        # Closed here when the reply is cancelled (barge-in, hang-up), outer before inner: see ports.closing.
+        async with closing(self._ports.tts.synthesize(sentence)) as audio:
+            if timer is None or timer.spoke:
+                await self._playout.play(audio, mark)
+                return
+            async with closing(timer.audio(audio, lambda: self._playout.frames_sent)) as timed:
+                await self._playout.play(timed, mark)
         timer.utterance_played(self._playout.frames_sent)
 
     async def _await_marks(self) -> None:
