@@ -497,10 +497,22 @@ class Business(_Frozen):
     def closures_for(self, resource_id: str) -> tuple[Closure, ...]:
         return tuple(closure for closure in self.closures if closure.applies_to(resource_id))
 
+    @cached_property
+    def _lines(self) -> dict[frozenset[str], Business]:
+        return {}
+
     def serving(self, resource_ids: Collection[str]) -> Business:
         """The business as a phone line that books only ``resource_ids`` presents it: those resources,
         the services they provide (each limited to them) and the closures that touch them. Ids it does
-        not have are ignored; with none of its own left, the whole business (a line is never empty)."""
+        not have are ignored; with none of its own left, the whole business (a line is never empty).
+        Built once per line: the agent's prompt asks for it on every turn."""
+        key = frozenset(resource_ids)
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = self._narrowed(key)
+        return line
+
+    def _narrowed(self, resource_ids: frozenset[str]) -> Business:
         kept = tuple(resource for resource in self.resources if resource.id in resource_ids)
         if not kept or len(kept) == len(self.resources):
             return self

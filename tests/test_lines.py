@@ -214,3 +214,9 @@ async def test_a_call_to_a_registered_line_carries_what_it_serves(
             [session] = components.sessions
             assert session.info.called == NURSE_LINE
             assert session.info.serves == expected
+
+
+def test_a_line_is_built_once(business: Business) -> None:
+    """The language model's prompt asks for the line's business on every turn: it is built once."""
+    assert business.serving({"dr-patel"}) is business.serving(["dr-patel"])
+    assert business.serving({"dr-patel"}) is not business.serving({"dr-lee"})
