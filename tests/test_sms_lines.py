@@ -157,6 +157,16 @@ async def test_an_api_booking_is_texted_from_the_configured_sender_without_a_wor
     assert not_used(logs) == []  # no line to explain
 
 
+async def test_a_call_to_the_configured_sender_is_texted_from_it_without_a_word(running: Running) -> None:
+    """The business's own phone is usually TWILIO_SMS_FROM too: a booking made on it needs no registry
+    entry and no explanation to go from it."""
+    app, _, messages, settings = running
+    logs = await run_text(app, settings, await confirmation_of_a_call(app, CONFIGURED))
+    [sent] = messages.sent_to(CUSTOMER)
+    assert sent.from_number == CONFIGURED
+    assert not_used(logs) == []
+
+
 @pytest.mark.parametrize(
     ("registration", "reason"),
     [

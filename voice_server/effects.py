@@ -189,8 +189,8 @@ def build_handlers(
             """The booking's line when its text may go from it; None: the configured sender, with the
             reason logged when the booking has a line. Read from the registry on every text, so a number
             cleared, released or moved to another Messaging Service takes effect at once in every worker."""
-            if line_number is None:
-                return None
+            if line_number is None or line_number == settings.twilio_sms_from:
+                return None  # no line, or the configured sender itself: nothing to look up or to say
             line = await registry.get(line_number)
             reason = why_not_text_from(line)
             detail = None
