@@ -37,6 +37,7 @@ import structlog
 from booking.domain import Interval
 from booking.external_busy import ExternalBusyRefresher
 from booking.service import BookingService
+from booking.writes import WriteOp
 
 T = TypeVar("T")
 
@@ -141,6 +142,10 @@ class BookingLane:
             with contextlib.suppress(RuntimeError):  # the lane's loop already closed at shutdown
                 loop.call_soon_threadsafe(cancel)
             raise
+
+    async def write(self, op: WriteOp[T]) -> T:
+        """A call's booking write (:class:`~booking.writes.WriteOp`) on the lane."""
+        return await self.run(op.apply)
 
     async def stop(self) -> None:
         """Finish the work in flight (new work is refused from now on), close what the build opened, and

@@ -228,6 +228,15 @@ TEST_NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
+def socket_path() -> Iterator[Path]:
+    """A Unix socket's path in a short folder of its own (a socket's path is limited to about 100 bytes,
+    which a test's ``tmp_path`` can pass)."""
+    folder = Path(tempfile.mkdtemp(prefix="vb-"))
+    yield folder / "s.sock"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def clock() -> FrozenClock:
     return FrozenClock(TEST_NOW)
 

@@ -308,3 +308,48 @@ async def test_a_signal_to_the_whole_group_drains_calls_once(app_settings: Setti
     assert events.count("supervisor_stopping") == 1
     assert "ending_calls_for_shutdown" in events, "the drain ran its course: the caller heard the goodbye"
     assert stopped_after >= drain_seconds - 0.5, stopped_after
+
+
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def booking_processes(session: int) -> list[int]:
+    return [pid for pid in session_members(session) if "booking-process" in command_line(pid)]
+
+
+async def test_one_server_process_runs_beside_a_booking_process_that_is_replaced_and_stopped_last(
+    tmp_path: Path,
+) -> None:
+    """The default: one server process, and the booking process beside it (``booking.lane_process``)."""
+    async with voicebook(tmp_path, "serve") as run:
+        supervisor = run.process.pid
+        await wait_until_ready(run)
+        servers = await answering_pids(run.base, 5)
+        assert len(servers) == 1 and supervisor not in servers
+        [booking] = booking_processes(supervisor)
+        assert booking not in servers
+
+        os.kill(booking, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while not (replacement := booking_processes(supervisor)) or replacement == [booking]:  # noqa: ASYNC110  # /proc has no event
+                await asyncio.sleep(0.2)
+        events = run.events()
+        died = [event for event in events if event.get("event") == "booking_process_died"]
+        assert [(event["pid"], event["exit_code"]) for event in died] == [(booking, -signal.SIGKILL)]
+        async with asyncio.timeout(30):  # the replacement has started and listens (a fresh interpreter: allow time)
+            while [event.get("event") for event in run.events()].count("booking_process_listening") < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        assert "booking_process_restarted" in [event.get("event") for event in run.events()]
+
+        run.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(run.process.wait(), DRAIN_SECONDS + STOP_MARGIN_SECONDS) == 0, run.output()
+        assert session_members(supervisor) == []
+        order = [event.get("event") for event in run.events()]
+        # The server process drained and stopped before the booking process was told to stop.
+        assert order.index("voicebook_stopping") < order.index("booking_process_stopped") < order.index(
+            "supervisor_stopped"
+        )

@@ -1,11 +1,14 @@
 """The agent's booking tools against a real booking service (real Redis, real ledger). Every test runs
-twice: with the writes on the test's own loop, and on a booking lane (a loop of their own on another
-thread, with its own Redis client and ledger engines, as ``voicebook serve`` runs them)."""
+three times: with the writes on the test's own loop; on a booking lane (a loop of their own on another
+thread, with its own Redis client and ledger engines); and through the booking process's Unix socket
+protocol (``booking.lane_process``, served here on the test's loop by a second service with its own
+client and engines, as ``voicebook serve``'s booking process does in a process of its own)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ import redis.asyncio as aioredis
 from booking.domain import BookingStatus
 from booking.freebusy import FreeBusyIndex
 from booking.lane import BookingLane
+from booking.lane_process import LaneClient, LaneServer
 from booking.ledger.database import Database
 from booking.ledger.repository import Ledger
 from booking.service import BookingService
@@ -25,7 +29,7 @@ ALICE = CallInfo("CA-alice", "MZ-alice", "+12125550142", "+12125550100")
 BOB = CallInfo("CA-bob", "MZ-bob", "+16465550199", "+12125550100")
 
 
-@pytest.fixture(params=["call loop", "booking lane"])
+@pytest.fixture(params=["call loop", "booking lane", "booking process"])
 async def tools(
     request: pytest.FixtureRequest,
     service: BookingService,
@@ -33,6 +37,7 @@ async def tools(
     clock: FrozenClock,
     database_url: str,
     redis_url: str,
+    socket_path: Path,
 ) -> AsyncIterator[BookingTools]:
     if request.param == "call loop":
         yield BookingTools(service, clock=clock)
@@ -45,6 +50,17 @@ async def tools(
         stack.push_async_callback(database.dispose)
         lane_index = FreeBusyIndex(redis, prefix=index.prefix)
         return BookingService(service.business, Ledger(database, clock=clock), lane_index, clock=clock)
+
+    if request.param == "booking process":
+        async with contextlib.AsyncExitStack() as stack:
+            server = LaneServer(await build(stack))
+            await server.start(socket_path)
+            stack.push_async_callback(server.stop)
+            client = LaneClient(socket_path, fallback=service)
+            stack.push_async_callback(client.aclose)
+            yield BookingTools(service, clock=clock, lane=client)
+            assert client.local_writes == 0  # every write went through the socket
+        return
 
     lane = BookingLane(build)
     await lane.start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from pathlib import Path
 
 import redis.asyncio as aioredis
 import structlog
@@ -19,13 +19,14 @@ from starlette.responses import Response
 
 from booking.business import Business, load_business
 from booking.external_busy import ExternalBusyRefresher
-from booking.freebusy import FreeBusyIndex
 from booking.lane import BookingLane, CallLoopCalendar
+from booking.lane_process import LaneClient
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
-from booking.ledger.repository import Clock, Ledger, utc_now
+from booking.ledger.repository import Clock, utc_now
 from booking.outbox import RedisNotifier
 from booking.service import BookingService
+from booking.writes import BookingWriter
 from voice_server import media_endpoint, sms_webhooks, twilio_webhooks
 from voice_server.api import bookings, health, metrics
 from voice_server.api import calls as calls_api
@@ -33,6 +34,7 @@ from voice_server.api import crm as crm_api
 from voice_server.api import effects as effects_api
 from voice_server.api import reports as reports_api
 from voice_server.api.responses import problem
+from voice_server.booking_stack import calendar_refresh, ledger_and_index
 from voice_server.components import Components
 from voice_server.correlation import CorrelationMiddleware
 from voice_server.effect_workers import effect_workers
@@ -71,20 +73,6 @@ async def _start_refresher(refresher: ExternalBusyRefresher, stack: contextlib.A
     stack.push_async_callback(stop)
 
 
-def _calendar_refresh(settings: Settings) -> timedelta:
-    """How often external calendars' busy time is fetched; the index keeps it for three of these."""
-    return timedelta(seconds=settings.calendar_refresh_seconds)
-
-
-def _ledger_and_index(
-    settings: Settings, redis: aioredis.Redis, database: Database, notify: RedisNotifier, *, clock: Clock
-) -> tuple[Ledger, FreeBusyIndex]:
-    """A booking service's ledger and free/busy index. The call loop's service and the booking lane's
-    are built from it, so the two agree on the index's keys and on how long external busy time lives."""
-    index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * _calendar_refresh(settings))
-    return Ledger(database, clock=clock, notify_effects=notify), index
-
-
 async def _start_booking_lane(
     settings: Settings,
     business: Business,
@@ -105,7 +93,7 @@ async def _start_booking_lane(
         database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
         lane_stack.push_async_callback(database.dispose)
         notify = RedisNotifier(redis, settings.effects_channel)
-        ledger, index = _ledger_and_index(settings, redis, database, notify, clock=clock)
+        ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
         external = CallLoopCalendar(refresher, call_loop) if refresher is not None else None
         return BookingService(business, ledger, index, clock=clock, external=external)
 
@@ -113,6 +101,18 @@ async def _start_booking_lane(
     await lane.start()
     stack.push_async_callback(lane.stop)
     return lane
+
+
+async def _connect_booking_process(
+    path: Path, service: BookingService, stack: contextlib.AsyncExitStack
+) -> LaneClient:
+    """The calls' booking writes go to ``voicebook serve``'s booking process (``booking.lane_process``);
+    while it cannot be reached they run on ``service``. Closed after the calls have ended, once the
+    writes in flight have their replies."""
+    client = LaneClient(path, fallback=service)
+    await client.connect()
+    stack.push_async_callback(client.aclose)
+    return client
 
 
 def create_app(
@@ -147,13 +147,13 @@ def create_app(
             elif await database.schema_revision() != head_revision():
                 raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
             notify = RedisNotifier(redis, settings.effects_channel)
-            ledger, index = _ledger_and_index(settings, redis, database, notify, clock=clock)
+            ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
             calendar = await load_google_calendar(settings, database)  # shared: effects and free/busy
             if calendar is not None:
                 stack.callback(calendar.close)  # after the workers and the refresher, which use it
             refresher = (
                 ExternalBusyRefresher(
-                    business, ledger, index, calendar, interval=_calendar_refresh(settings), clock=clock
+                    business, ledger, index, calendar, interval=calendar_refresh(settings), clock=clock
                 )
                 if calendar is not None
                 else None
@@ -174,8 +174,11 @@ def create_app(
             else:  # the workers sample the outbox gauges; without them here, the server does
                 await stack.enter_async_context(sampling_outbox(database, clock=clock))
             calls = CallLedger(database, clock=clock, notify_effects=notify, consent_mode=settings.consent_mode)
-            lane = None
-            if settings.booking_lane and voice is None:
+            lane: BookingWriter | None = None
+            if voice is None and settings.booking_lane == "process" and settings.booking_socket is not None:
+                lane = await _connect_booking_process(settings.booking_socket, service, stack)
+            elif voice is None and settings.booking_lane != "off":
+                # Also "process" in an app built without ``voicebook serve``'s booking process (in-process tests).
                 lane = await _start_booking_lane(settings, business, redis_url, refresher, stack, clock=clock)
             ports = (
                 voice

@@ -25,7 +25,14 @@ from booking.ledger.database import Database, LedgerConfigurationError, head_rev
 from voice_server.logging import configure_logging, register_settings_secrets
 from voice_server.privacy_keys import install_pii_cipher
 from voice_server.settings import Settings, SettingsError, development_file
-from voice_server.supervisor import CHILD_VARIABLE, Supervisor, SupervisorError, child_command, reuse_port_socket
+from voice_server.supervisor import (
+    CHILD_VARIABLE,
+    Supervisor,
+    SupervisorError,
+    booking_process_argv,
+    child_command,
+    reuse_port_socket,
+)
 
 if TYPE_CHECKING:
     from integrations.google_oauth import GrantStatus
@@ -79,11 +86,11 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     processes = args.processes or settings.processes
-    if processes > 1:
+    child = os.environ.get(CHILD_VARIABLE) == "1"  # one of a supervisor's processes: the port is shared
+    if not child and (processes > 1 or settings.booking_lane == "process"):
+        # The supervisor also runs the booking process beside the server processes (booking.lane_process).
         return _supervise(settings, host, port, processes, args.forwarded_allow_ips)
-    sockets = None
-    if os.environ.get(CHILD_VARIABLE) == "1":  # one of a supervisor's processes: the port is shared
-        sockets = [reuse_port_socket(host, port)]
+    sockets = [reuse_port_socket(host, port)] if child else None
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -109,12 +116,26 @@ def _supervise(settings: Settings, host: str, port: int, processes: int, forward
         port=port,
         processes=processes,
         argv=child_command(host, port, forwarded_allow_ips),
+        booking_argv=booking_process_argv() if settings.booking_lane == "process" else None,
     )
     try:
         return asyncio.run(supervisor.run())
     except SupervisorError as exc:
         print(f"voicebook: {exc}", file=sys.stderr)
         return 1
+
+
+def booking_process_command(args: argparse.Namespace) -> int:
+    from voice_server.booking_process import BookingProcessError, run_booking_process
+
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run_booking_process(settings, Path(args.socket)))
+    except BookingProcessError as exc:
+        print(f"voicebook: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def migrate_command(args: argparse.Namespace) -> int:
@@ -503,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the port, each on its own core (default VOICEBOOK_PROCESSES, 1)",
     )
     serve_parser.set_defaults(handler=serve)
+    booking_parser = commands.add_parser(
+        "booking-process", help="the calls' booking writes on a Unix socket (voicebook serve starts it)"
+    )
+    booking_parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    booking_parser.set_defaults(handler=booking_process_command)
     migrate_parser = commands.add_parser("migrate", help="upgrade the ledger's schema")
     migrate_parser.add_argument("revision", nargs="?", default="head")
     migrate_parser.set_defaults(handler=migrate_command)

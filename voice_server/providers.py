@@ -21,8 +21,8 @@ import structlog
 
 from booking.business import Business
 from booking.errors import BookingError
-from booking.lane import BookingLane
 from booking.service import BookingService
+from booking.writes import BookingWriter
 from integrations.egress import Allowlist, httpx2_client, httpx_client
 from integrations.twilio_rest import TwilioCallControl
 from voice_server import egress_policy
@@ -156,7 +156,7 @@ async def build_voice(
     stack: contextlib.AsyncExitStack,
     *,
     clock: Callable[[], datetime],
-    lane: BookingLane | None = None,
+    lane: BookingWriter | None = None,
 ) -> VoicePorts:
     tools = BookingTools(service, clock=clock, lane=lane)
     deepgram = None

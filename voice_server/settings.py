@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 Environment = Literal["development", "production"]
 LogFormat = Literal["json", "console"]
+BookingLaneMode = Literal["process", "thread", "off"]
+_LANE_ALIASES = {"true": "process", "false": "off"}  # the variable was a boolean before the process lane
 
 
 class SettingsError(ValueError):
@@ -112,8 +114,12 @@ class Settings:
     openai_model: str = "gpt-4.1-mini"
     openai_timeout_seconds: float = 8.0
     run_workers: bool = True
-    booking_lane: bool = True
     """Run the outbox's effect workers inside the server (``voicebook worker`` runs them on their own)."""
+    booking_lane: BookingLaneMode = "process"
+    """Where the calls' booking writes run: the booking process beside the server processes, a thread of
+    each server process, or the server's own loop (``booking.lane_process``, ``booking.lane``)."""
+    booking_socket: Path | None = None
+    """The booking process's socket (set by ``voicebook serve`` for its server processes)."""
     worker_concurrency: int = 32
     """Effects one worker runs at once per integration (calendar, SMS): its backpressure bound."""
     effect_lease_seconds: int = 120
@@ -232,6 +238,7 @@ class Settings:
         admin_token = reader.secret("VOICEBOOK_ADMIN_TOKEN")
         if admin_token is not None and len(admin_token) < 16:
             reader.problems.append("VOICEBOOK_ADMIN_TOKEN: must be at least 16 characters")
+        lane = reader.choice("VOICEBOOK_BOOKING_LANE", ("process", "thread", "off", *_LANE_ALIASES), "process")
         settings = cls(
             environment=environment,  # type: ignore[arg-type]
             host=reader.text("VOICEBOOK_HOST", "127.0.0.1"),
@@ -305,7 +312,8 @@ class Settings:
             openai_model=reader.text("OPENAI_MODEL", "gpt-4.1-mini"),
             openai_timeout_seconds=float(reader.integer("OPENAI_TIMEOUT_SECONDS", 8, low=1, high=120)),
             run_workers=reader.boolean("VOICEBOOK_RUN_WORKERS", True),
-            booking_lane=reader.boolean("VOICEBOOK_BOOKING_LANE", True),
+            booking_lane=_LANE_ALIASES.get(lane, lane),  # type: ignore[arg-type]  # one of the choices
+            booking_socket=Path(socket) if (socket := reader.text("VOICEBOOK_BOOKING_SOCKET", "")) else None,
             worker_concurrency=reader.integer("VOICEBOOK_WORKER_CONCURRENCY", 32, low=1, high=256),
             effect_lease_seconds=reader.integer("VOICEBOOK_EFFECT_LEASE_SECONDS", 120, low=2, high=3600),
             reconcile_seconds=reader.integer("VOICEBOOK_RECONCILE_SECONDS", 300, low=5, high=86_400),

@@ -12,15 +12,21 @@ The supervisor (this module, the parent process):
 * applies the ledger's migrations once (``VOICEBOOK_AUTO_MIGRATE``), so the processes do not race to;
 * gives the processes a shared ``PROMETHEUS_MULTIPROC_DIR`` (a fresh one under the data directory unless
   one is configured), so ``/metrics`` on any of them adds up all of them;
+* starts the booking process (``voice_server.booking_process``) when the calls' writes go to one, waits
+  until its socket answers, and hands that socket to every server process (``VOICEBOOK_BOOKING_SOCKET``);
+  it runs even with a single server process, since its point is an interpreter of its own;
 * checks the port is free, then starts the processes: each binds its own listening socket to the same
   address with ``SO_REUSEPORT``, and the kernel spreads new connections evenly over them;
 * restarts a process that dies (a second after, backing off to 30 s), and gives up when processes keep
-  dying within seconds of starting (a configuration the parent could not see is wrong);
-* on SIGTERM, SIGINT or SIGHUP passes the signal on: every process drains its own calls
-  (``VOICEBOOK_DRAIN_SECONDS``) and exits; a second signal is passed on too (stop now). Then the embedded
-  Redis stops. The processes run in process groups of their own, so a signal sent to the supervisor's group
-  (Ctrl-C in a terminal, a closed terminal's SIGHUP) reaches them once, from the supervisor: had they
-  received it from the terminal as well, the one passed on would count as the second, and cut calls off.
+  dying within seconds of starting (a configuration the parent could not see is wrong); while the booking
+  process is down, the server processes book on their own service;
+* on SIGTERM, SIGINT or SIGHUP passes the signal on: every server process drains its own calls
+  (``VOICEBOOK_DRAIN_SECONDS``) and exits; a second signal is passed on too (stop now). The booking process
+  is stopped once every server process has exited, so the bookings of calls that ended during the drain
+  still commit there; then the embedded Redis stops. The processes run in process groups of their own, so
+  a signal sent to the supervisor's group (Ctrl-C in a terminal, a closed terminal's SIGHUP) reaches them
+  once, from the supervisor: had they received it from the terminal as well, the one passed on would count
+  as the second, and cut calls off.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +52,10 @@ log = structlog.get_logger("voicebook.supervisor")
 
 CHILD_VARIABLE = "VOICEBOOK_SERVE_REUSE_PORT"
 """Set by the supervisor for its processes: bind with ``SO_REUSEPORT`` (other processes share the port)."""
+BOOKING_SOCKET_VARIABLE = "VOICEBOOK_BOOKING_SOCKET"
+BOOKING = -1
+"""The booking process's key among the children (server processes are 0 to N-1)."""
+BOOKING_READY_SECONDS = 30.0
 QUICK_DEATH_SECONDS = 10.0
 QUICK_DEATHS_TO_GIVE_UP = 5
 MAX_RESTART_DELAY = 30.0
@@ -85,14 +96,25 @@ class Child:
 class Supervisor:
     """Runs ``processes`` copies of ``voicebook serve`` on one address until told to stop."""
 
-    def __init__(self, settings: Settings, *, host: str, port: int, processes: int, argv: Sequence[str]) -> None:
-        if processes < 2:
-            raise ValueError("a supervisor is for two processes or more")
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str,
+        port: int,
+        processes: int,
+        argv: Sequence[str],
+        booking_argv: Sequence[str] | None = None,
+    ) -> None:
+        if processes < 1 or (processes < 2 and booking_argv is None):
+            raise ValueError("a supervisor is for two processes or more, or one beside the booking process")
         self.settings = settings
         self.host = host
         self.port = port
         self.processes = processes
         self._argv = list(argv)  # the command a process runs (voicebook serve with its options)
+        self._booking_argv = None if booking_argv is None else list(booking_argv)
+        self.booking_socket: Path | None = None
         self._children: dict[int, Child] = {}
         self._stopping = 0  # signals received
         self._quick_deaths = 0
@@ -128,6 +150,14 @@ class Supervisor:
             for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             stack.callback(self._remove_signal_handlers, loop)
+            if self._booking_argv is not None:
+                # A short path of its own (a Unix socket's path is limited to about 100 bytes), mode 0700.
+                folder = Path(tempfile.mkdtemp(prefix="voicebook-booking-"))
+                stack.callback(shutil.rmtree, folder, True)
+                self.booking_socket = folder / "booking.sock"
+                env[BOOKING_SOCKET_VARIABLE] = str(self.booking_socket)
+                await self._start(BOOKING, env)
+                await self._booking_ready()
             for index in range(self.processes):
                 await self._start(index, env)
             log.info("supervisor_started", processes=self.processes, host=self.host, port=self.port)
@@ -159,14 +189,37 @@ class Supervisor:
         self.metrics_dir = folder
         return folder
 
+    def _command(self, index: int) -> list[str]:
+        if index == BOOKING:
+            assert self._booking_argv is not None and self.booking_socket is not None
+            return [*self._booking_argv, "--socket", str(self.booking_socket)]
+        return self._argv
+
+    async def _booking_ready(self) -> None:
+        """Wait until the booking process's socket accepts a connection; fail if the process exits first."""
+        assert self.booking_socket is not None
+        deadline = time.monotonic() + BOOKING_READY_SECONDS
+        while True:
+            child = self._children.get(BOOKING)
+            if child is None or child.process.returncode is not None:
+                raise SupervisorError("the booking process exited at start-up (its log says why)")
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_unix_connection(str(self.booking_socket))
+                writer.close()
+                log.info("booking_process_ready", pid=child.process.pid, socket=str(self.booking_socket))
+                return
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"the booking process did not listen within {BOOKING_READY_SECONDS:.0f} s")
+            await asyncio.sleep(0.05)
+
     async def _start(self, index: int, env: dict[str, str]) -> None:
         # process_group=0: a group of its own, out of reach of signals sent to the supervisor's group.
         process = await asyncio.create_subprocess_exec(
-            *self._argv, env=env, stdin=asyncio.subprocess.DEVNULL, process_group=0
+            *self._command(index), env=env, stdin=asyncio.subprocess.DEVNULL, process_group=0
         )
         self._children[index] = Child(index, process)
-        if self._stopping:  # the stop signal came while it was starting: it was not among those told
-            process.send_signal(signal.SIGTERM)
+        if self._stopping and (index != BOOKING or not self._servers()):
+            process.send_signal(signal.SIGTERM)  # the stop signal came while it was starting: it was not told
         asyncio.get_running_loop().create_task(self._reap(index, process))
 
     async def _reap(self, index: int, process: asyncio.subprocess.Process) -> None:
@@ -189,7 +242,11 @@ class Supervisor:
                 lived = time.monotonic() - child.started
                 self._quick_deaths = self._quick_deaths + 1 if lived < QUICK_DEATH_SECONDS else 0
                 log.error(
-                    "server_process_died", process=index, pid=child.process.pid, exit_code=code, lived_s=round(lived, 1)
+                    "booking_process_died" if index == BOOKING else "server_process_died",
+                    process=index,
+                    pid=child.process.pid,
+                    exit_code=code,
+                    lived_s=round(lived, 1),
                 )
                 if self._quick_deaths >= QUICK_DEATHS_TO_GIVE_UP:
                     log.error("supervisor_giving_up", reason="processes keep dying right after they start")
@@ -200,6 +257,11 @@ class Supervisor:
                 task = asyncio.get_running_loop().create_task(self._restart(index, env, delay))
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
+            if self._stopping and not self._servers() and (booking := self._children.get(BOOKING)) is not None:
+                # Every server process has drained and exited: their last bookings are in; now the booking
+                # process finishes what it has in flight and exits.
+                with contextlib.suppress(ProcessLookupError):
+                    booking.process.send_signal(signal.SIGTERM)
             if self._stopping and not self._children:
                 for task in self._restarts:
                     task.cancel()
@@ -210,15 +272,22 @@ class Supervisor:
         await asyncio.sleep(delay)
         if not self._stopping:
             await self._start(index, env)
-            log.info("server_process_restarted", process=index, pid=self._children[index].process.pid)
+            log.info(
+                "booking_process_restarted" if index == BOOKING else "server_process_restarted",
+                process=index,
+                pid=self._children[index].process.pid,
+            )
 
     def _on_signal(self, sig: int) -> None:
         self._stopping += 1
-        log.info("supervisor_stopping", signal=signal.Signals(sig).name, processes=len(self._children))
-        for child in self._children.values():
+        log.info("supervisor_stopping", signal=signal.Signals(sig).name, processes=len(self._servers()))
+        for child in self._servers():
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGTERM)
         self._changed.set()
+
+    def _servers(self) -> list[Child]:
+        return [child for index, child in self._children.items() if index != BOOKING]
 
     def _mark_dead(self, pid: int) -> None:
         """A dead process's live gauges leave the totals (its counters stay: they happened)."""
@@ -232,6 +301,11 @@ class Supervisor:
     def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+def booking_process_argv() -> list[str]:
+    """What the booking process runs (the supervisor adds ``--socket``)."""
+    return [sys.executable, "-m", "voice_server.cli", "booking-process"]
 
 
 def child_command(host: str, port: int, forwarded_allow_ips: str | None) -> list[str]:

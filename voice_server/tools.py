@@ -10,7 +10,7 @@ tool error the agent can read aloud or fix; it never reaches the ledger.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any, Literal, TypeVar
@@ -18,14 +18,15 @@ from typing import Any, Literal, TypeVar
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from booking import writes
 from booking.business import Business, Resource, Service
 from booking.consent import SMS_QUESTION
 from booking.domain import Booking, Interval, Slot, SmsConsent, ensure_utc
 from booking.errors import BookingError, InvalidRequest, NotFound
-from booking.lane import BookingLane
 from booking.ledger.repository import CustomerDetails, utc_now
 from booking.service import Booked, BookingService, BookRequest, Held
 from booking.timeutil import local_day_bounds, local_to_utc
+from booking.writes import BookingWriter, WriteOp
 from voice_server.ports import CallInfo, ToolCall, ToolSpec
 
 log = structlog.get_logger("voicebook.tools")
@@ -40,11 +41,6 @@ PARTS_OF_DAY: Mapping[str, tuple[time, time]] = {
     "evening": (time(17, 0), time(23, 59)),
 }
 _LOCAL_MINUTE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}$")
-
-
-async def _release_all(service: BookingService, tokens: Sequence[str]) -> None:
-    for token in tokens:
-        await service.release_hold(token)
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -207,10 +203,11 @@ class BookingTools:
         service: BookingService,
         *,
         clock: Callable[[], datetime] = utc_now,
-        lane: BookingLane | None = None,
+        lane: BookingWriter | None = None,
     ) -> None:
-        """``lane`` (optional) runs the writes (holds, bookings, reschedules, cancellations) on a booking
-        loop of their own (``booking.lane``); reads stay on the caller's loop with ``service``."""
+        """``lane`` (optional) runs the writes (holds, bookings, reschedules, cancellations) on a loop of
+        their own: a thread's (``booking.lane``) or the booking process's (``booking.lane_process``); reads
+        stay on the caller's loop with ``service``."""
         self._service = service
         self._lane = lane
         self._business = service.business
@@ -305,11 +302,11 @@ class BookingTools:
             "status": booking.status.value,
         }
 
-    async def _write(self, work: Callable[[BookingService], Coroutine[Any, Any, T]]) -> T:
-        """``work`` on the booking lane when there is one, else here."""
+    async def _write(self, op: WriteOp[T]) -> T:
+        """``op`` on the booking lane (a thread or process) when there is one, else here."""
         if self._lane is None:
-            return await work(self._service)
-        return await self._lane.run(work)
+            return await op.apply(self._service)
+        return await self._lane.write(op)
 
     # -- the tools ------------------------------------------------------------------------------------
     async def _check(self, args: CheckAvailability, info: CallInfo) -> dict[str, Any]:
@@ -334,7 +331,7 @@ class BookingTools:
             await self._release_holds(info.call_sid)
             try:
                 outcome = await self._write(
-                    lambda bookings: bookings.hold(
+                    writes.hold(
                         service.id, start, resource_id=resource_id, owner=f"call:{info.call_sid}", among=info.serves
                     )
                 )
@@ -376,7 +373,7 @@ class BookingTools:
     async def _release_holds(self, call_sid: str) -> None:
         tokens = [held.token for held in self._holds.pop(call_sid, [])]
         if tokens:
-            await self._write(lambda bookings: _release_all(bookings, tokens))
+            await self._write(writes.release_holds(tokens))
 
     def _remember(self, call_sid: str, held: Held) -> None:
         # Expiry is Redis's business (server time): a stale token is simply not honoured at booking.
@@ -412,7 +409,7 @@ class BookingTools:
             among=info.serves,
             line_number=info.called or None,  # texts about it go from the number the caller dialled
         )
-        outcome = await self._write(lambda bookings: bookings.book(request))
+        outcome = await self._write(writes.book(request))
         if isinstance(outcome, Booked):
             booking = outcome.booking
             with structlog.contextvars.bound_contextvars(booking_id=booking.id):
@@ -437,7 +434,7 @@ class BookingTools:
         await self._release_holds(info.call_sid)  # the caller's own hold must not block the new time
         new_start = self._local(args.new_start)
         outcome = await self._write(
-            lambda bookings: bookings.reschedule(
+            writes.reschedule(
                 booking.id, new_start, resource_id=resource_id, actor=f"call:{info.call_sid}", among=info.serves
             )
         )
@@ -459,9 +456,7 @@ class BookingTools:
                 "spoken": spoken_time(booking.start, self._business),
             }
         cancelled = await self._write(
-            lambda bookings: bookings.cancel(
-                booking.id, reason=args.reason or "cancelled by the caller", actor=f"call:{info.call_sid}"
-            )
+            writes.cancel(booking.id, reason=args.reason or "cancelled by the caller", actor=f"call:{info.call_sid}")
         )
         log.info("tool_cancelled", call_sid=info.call_sid)
         return {

@@ -1,0 +1,28 @@
+"""The parts every booking service of a deployment is built from, in one place: the server process's own
+service, its booking lane's, and the booking process's agree on the index's keys and on how long external
+busy time lives there."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import redis.asyncio as aioredis
+
+from booking.freebusy import FreeBusyIndex
+from booking.ledger.database import Database
+from booking.ledger.repository import Clock, Ledger
+from booking.outbox import RedisNotifier
+from voice_server.settings import Settings
+
+
+def calendar_refresh(settings: Settings) -> timedelta:
+    """How often external calendars' busy time is fetched; the index keeps it for three of these."""
+    return timedelta(seconds=settings.calendar_refresh_seconds)
+
+
+def ledger_and_index(
+    settings: Settings, redis: aioredis.Redis, database: Database, notify: RedisNotifier, *, clock: Clock
+) -> tuple[Ledger, FreeBusyIndex]:
+    """A booking service's ledger (its effects announced on ``notify``) and free/busy index."""
+    index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * calendar_refresh(settings))
+    return Ledger(database, clock=clock, notify_effects=notify), index
