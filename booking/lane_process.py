@@ -15,9 +15,10 @@ write's result or the exception it raised. Pickle is the right codec here becaus
 program, the values are the service's own dataclasses and errors, and the socket lives in a folder only
 the server's user can enter (``0700``); it is never a network protocol.
 
-Nothing is lost when the booking process is not there: a client that cannot connect, or whose connection
-breaks with a write in flight, runs the write on its own process's service instead (``fallback``), as the
-server did before the lane existed. A write whose reply was lost may then run twice: a booking is
+Nothing is lost when the booking process is not there: a client that cannot connect, whose connection
+breaks with a write in flight, or whose write has no reply within ``reply_timeout`` (a process alive but
+stuck), runs the write on its own process's service instead (``fallback``), as the server did before the
+lane existed. A write whose reply was lost may then run twice: a booking is
 idempotent by its key (a second run returns the first one's booking), a release or a cancellation finds
 the work done, and a hold left behind expires with its TTL.
 
@@ -173,10 +174,13 @@ class LaneClient:
     reply, or runs it on ``fallback`` (the process's own service) when the booking process cannot be
     reached (see module doc)."""
 
-    def __init__(self, path: Path, fallback: BookingService, *, connect_timeout: float = 1.0) -> None:
+    def __init__(
+        self, path: Path, fallback: BookingService, *, connect_timeout: float = 1.0, reply_timeout: float = 10.0
+    ) -> None:
         self.path = path
         self._fallback = fallback
         self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout  # a booking process that is alive but stuck: book here instead
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -206,9 +210,14 @@ class LaneClient:
         propagate.inject(carrier)
         try:
             writer.write(_frame(("run", request_id, op, structlog.contextvars.get_contextvars(), carrier)))
-            ok, value = await reply
+            async with asyncio.timeout(self._reply_timeout):
+                ok, value = await reply
         except LaneLost:
             return await self._locally(op, "lost")
+        except TimeoutError:
+            if not writer.is_closing():
+                writer.write(_frame(("cancel", request_id)))  # it stops there unless its commit has begun
+            return await self._locally(op, "no_reply")
         except asyncio.CancelledError:
             if not writer.is_closing():
                 writer.write(_frame(("cancel", request_id)))
@@ -239,7 +248,7 @@ class LaneClient:
         except InvalidTransition:
             # A cancellation whose reply was lost may have been done by the booking process: then it is
             # done, and the caller hears so.
-            if why == "lost" and op.operation == "cancel":
+            if why in ("lost", "no_reply") and op.operation == "cancel":
                 booking = await self._fallback.get_booking(op.args[0])
                 if booking.status is BookingStatus.CANCELLED:
                     return cast(T, booking)

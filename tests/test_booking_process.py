@@ -226,6 +226,23 @@ async def test_a_cancellation_whose_reply_is_lost_is_reported_done(
     assert lane.local_writes == 1
 
 
+async def test_a_booking_process_that_does_not_answer_is_not_waited_for(
+    service: BookingService, socket_path: Path
+) -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the write, never answers, until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_unix_server(mute, path=str(socket_path))
+    try:
+        async with LaneClient(socket_path, fallback=service, reply_timeout=0.2) as lane:
+            outcome = await lane.write(writes.book(_request(service, _at(10), "mute-1")))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert isinstance(outcome, Booked) and lane.local_writes == 1
+
+
 async def test_cancelling_the_caller_cancels_the_write_in_the_booking_process(
     far_service: RecordingService, service: BookingService, socket_path: Path
 ) -> None:
