@@ -100,3 +100,24 @@ def test_a_chosen_provider_without_its_key_is_refused() -> None:
     assert "VOICEBOOK_STT: the chosen provider needs DEEPGRAM_API_KEY" in message
     assert "VOICEBOOK_AGENT: the chosen provider needs OPENAI_API_KEY" in message
     assert "VOICEBOOK_TTS: 'piper' is not one of auto, deepgram, espeak" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        (None, "process"),
+        ("process", "process"),
+        ("thread", "thread"),
+        ("off", "off"),
+        ("TRUE", "process"),  # the variable was a boolean before: true meant a lane, false none
+        ("false", "off"),
+    ],
+)
+def test_where_the_booking_writes_run(value: str | None, mode: str) -> None:
+    env = {} if value is None else {"VOICEBOOK_BOOKING_LANE": value}
+    assert Settings.from_env(env).booking_lane == mode
+
+
+def test_an_unknown_booking_lane_is_named() -> None:
+    with pytest.raises(SettingsError, match="VOICEBOOK_BOOKING_LANE: 'fast' is not one of process, thread, off"):
+        Settings.from_env({"VOICEBOOK_BOOKING_LANE": "fast"})
