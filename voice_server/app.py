@@ -34,7 +34,7 @@ from voice_server.api import crm as crm_api
 from voice_server.api import effects as effects_api
 from voice_server.api import reports as reports_api
 from voice_server.api.responses import problem
-from voice_server.booking_stack import calendar_refresh, ledger_and_index
+from voice_server.booking_stack import calendar_refresh, ledger_and_index, own_ledger_and_index
 from voice_server.components import Components
 from voice_server.correlation import CorrelationMiddleware
 from voice_server.effect_workers import effect_workers
@@ -88,12 +88,7 @@ async def _start_booking_lane(
     call_loop = asyncio.get_running_loop()
 
     async def build(lane_stack: contextlib.AsyncExitStack) -> BookingService:
-        redis = aioredis.Redis.from_url(redis_url, max_connections=128)
-        lane_stack.push_async_callback(redis.aclose)
-        database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
-        lane_stack.push_async_callback(database.dispose)
-        notify = RedisNotifier(redis, settings.effects_channel)
-        ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
+        _, ledger, index = own_ledger_and_index(settings, redis_url, lane_stack, clock=clock, max_connections=128)
         external = CallLoopCalendar(refresher, call_loop) if refresher is not None else None
         return BookingService(business, ledger, index, clock=clock, external=external)
 

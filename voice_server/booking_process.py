@@ -21,17 +21,14 @@ import gc
 import signal
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import structlog
 
 from booking.business import load_business
 from booking.external_busy import ExternalBusyRefresher
 from booking.lane_process import serve_until
-from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
-from booking.outbox import RedisNotifier
 from booking.service import BookingService
-from voice_server.booking_stack import calendar_refresh, ledger_and_index
+from voice_server.booking_stack import calendar_refresh, own_ledger_and_index
 from voice_server.google_setup import load_google_calendar
 from voice_server.logging import register_settings_secrets
 from voice_server.loop_watchdog import watching_for_stalls
@@ -62,12 +59,9 @@ async def run_booking_process(settings: Settings, socket_path: Path, *, clock: C
         stack.enter_context(tracing_enabled(settings))
         await stack.enter_async_context(watching_for_stalls(settings.loop_stall_ms / 1000))
         business = load_business(settings.business_file)
-        redis = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
-        stack.push_async_callback(redis.aclose)
-        database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
-        stack.push_async_callback(database.dispose)
-        notify = RedisNotifier(redis, settings.effects_channel)
-        ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
+        database, ledger, index = own_ledger_and_index(
+            settings, settings.redis_url, stack, clock=clock, max_connections=256
+        )
         calendar = await load_google_calendar(settings, database)
         if calendar is not None:
             stack.callback(calendar.close)

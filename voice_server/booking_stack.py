@@ -4,6 +4,7 @@ busy time lives there."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import redis.asyncio as aioredis
@@ -26,3 +27,17 @@ def ledger_and_index(
     """A booking service's ledger (its effects announced on ``notify``) and free/busy index."""
     index = FreeBusyIndex(redis, prefix=settings.redis_prefix, external_ttl=3 * calendar_refresh(settings))
     return Ledger(database, clock=clock, notify_effects=notify), index
+
+
+def own_ledger_and_index(
+    settings: Settings, redis_url: str, stack: contextlib.AsyncExitStack, *, clock: Clock, max_connections: int
+) -> tuple[Database, Ledger, FreeBusyIndex]:
+    """A second booking service's parts on a Redis client and ledger engines of its own (the booking lane's,
+    the booking process's), closed with ``stack``."""
+    redis = aioredis.Redis.from_url(redis_url, max_connections=max_connections)
+    stack.push_async_callback(redis.aclose)
+    database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
+    stack.push_async_callback(database.dispose)
+    notify = RedisNotifier(redis, settings.effects_channel)
+    ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
+    return database, ledger, index
