@@ -304,4 +304,3 @@ async def serve_until(stopped: Awaitable[Any], service: BookingService, path: Pa
     finally:
         await server.stop()
         await asyncio.to_thread(path.unlink, missing_ok=True)
-

@@ -8,8 +8,9 @@ as prometheus_client expects; tests read them through :func:`sample`.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Literal, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -30,6 +31,14 @@ BOOKING_SECONDS = Histogram(
     "One BookingService call end to end (hold, ledger commit, index), by operation.",
     ["operation"],
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5),
+)
+BOOKING_STAGE_SECONDS = Histogram(
+    "voicebook_booking_stage_seconds",
+    "The parts of voicebook_booking_seconds, by operation and stage: hold (the slot's hold in Redis), "
+    "ledger (the ledger's transaction, its wait for a batch included) and index (the hold settled into the "
+    "free/busy index).",
+    ["operation", "stage"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
 EFFECT_ATTEMPTS = Counter(
@@ -91,6 +100,23 @@ LEDGER_LOCK_WAIT_SECONDS = Histogram(
     "between the processes writing the same ledger file.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+LEDGER_WRITE_WAIT_SECONDS = Histogram(
+    "voicebook_ledger_write_wait_seconds",
+    "From a ledger write being queued to its transaction starting (group commit: the transaction before it "
+    "still running).",
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+LEDGER_TRANSACTION_SECONDS = Histogram(
+    "voicebook_ledger_transaction_seconds",
+    "One ledger transaction from its start to its commit (a batch of writes under group commit; a SQLite "
+    "write lock's wait included).",
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+LEDGER_BATCH_WRITES = Histogram(
+    "voicebook_ledger_batch_writes",
+    "How many writes one ledger transaction committed together (group commit).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
 SMS_DELIVERY_RATE = Gauge(
     "voicebook_sms_delivery_rate",
     "Share of texts settled in the last 24 hours that were delivered (delivered / delivered+undelivered+failed).",
@@ -123,6 +149,16 @@ async def timed_booking(
         if outcome != "cancelled":
             BOOKINGS.labels(operation, outcome).inc()
             BOOKING_SECONDS.labels(operation).observe(time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def booking_stage(operation: BookingOperation, stage: Literal["hold", "ledger", "index"]) -> Iterator[None]:
+    """Time one stage of a booking operation into voicebook_booking_stage_seconds (raised errors too)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        BOOKING_STAGE_SECONDS.labels(operation, stage).observe(time.perf_counter() - started)
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

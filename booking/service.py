@@ -481,7 +481,8 @@ class BookingService:
         for resource_id in candidates:
             if series is not None and self._series_rule_conflicts(service, [resource_id], starts) is not None:
                 continue
-            secured = await self._secure(resource_id, blocks, request.hold_token, owner)
+            with metrics.booking_stage("book", "hold"):
+                secured = await self._secure(resource_id, blocks, request.hold_token, owner)
             if isinstance(secured, HoldUnavailable):
                 if not first_conflicts and series is not None:
                     first_conflicts = self._occurrence_conflicts(starts, blocks, secured.conflicts)
@@ -530,31 +531,33 @@ class BookingService:
         """Write the booking(s) to the ledger and settle the hold: recorded in the index when created,
         released otherwise."""
         try:
-            result = await self.ledger.create_bookings(
-                customer,
-                new,
-                idempotency=(request.idempotency_key, fingerprint) if request.idempotency_key else None,
-                series=series,
-                source=request.source,
-                notes=request.notes,
-                sms_consent=request.sms_consent,
-                sms_consent_wording=request.sms_consent_wording,
-                line_number=request.line_number,
-                actor=request.actor,
-            )
+            with metrics.booking_stage("book", "ledger"):
+                result = await self.ledger.create_bookings(
+                    customer,
+                    new,
+                    idempotency=(request.idempotency_key, fingerprint) if request.idempotency_key else None,
+                    series=series,
+                    source=request.source,
+                    notes=request.notes,
+                    sms_consent=request.sms_consent,
+                    sms_consent_wording=request.sms_consent_wording,
+                    line_number=request.line_number,
+                    actor=request.actor,
+                )
         except BaseException:
             await self.index.release(token)
             raise
-        if not isinstance(result, Created):
-            await self.index.release(token)
-        elif series is None:
-            booking = result.bookings[0]
-            await self.index.confirm(token, booking_id=booking.id, resource_id=resource_id, blocks=[booking.block])
-        else:
-            # Record every occurrence before dropping the hold, so the slots are never shown free.
-            for booking in result.bookings:
-                await self.index.add_booking(booking.id, resource_id, booking.block)
-            await self.index.release(token)
+        with metrics.booking_stage("book", "index"):
+            if not isinstance(result, Created):
+                await self.index.release(token)
+            elif series is None:
+                booking = result.bookings[0]
+                await self.index.confirm(token, booking_id=booking.id, resource_id=resource_id, blocks=[booking.block])
+            else:
+                # Record every occurrence before dropping the hold, so the slots are never shown free.
+                for booking in result.bookings:
+                    await self.index.add_booking(booking.id, resource_id, booking.block)
+                await self.index.release(token)
         return result
 
     async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
@@ -682,23 +685,25 @@ class BookingService:
         candidates = self._viable(service, candidates, [new_start])
         block = self._block(service, new_start)
         for rid in candidates:
-            outcome = await self._take_hold(
-                rid, [block], ttl=COMMIT_HOLD_TTL, owner=f"move:{booking_id}", ignore_booking=booking_id
-            )
+            with metrics.booking_stage("reschedule", "hold"):
+                outcome = await self._take_hold(
+                    rid, [block], ttl=COMMIT_HOLD_TTL, owner=f"move:{booking_id}", ignore_booking=booking_id
+                )
             if isinstance(outcome, HoldInProgress):
                 raise RequestInProgress("this booking is being rescheduled already", booking_id=booking_id)
             if isinstance(outcome, HoldUnavailable):
                 continue
             try:
-                result = await self.ledger.reschedule(
-                    booking_id,
-                    resource_id=rid,
-                    start=new_start,
-                    end=new_start + service.duration,
-                    block=block,
-                    expected_version=expected_version,
-                    actor=actor,
-                )
+                with metrics.booking_stage("reschedule", "ledger"):
+                    result = await self.ledger.reschedule(
+                        booking_id,
+                        resource_id=rid,
+                        start=new_start,
+                        end=new_start + service.duration,
+                        block=block,
+                        expected_version=expected_version,
+                        actor=actor,
+                    )
             except BaseException:
                 await self.index.release(outcome.token)
                 raise
@@ -707,11 +712,12 @@ class BookingService:
                 for other in result.conflicts:
                     await self.index.add_booking(other.id, other.resource_id, other.block)
                 continue
-            if rid == booking.resource_id:
-                await self.index.move_booking(booking_id, rid, booking.block, block, token=outcome.token)
-            else:
-                await self.index.remove_booking(booking_id, booking.resource_id, booking.block)
-                await self.index.confirm(outcome.token, booking_id=booking_id, resource_id=rid, blocks=[block])
+            with metrics.booking_stage("reschedule", "index"):
+                if rid == booking.resource_id:
+                    await self.index.move_booking(booking_id, rid, booking.block, block, token=outcome.token)
+                else:
+                    await self.index.remove_booking(booking_id, booking.resource_id, booking.block)
+                    await self.index.confirm(outcome.token, booking_id=booking_id, resource_id=rid, blocks=[block])
             return Booked((result,), warnings=self._warnings(rid, outcome.external_overlaps))
         alternatives = await self.alternatives(service.id, new_start, resource_id, among=among)
         return SlotUnavailable(service.id, new_start, alternatives)

@@ -367,6 +367,12 @@ class Summary:
     locust_failures: int | None = None
     booking_commit_p50_ms: float | None = None
     booking_commit_p99_ms: float | None = None
+    # Where a booking's time went (p99 of each part, ms): hold, ledger, index; the ledger's own part split
+    # into the wait for a transaction and the transaction; and how many writes one transaction took.
+    booking_stage_p99_ms: dict[str, float | None] = field(default_factory=dict)
+    ledger_wait_p99_ms: float | None = None
+    ledger_transaction_p99_ms: float | None = None
+    ledger_batch_mean: float | None = None
     turn_overhead_p99_ms: float | None = None
     loop_lag_p99_ms: float | None = None
     tool_to_effects_ms: Quantiles = field(default_factory=lambda: Quantiles.of([]))
@@ -417,6 +423,15 @@ def render(summary: Summary) -> list[str]:
             "booking commit (server histogram)",
             f"p50 {_num(s.booking_commit_p50_ms, ' ms', 2)}  p99 {_num(s.booking_commit_p99_ms, ' ms', 2)}"
             "  (target p99 <= 10 ms)",
+        ),
+        (
+            "booking commit parts p99",
+            "  ".join(f"{stage} {_num(ms, ' ms', 2)}" for stage, ms in s.booking_stage_p99_ms.items()) or "n/a",
+        ),
+        (
+            "ledger write p99",
+            f"wait {_num(s.ledger_wait_p99_ms, ' ms', 2)}  transaction {_num(s.ledger_transaction_p99_ms, ' ms', 2)}"
+            f"  (writes per transaction: mean {_num(s.ledger_batch_mean, '', 2)})",
         ),
         ("server turn overhead p99", f"{_num(s.turn_overhead_p99_ms, ' ms', 2)}  (target <= 5 ms)"),
         ("event-loop lag p99", f"{_num(s.loop_lag_p99_ms, ' ms', 2)}  (target < 10 ms)"),

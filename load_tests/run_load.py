@@ -197,6 +197,15 @@ def fill_from_metrics(summary: Summary, run: Metrics) -> None:
     p50, p99 = report.histogram_quantile(0.5, commit), report.histogram_quantile(0.99, commit)
     summary.booking_commit_p50_ms = None if p50 is None else p50 * 1000
     summary.booking_commit_p99_ms = None if p99 is None else p99 * 1000
+    for stage in ("hold", "ledger", "index"):
+        part = report.metric_quantile(run, "voicebook_booking_stage_seconds", 0.99, operation="book", stage=stage)
+        summary.booking_stage_p99_ms[stage] = None if part is None else part * 1000
+    wait = report.metric_quantile(run, "voicebook_ledger_write_wait_seconds", 0.99)
+    summary.ledger_wait_p99_ms = None if wait is None else wait * 1000
+    transaction = report.metric_quantile(run, "voicebook_ledger_transaction_seconds", 0.99)
+    summary.ledger_transaction_p99_ms = None if transaction is None else transaction * 1000
+    writes, batches = run.total("voicebook_ledger_batch_writes_sum"), run.total("voicebook_ledger_batch_writes_count")
+    summary.ledger_batch_mean = writes / batches if writes is not None and batches else None
     overhead = report.metric_quantile(run, "voicebook_turn_server_overhead_seconds", 0.99)
     summary.turn_overhead_p99_ms = None if overhead is None else overhead * 1000
     lag = report.metric_quantile(run, "voicebook_event_loop_lag_seconds", 0.99)

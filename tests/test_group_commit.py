@@ -11,6 +11,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from booking.ledger import schema as t
+from booking.metrics import sample
 from booking.ledger.database import Database
 from booking.ledger.group_commit import GroupCommit
 from booking.ledger.repository import CustomerDetails, seal_customer
@@ -86,3 +87,34 @@ async def test_a_write_whose_caller_left_before_it_started_is_not_run() -> None:
         await second
     await group.drain()
     assert ran == [[first_work]]
+
+
+async def test_waits_transactions_and_batch_sizes_are_measured() -> None:
+    """Unit test of the queue alone: one write holds the transaction open while three queue behind it, and a
+    fourth gives up before its turn (it is neither waited for nor counted in a batch)."""
+    gate = asyncio.Event()
+
+    async def transaction(works: list[object]) -> list[object]:
+        await gate.wait()
+        return [None for _ in works]
+
+    def figures() -> tuple[float, ...]:
+        return (
+            sample("voicebook_ledger_write_wait_seconds_count"),
+            sample("voicebook_ledger_transaction_seconds_count"),
+            sample("voicebook_ledger_batch_writes_count"),
+            sample("voicebook_ledger_batch_writes_sum"),
+        )
+
+    before = figures()
+    group = GroupCommit(transaction, lanes=1)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(group.submit(object()))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    queued = [asyncio.ensure_future(group.submit(object())) for _ in range(4)]  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    queued[-1].cancel()
+    gate.set()
+    await asyncio.gather(first, *queued[:-1])
+    await group.drain()
+    waits, transactions, batches, writes = (a - b for a, b in zip(figures(), before, strict=True))
+    assert (waits, transactions, batches, writes) == (4, 2, 2, 4)

@@ -180,7 +180,16 @@ async def test_bookings_are_counted_by_operation_and_outcome(app_settings: Setti
     def counts() -> dict[tuple[str, str], float]:
         return {(op, out): sample("voicebook_bookings_total", {"operation": op, "outcome": out}) for op, out in pairs}
 
+    stages = [(op, stage) for op in ("book", "reschedule") for stage in ("hold", "ledger", "index")]
+
+    def stage_counts() -> dict[tuple[str, str], float]:
+        return {
+            (op, stage): sample("voicebook_booking_stage_seconds_count", {"operation": op, "stage": stage})
+            for op, stage in stages
+        }
+
     before = counts()
+    stages_before = stage_counts()
     timed = sample("voicebook_booking_seconds_count", {"operation": "book"})
     async with running_app(app_settings, clock) as (_, client):
         made = await client.post("/api/bookings", json=booking_body("2026-12-01T10:00"), headers=ADMIN)
@@ -205,6 +214,16 @@ async def test_bookings_are_counted_by_operation_and_outcome(app_settings: Setti
         ("reschedule", "done"): 1,
     }
     assert sample("voicebook_booking_seconds_count", {"operation": "book"}) == timed + 3
+    stages_after = stage_counts()
+    # The taken slot stops at its hold; the unknown service never reaches one.
+    assert {pair: stages_after[pair] - stages_before[pair] for pair in stages} == {
+        ("book", "hold"): 2,
+        ("book", "ledger"): 1,
+        ("book", "index"): 1,
+        ("reschedule", "hold"): 1,
+        ("reschedule", "ledger"): 1,
+        ("reschedule", "index"): 1,
+    }
 
 
 # -- providers -------------------------------------------------------------------------------------

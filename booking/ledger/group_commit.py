@@ -15,11 +15,14 @@ database, so running it a second time after a rollback is safe.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
+
+from booking import metrics
 
 T = TypeVar("T")
 Work = Callable[[Connection], Any]
@@ -37,7 +40,7 @@ class GroupCommit:
         self._transaction = transaction
         self._max_lanes = lanes
         self._max_batch = max_batch
-        self._queue: deque[tuple[Work, asyncio.Future[Any]]] = deque()
+        self._queue: deque[tuple[Work, asyncio.Future[Any], float]] = deque()  # (work, its result, queued at)
         self._lanes: set[asyncio.Task[None]] = set()
         # Lanes still taking work. Decremented by the lane itself in the same step in which it finds the
         # queue empty, so a write queued a moment later always gets a lane (a finished task lingers in
@@ -49,7 +52,7 @@ class GroupCommit:
     async def submit(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a transaction; returns its result once that transaction has committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((work, future))
+        self._queue.append((work, future, time.perf_counter()))
         if self._working < self._max_lanes:
             self._working += 1
             lane = asyncio.get_running_loop().create_task(self._lane())
@@ -65,9 +68,14 @@ class GroupCommit:
     async def _lane(self) -> None:
         try:
             while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-                # A caller that gave up before its write started does not get it run behind its back.
-                batch = [(work, future) for work, future in batch if not future.cancelled()]
+                taken = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+                started = time.perf_counter()
+                batch: list[tuple[Work, asyncio.Future[Any]]] = []
+                for work, future, queued in taken:
+                    # A caller that gave up before its write started does not get it run behind its back.
+                    if not future.cancelled():
+                        metrics.LEDGER_WRITE_WAIT_SECONDS.observe(started - queued)
+                        batch.append((work, future))
                 if batch:
                     await self._run(batch)
         finally:
@@ -75,9 +83,12 @@ class GroupCommit:
 
     async def _run(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
         self.batches += 1
+        metrics.LEDGER_BATCH_WRITES.observe(len(batch))
         try:
             try:
+                started = time.perf_counter()
                 results = await self._transaction([work for work, _ in batch])
+                metrics.LEDGER_TRANSACTION_SECONDS.observe(time.perf_counter() - started)
             except Exception as error:
                 if len(batch) == 1:
                     _settle(batch[0][1], error=error)
