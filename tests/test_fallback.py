@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -22,6 +23,7 @@ from tests.conftest import serving
 from tests.test_deepgram import CALL, tone_synthesize, tone_transcribe, utterance
 from voice_server.audio import MULAW_FRAME_BYTES, mulaw_to_pcm16, rms_dbfs, silence
 from voice_server.fallback import FallbackSTT, FallbackSTTStream, FallbackTTS
+from voice_server.metrics import RecentLag
 from voice_server.ports import CallInfo, Expectation, SpeechEvent, SpeechStarted, Transcript
 
 
@@ -292,6 +294,69 @@ async def test_a_first_byte_timeout_counts_as_a_timeout_of_the_provider() -> Non
     own_timeout = FakeVoice(1, fail_at=0, error=TimeoutError("read timed out"))
     await spoken(FallbackTTS(own_timeout, FakeVoice(2), first_byte_timeout_s=5.0, provider="deepgram"))
     assert sample("voicebook_provider_errors_total", labels) - before == 1
+
+
+class LateStart:
+    """A voice whose first chunk comes ``delay_s`` after the request; ``block_s`` first holds the whole event
+    loop that long (a synchronous stall, as an overloaded process has)."""
+
+    def __init__(self, delay_s: float, *, block_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.block_s = block_s
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        if self.block_s:
+            time.sleep(self.block_s)  # noqa: ASYNC251 - the stall is the point
+        await asyncio.sleep(self.delay_s)
+        yield FakeVoice(1).chunk(0)
+
+
+def extensions() -> float:
+    return sample("voicebook_speech_deadline_extended_total", {"role": "tts"})
+
+
+async def test_a_deadline_missed_while_the_loop_is_overloaded_is_extended_and_not_blamed() -> None:
+    before = extensions()
+    overloaded = FallbackTTS(
+        LateStart(0.3), FakeVoice(2), first_byte_timeout_s=0.2, failure_threshold=1, loop_lag=lambda since: 0.2
+    )
+    assert await spoken(overloaded) == FakeVoice(1).chunk(0), "the primary's late answer was waited for"
+    assert not overloaded.breaker.is_open and extensions() - before == 1
+
+    # The same answer with a loop that kept up: the provider was late, and it is failed as before.
+    calm = FallbackTTS(
+        LateStart(0.3), FakeVoice(2), first_byte_timeout_s=0.2, failure_threshold=1, loop_lag=lambda since: 0.01
+    )
+    assert await spoken(calm) == FakeVoice(2).sentence()
+    assert calm.breaker.is_open and extensions() - before == 1
+
+
+async def test_a_deadline_is_extended_once_only() -> None:
+    before = extensions()
+    tts = FallbackTTS(
+        FakeVoice(1, hang_at=0), FakeVoice(2), first_byte_timeout_s=0.05, failure_threshold=1, loop_lag=lambda _: 0.5
+    )
+    assert await spoken(tts) == FakeVoice(2).sentence(), "still nothing at the extended deadline: it failed"
+    assert tts.breaker.is_open and extensions() - before == 1
+
+
+async def test_a_deadline_whose_own_timer_fires_late_is_extended_without_a_lag_monitor() -> None:
+    before = extensions()
+    # The primary stalls the loop for 0.2 s, so the 0.05 s deadline fires at least 0.15 s late.
+    tts = FallbackTTS(LateStart(0.01, block_s=0.2), FakeVoice(2), first_byte_timeout_s=0.05, failure_threshold=1)
+    assert await spoken(tts) == FakeVoice(1).chunk(0)
+    assert not tts.breaker.is_open and extensions() - before == 1
+
+
+def test_recent_lag_is_the_worst_sample_since_a_time() -> None:
+    recent = RecentLag(keep=3)
+    assert recent.worst_since(0.0) == 0.0
+    for at, lag in ((1.0, 0.5), (2.0, 0.01), (3.0, 0.2), (4.0, 0.03)):
+        recent.observe(at, lag)
+    assert recent.worst_since(2.5) == 0.2
+    assert recent.worst_since(3.5) == 0.03
+    assert recent.worst_since(0.0) == 0.2, "only the last three samples are kept"
+    assert recent.worst_since(5.0) == 0.0
 
 
 def test_the_failure_threshold_must_be_at_least_one() -> None:

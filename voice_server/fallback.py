@@ -22,6 +22,14 @@ closes the breaker, while a failed probe opens it again at once. The breakers ar
 instances are built once per process, so one call's failures spare the others the wait. A failure below
 the threshold still hands that sentence (or call) to the fallback: the caller never hears silence.
 
+A first-byte deadline that runs out while this process's own event loop is overloaded is not the
+provider's fault: the request may not even have left (each hop of an HTTP request waits for the loop), and
+giving up then would hand the sentence to the offline voice, which costs the overloaded process more CPU
+than waiting. So when the loop was late by ``OVERLOADED_LAG_S`` or more (the deadline's own timer, or the
+lag monitor's samples since the sentence began), the deadline is extended once by its own length and the
+breaker is not told; ``voicebook_speech_deadline_extended_total{role}`` counts these. A provider that still
+has not answered at the extended deadline has failed as usual.
+
 Metrics: ``voicebook_speech_fallbacks_total{role, reason}`` counts the sentences (``tts``) and calls
 (``stt``) handed to the fallback, because the primary failed on them (``failed``) or because the breaker
 was open (``breaker_open``); ``voicebook_speech_breaker_open{role}`` is 1 while a breaker is open. With
@@ -63,6 +71,11 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 Role = Literal["tts", "stt"]
 FallbackReason = Literal["failed", "breaker_open"]
+LoopLag = Callable[[float], float]
+"""The worst event-loop lag (seconds) the process has measured since a loop time."""
+
+OVERLOADED_LAG_S: Final = 0.1
+"""An event loop this late (ten times the lag target) is overloaded: a deadline it misses is its own."""
 
 # Here rather than in voice_server/metrics.py: they are this module's own account of itself, and a module
 # that only builds the fallbacks (a worker, a test) registers them by importing it.
@@ -71,6 +84,12 @@ SPEECH_FALLBACKS = Counter(
     "Sentences (role tts) and calls (role stt) handed to the offline fallback, by reason: failed (the "
     "primary provider failed on it) or breaker_open (the breaker kept the primary out of the way).",
     ["role", "reason"],
+)
+SPEECH_DEADLINE_EXTENDED = Counter(
+    "voicebook_speech_deadline_extended_total",
+    "First-byte deadlines extended because this process's event loop was overloaded when they ran out "
+    "(the provider was not blamed), by role.",
+    ["role"],
 )
 SPEECH_BREAKER_OPEN = Gauge(
     "voicebook_speech_breaker_open",
@@ -188,11 +207,35 @@ class DeadlineExceeded(TimeoutError):
     provider (or its SDK) raised, no adapter has counted it."""
 
 
-async def _pull(iterator: AsyncIterator[T], timeout_s: float | None = None) -> T | _Done | Exception:
+async def _pull(
+    iterator: AsyncIterator[T], timeout_s: float | None = None, *, loop_lag: LoopLag | None = None
+) -> T | _Done | Exception:
     """The next item, ``_DONE`` at the end, or the provider's failure as a value, so a ``yield`` is
     never inside the ``try`` (an exception thrown into the consumer's generator is not the provider's).
-    When ``timeout_s`` runs out the failure is a ``DeadlineExceeded``."""
-    deadline = asyncio.timeout(timeout_s)
+    When ``timeout_s`` runs out the failure is a ``DeadlineExceeded``, unless the event loop was overloaded
+    then (see the module doc): the wait is then extended once by ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = asyncio.timeout(None)
+    timer: asyncio.TimerHandle | None = None
+    if timeout_s is not None:
+        began = loop.time()
+        extended = False
+
+        def expire(due: float) -> None:
+            nonlocal timer, extended
+            now = loop.time()
+            lag = max(now - due, loop_lag(began) if loop_lag is not None else 0.0)
+            if not extended and lag >= OVERLOADED_LAG_S:
+                extended = True
+                SPEECH_DEADLINE_EXTENDED.labels("tts").inc()
+                log.warning(
+                    "speech_deadline_extended", role="tts", loop_lag_ms=round(lag * 1000, 1), timeout_s=timeout_s
+                )
+                timer = loop.call_at(now + timeout_s, expire, now + timeout_s)
+                return
+            deadline.reschedule(now)  # cancels the wait at once: the deadline has expired
+
+        timer = loop.call_at(began + timeout_s, expire, began + timeout_s)
     try:
         async with deadline:
             return await anext(iterator)
@@ -200,10 +243,13 @@ async def _pull(iterator: AsyncIterator[T], timeout_s: float | None = None) -> T
         return _DONE
     except Exception as error:  # any failure of the provider, its own TimeoutError included
         if deadline.expired():
-            expired = DeadlineExceeded(f"nothing within {timeout_s} s")
+            expired = DeadlineExceeded(f"nothing within {loop.time() - began:.1f} s")
             expired.__cause__ = error
             return expired
         return error
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 # -- text to speech ------------------------------------------------------------------------------
@@ -215,9 +261,11 @@ class FallbackTTS:
     ``first_byte_timeout_s`` (optional) counts a primary that has not started speaking in that time as
     failed, so a hung provider costs the caller at most that much silence; the primary's own timeouts
     and retries apply otherwise. ``provider`` (optional) names the primary's provider, whose
-    ``voicebook_provider_errors_total{kind="timeout"}`` such a timeout then counts. When the fallback
-    fails too, the sentence ends without audio and the failure is logged: the session carries on
-    (listens, speaks the next sentence) rather than dying."""
+    ``voicebook_provider_errors_total{kind="timeout"}`` such a timeout then counts. ``loop_lag`` (optional) is
+    the process's lag monitor (``voice_server.metrics.RECENT_LOOP_LAG.worst_since``): with it a deadline that
+    runs out while the loop is overloaded is extended (module doc); without it only the deadline's own timer
+    firing late tells. When the fallback fails too, the sentence ends without audio and the failure is
+    logged: the session carries on (listens, speaks the next sentence) rather than dying."""
 
     def __init__(
         self,
@@ -229,9 +277,11 @@ class FallbackTTS:
         first_byte_timeout_s: float | None = None,
         failure_threshold: int = 3,
         provider: Provider | None = None,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         self._primary = primary
         self._fallback = fallback
+        self._loop_lag = loop_lag
         self.breaker = CircuitBreaker(
             "tts", cooldown_s=cooldown_s, clock=clock, failure_threshold=failure_threshold, provider=provider
         )
@@ -251,7 +301,7 @@ class FallbackTTS:
         try:
             async with closing(self._primary.synthesize(text)) as audio:
                 while True:
-                    item = await _pull(audio, None if started else self.first_byte_timeout_s)
+                    item = await _pull(audio, None if started else self.first_byte_timeout_s, loop_lag=self._loop_lag)
                     if isinstance(item, _Done):
                         break
                     if isinstance(item, Exception):

@@ -14,6 +14,7 @@ long as the app's lifespan lasts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -169,13 +170,39 @@ EVENT_LOOP_LAG = Histogram(
 LAG_INTERVAL_SECONDS = 0.1
 
 
+class RecentLag:
+    """The last lag samples of this process's event loop, for code that must tell its own slowness from a
+    provider's (``voice_server.fallback``): ``worst_since(t)`` is the worst lag measured at loop time ``t``
+    or later (0 without samples)."""
+
+    def __init__(self, keep: int = 100) -> None:
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=keep)
+
+    def observe(self, at: float, lag: float) -> None:
+        self._samples.append((at, lag))
+
+    def worst_since(self, since: float) -> float:
+        worst = 0.0
+        for at, lag in reversed(self._samples):
+            if at < since:
+                break
+            worst = max(worst, lag)
+        return worst
+
+
+RECENT_LOOP_LAG = RecentLag()
+
+
 async def measure_loop_lag(interval: float = LAG_INTERVAL_SECONDS) -> None:
     """Forever: sleep ``interval`` and observe how much later than asked the loop woke us."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + interval
         await asyncio.sleep(interval)
-        EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
+        now = loop.time()
+        lag = max(0.0, now - due)
+        EVENT_LOOP_LAG.observe(lag)
+        RECENT_LOOP_LAG.observe(now, lag)
 
 
 @contextlib.asynccontextmanager

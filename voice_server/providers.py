@@ -29,6 +29,7 @@ from voice_server import egress_policy
 from voice_server.agent_prompt import BookingView, CallerContext, build_system_prompt
 from voice_server.dialog import DialogAgent
 from voice_server.fallback import FallbackSTT, FallbackTTS
+from voice_server.metrics import RECENT_LOOP_LAG
 from voice_server.ports import (
     Agent,
     CallControl,
@@ -199,6 +200,7 @@ async def build_voice(
             offline_voice,
             first_byte_timeout_s=2.5,
             provider="deepgram",
+            loop_lag=RECENT_LOOP_LAG.worst_since,
         )
     else:
         await offline_voice.warm_up()  # every call's greeting needs it: start the worker before the first
