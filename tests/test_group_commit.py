@@ -11,10 +11,10 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from booking.ledger import schema as t
-from booking.metrics import sample
 from booking.ledger.database import Database
 from booking.ledger.group_commit import GroupCommit
 from booking.ledger.repository import CustomerDetails, seal_customer
+from booking.metrics import sample
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
