@@ -114,7 +114,8 @@ LEDGER_TRANSACTION_SECONDS = Histogram(
 )
 LEDGER_BATCH_WRITES = Histogram(
     "voicebook_ledger_batch_writes",
-    "How many writes one ledger transaction committed together (group commit).",
+    "How many writes one ledger transaction committed together (group commit; a write run again alone "
+    "after its batch failed is a transaction of 1).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
 )
 SMS_DELIVERY_RATE = Gauge(

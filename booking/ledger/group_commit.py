@@ -83,12 +83,9 @@ class GroupCommit:
 
     async def _run(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
         self.batches += 1
-        metrics.LEDGER_BATCH_WRITES.observe(len(batch))
         try:
             try:
-                started = time.perf_counter()
-                results = await self._transaction([work for work, _ in batch])
-                metrics.LEDGER_TRANSACTION_SECONDS.observe(time.perf_counter() - started)
+                results = await self._measured([work for work, _ in batch])
             except Exception as error:
                 if len(batch) == 1:
                     _settle(batch[0][1], error=error)
@@ -96,7 +93,7 @@ class GroupCommit:
                 self.retried_batches += 1
                 for work, future in batch:
                     try:
-                        [result] = await self._transaction([work])
+                        [result] = await self._measured([work])
                     except Exception as single_error:
                         _settle(future, error=single_error)
                     else:
@@ -108,6 +105,16 @@ class GroupCommit:
             for _, future in batch:
                 _settle(future, error=RuntimeError(f"ledger write abandoned: {stopped!r}"))
             raise
+
+
+    async def _measured(self, works: list[Work]) -> list[Any]:
+        """One transaction of ``works``, its size and time measured (a batch, or one write run again alone)."""
+        metrics.LEDGER_BATCH_WRITES.observe(len(works))
+        started = time.perf_counter()
+        try:
+            return await self._transaction(works)
+        finally:
+            metrics.LEDGER_TRANSACTION_SECONDS.observe(time.perf_counter() - started)
 
 
 def _settle(future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
