@@ -191,25 +191,25 @@ async def one_run(
     return start + ramp, start + seconds, time.time(), failures
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def fill_from_metrics(summary: Summary, run: Metrics) -> None:
     """The server's own figures over the run (``run``: the scrape after minus the scrape before)."""
     commit = run.buckets("voicebook_booking_seconds", operation="book")
-    p50, p99 = report.histogram_quantile(0.5, commit), report.histogram_quantile(0.99, commit)
-    summary.booking_commit_p50_ms = None if p50 is None else p50 * 1000
-    summary.booking_commit_p99_ms = None if p99 is None else p99 * 1000
+    summary.booking_commit_p50_ms = _ms(report.histogram_quantile(0.5, commit))
+    summary.booking_commit_p99_ms = _ms(report.histogram_quantile(0.99, commit))
     for stage in ("hold", "ledger", "index"):
-        part = report.metric_quantile(run, "voicebook_booking_stage_seconds", 0.99, operation="book", stage=stage)
-        summary.booking_stage_p99_ms[stage] = None if part is None else part * 1000
-    wait = report.metric_quantile(run, "voicebook_ledger_write_wait_seconds", 0.99)
-    summary.ledger_wait_p99_ms = None if wait is None else wait * 1000
-    transaction = report.metric_quantile(run, "voicebook_ledger_transaction_seconds", 0.99)
-    summary.ledger_transaction_p99_ms = None if transaction is None else transaction * 1000
+        summary.booking_stage_p99_ms[stage] = _ms(
+            report.metric_quantile(run, "voicebook_booking_stage_seconds", 0.99, operation="book", stage=stage)
+        )
+    summary.ledger_wait_p99_ms = _ms(report.metric_quantile(run, "voicebook_ledger_write_wait_seconds", 0.99))
+    summary.ledger_transaction_p99_ms = _ms(report.metric_quantile(run, "voicebook_ledger_transaction_seconds", 0.99))
     writes, batches = run.total("voicebook_ledger_batch_writes_sum"), run.total("voicebook_ledger_batch_writes_count")
     summary.ledger_batch_mean = writes / batches if writes is not None and batches else None
-    overhead = report.metric_quantile(run, "voicebook_turn_server_overhead_seconds", 0.99)
-    summary.turn_overhead_p99_ms = None if overhead is None else overhead * 1000
-    lag = report.metric_quantile(run, "voicebook_event_loop_lag_seconds", 0.99)
-    summary.loop_lag_p99_ms = None if lag is None else lag * 1000
+    summary.turn_overhead_p99_ms = _ms(report.metric_quantile(run, "voicebook_turn_server_overhead_seconds", 0.99))
+    summary.loop_lag_p99_ms = _ms(report.metric_quantile(run, "voicebook_event_loop_lag_seconds", 0.99))
     summary.effect_retries_metric = run.total("voicebook_effect_attempts_total", outcome="retry")
     summary.effect_dead_metric = run.total("voicebook_effect_attempts_total", outcome="dead")
     if run.has("voicebook_provider_errors_total"):
@@ -294,8 +294,8 @@ def step_figures(monitor: Monitor, stack: LoadStack, users: int, begin: float, e
         users=users,
         concurrent_median=concurrent,
         turn_ms=report.Quantiles.of(report.sample_ms(samples, "turn", begin=begin, end=end)),
-        loop_lag_p99_ms=None if lag is None else lag * 1000,
-        overhead_p99_ms=None if overhead is None else overhead * 1000,
+        loop_lag_p99_ms=_ms(lag),
+        overhead_p99_ms=_ms(overhead),
         core_share=None if cpu is None else cpu.core_share,
         calls_per_core=report.calls_per_core(concurrent, None if cpu is None else cpu.core_share),
     )
