@@ -200,6 +200,29 @@ async def test_a_quiet_stream_without_keepalive_is_closed_with_net_0001_and_reop
         await stream.close()
 
 
+@pytest.mark.parametrize(("chunk_ms", "messages"), [(100, 10), (40, 25), (20, 50)])
+async def test_caller_audio_goes_out_in_chunks_of_chunk_ms(chunk_ms: int, messages: int) -> None:
+    """Twilio's 20 ms frames are gathered into one WebSocket message per ``chunk_ms`` of audio."""
+    async with simulator() as (client, state):
+        stream = await DeepgramSTT(client, chunk_ms=chunk_ms).open(CALL)
+        await feed(stream, silence(1000))
+        await stream.close()
+    assert state.audio_bytes == 8000
+    assert state.audio_messages == messages
+
+
+async def test_finalize_and_close_send_a_part_chunk_at_once() -> None:
+    async with simulator() as (client, state):
+        stream = await DeepgramSTT(client).open(CALL)
+        await feed(stream, silence(240))  # two whole 100 ms chunks, and 40 ms gathered
+        await stream.finalize()
+        await eventually(lambda: state.audio_messages == 3)
+        await feed(stream, silence(60))
+        await stream.close()
+    assert state.audio_messages == 4
+    assert state.audio_bytes == 300 * 8
+
+
 async def test_finalize_flushes_the_pending_words_as_the_end_of_the_turn() -> None:
     async with simulator() as (client, _):
         stream = await DeepgramSTT(client).open(CALL)

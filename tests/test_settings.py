@@ -121,3 +121,10 @@ def test_where_the_booking_writes_run(value: str | None, mode: str) -> None:
 def test_an_unknown_booking_lane_is_named() -> None:
     with pytest.raises(SettingsError, match="VOICEBOOK_BOOKING_LANE: 'fast' is not one of process, thread, off"):
         Settings.from_env({"VOICEBOOK_BOOKING_LANE": "fast"})
+
+
+def test_the_deepgram_chunk_is_read_and_bounded() -> None:
+    assert Settings.from_env({}).deepgram_chunk_ms == 100
+    assert Settings.from_env({"DEEPGRAM_CHUNK_MS": "40"}).deepgram_chunk_ms == 40
+    with pytest.raises(SettingsError, match=r"DEEPGRAM_CHUNK_MS: 10 is outside 20\.\.250"):
+        Settings.from_env({"DEEPGRAM_CHUNK_MS": "10"})

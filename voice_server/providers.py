@@ -181,6 +181,7 @@ async def build_voice(
                 model=settings.deepgram_stt_model,
                 endpointing_ms=settings.deepgram_endpointing_ms,
                 utterance_end_ms=settings.deepgram_utterance_end_ms,
+                chunk_ms=settings.deepgram_chunk_ms,
             ),
             _LazySphinx(),
             provider="deepgram",

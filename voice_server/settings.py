@@ -108,6 +108,8 @@ class Settings:
     deepgram_tts_model: str = "aura-2-thalia-en"
     deepgram_endpointing_ms: int = 300
     deepgram_utterance_end_ms: int = 1000
+    deepgram_chunk_ms: int = 100
+    """Caller audio per message to Deepgram's live socket (20..250, the range Deepgram recommends)."""
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     """Any OpenAI-compatible server (``http://127.0.0.1:8702/v1`` for the simulator); None is OpenAI."""
@@ -307,6 +309,7 @@ class Settings:
             deepgram_tts_model=reader.text("DEEPGRAM_TTS_MODEL", "aura-2-thalia-en"),
             deepgram_endpointing_ms=reader.integer("DEEPGRAM_ENDPOINTING_MS", 300, low=10, high=5000),
             deepgram_utterance_end_ms=reader.integer("DEEPGRAM_UTTERANCE_END_MS", 1000, low=1000, high=5000),
+            deepgram_chunk_ms=reader.integer("DEEPGRAM_CHUNK_MS", 100, low=20, high=250),
             openai_api_key=reader.secret("OPENAI_API_KEY"),
             openai_base_url=reader.url("OPENAI_BASE_URL", ("http", "https")),
             openai_model=reader.text("OPENAI_MODEL", "gpt-4.1-mini"),

@@ -61,6 +61,7 @@ class DeepgramSimState:
     keepalives: int = 0
     configures: list[list[str]] = field(default_factory=list)  # keyterms of each accepted Configure
     audio_bytes: int = 0
+    audio_messages: int = 0  # binary listen messages received (each a chunk of the caller's audio)
     speak_requests: int = 0
     speak_completed: int = 0
     speak_cancelled: int = 0  # REST streams the client closed before the end

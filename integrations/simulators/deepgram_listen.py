@@ -370,6 +370,7 @@ class ListenConnection:
                 self._closed = True
                 return
             if message.get("bytes") is not None:
+                self.state.audio_messages += 1
                 for outgoing in await self.timeline.push(message["bytes"]):
                     self._outbox.put_nowait((*outgoing, None))
                 continue
