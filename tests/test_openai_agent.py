@@ -414,6 +414,15 @@ async def test_a_reply_broken_mid_sentence_for_good_closes_the_sentence_before_t
     assert spoken(events) == "Hello, thanks... " + FALLBACK_LINE
 
 
+
+async def test_a_chunk_that_is_not_an_object_ends_in_the_fallback_line(sim: Sim) -> None:
+    """The chunks are read as plain JSON (no model is built), so one of the wrong shape is refused as such:
+    what was said is closed and the fallback line follows, without a retry that would say it all again."""
+    sim.config.faults = [Fault("garbled", first=1, count=1, after_tokens=2)]
+    events = await collect(make_agent(sim), [caller("Hi")])
+    assert spoken(events) == "Hello, thanks... " + FALLBACK_LINE
+    assert len(sim.config.requests) == 1
+
 # -- the system prompt ----------------------------------------------------------------------------------
 
 

@@ -83,6 +83,7 @@ FaultKind = Literal[
     "stream_error",  # an ``error`` object inside the stream after ``after_tokens`` tokens
     "drop",  # the connection closed after ``after_tokens`` tokens
     "stall",  # the stream stops sending after ``after_tokens`` tokens, until the client gives up
+    "garbled",  # a data line after ``after_tokens`` tokens that is JSON but not a chunk object
 ]
 
 
@@ -90,7 +91,7 @@ FaultKind = Literal[
 class Fault:
     """Misbehave on requests ``first`` .. ``first + count - 1`` (1-based, counting every request the
     endpoint received); ``count=None`` means every request from ``first`` on. The in-stream kinds
-    (``stream_error``, ``drop``, ``stall``) act on streamed requests only."""
+    (``stream_error``, ``drop``, ``stall``, ``garbled``) act on streamed requests only."""
 
     kind: FaultKind
     first: int = 1
@@ -423,7 +424,7 @@ async def _wait_for_disconnect(request: Request, limit: float) -> None:
                 pass
 
 
-def _event(payload: Mapping[str, Any]) -> bytes:
+def _event(payload: object) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -464,6 +465,9 @@ async def _stream(
                 raise _SimulatedDrop(f"simulated connection drop after {index} tokens")
             if fault.kind == "stall":
                 await asyncio.sleep(config.hang_limit_seconds)  # cancelled when the client disconnects
+                return
+            if fault.kind == "garbled":
+                yield _event(["not", "a", "chunk"])
                 return
         if config.token_gate is not None:
             await config.token_gate(index, len(deltas))
