@@ -31,6 +31,7 @@ from integrations.deepgram_stt import (
     deepgram_client,
 )
 from integrations.deepgram_tts import DeepgramTTS
+from integrations.http_pool import ShardedTransport
 from integrations.simulators.deepgram import DeepgramSimConfig, DeepgramSimState, create_deepgram_simulator
 from integrations.simulators.deepgram_listen import NET_0001, ListenFaults
 from integrations.simulators.deepgram_speak import SpeakFaults
@@ -525,15 +526,21 @@ async def connections_opened(http: httpx.AsyncClient, rounds: int, calls: int) -
     synthesize a sentence at once, ``rounds`` times, through ``http``'s pool."""
     config = DeepgramSimConfig()
     app = create_deepgram_simulator(config, transcribe=tone_transcribe, synthesize=tone_synthesize)
-    pool = http._transport._pool  # type: ignore[attr-defined]  # httpx's own pool: what it holds open
+    transport = http._transport
+
+    def held() -> list[Any]:  # what it holds open: our shards' connections, or httpx's own pool's
+        if isinstance(transport, ShardedTransport):
+            return transport.connections()
+        return list(transport._pool.connections)  # type: ignore[attr-defined]
+
     async with serving(app, lifespan="off", ws="websockets-sansio") as url:
         client = deepgram_client(config.api_key, base_url=url, http=http)
         await concurrent_syntheses(client, calls)
-        first = {id(connection) for connection in pool.connections}
+        first = {id(connection) for connection in held()}
         seen = set(first)
         for _ in range(rounds - 1):
             await concurrent_syntheses(client, calls)
-            seen |= {id(connection) for connection in pool.connections}
+            seen |= {id(connection) for connection in held()}
     return len(first), len(seen - first)
 
 

@@ -23,7 +23,8 @@ from booking.business import Business
 from booking.errors import BookingError
 from booking.service import BookingService
 from booking.writes import BookingWriter
-from integrations.egress import Allowlist, httpx2_client, httpx_client
+from integrations.egress import Allowlist, httpx2_client, httpx_transport
+from integrations.http_pool import ShardedTransport
 from integrations.twilio_rest import TwilioCallControl
 from voice_server import egress_policy
 from voice_server.agent_prompt import BookingView, CallerContext, build_system_prompt
@@ -55,12 +56,15 @@ def deepgram_http_client(egress: Allowlist | None = None) -> httpx.AsyncClient:
     """The HTTP client of Deepgram's REST calls (speech synthesis). Every call speaks through its pool at
     once, and httpx keeps only 20 idle connections by default: under load most sentences then opened a
     fresh connection, which is a TLS handshake to Deepgram before the first byte of speech (measured in a
-    40-call load test: 454 new connections a minute with the default, 90 with these limits). With
-    ``egress`` it sends only to those hosts and refuses redirects (:mod:`integrations.egress`)."""
+    40-call load test: 454 new connections a minute with the default, 90 with these limits). The pool is
+    split into shards (:mod:`integrations.http_pool`), since httpcore's pool work grows with the square
+    of its connections. With ``egress`` it sends only to those hosts and refuses redirects
+    (:mod:`integrations.egress`)."""
     timeout = httpx.Timeout(10.0, connect=5.0)
+    pools = ShardedTransport(limits=DEEPGRAM_HTTP_LIMITS)
     if egress is None:
-        return httpx.AsyncClient(timeout=timeout, limits=DEEPGRAM_HTTP_LIMITS)
-    return httpx_client(egress, timeout=timeout, limits=DEEPGRAM_HTTP_LIMITS)
+        return httpx.AsyncClient(timeout=timeout, transport=pools)
+    return httpx.AsyncClient(timeout=timeout, transport=httpx_transport(egress, pools), follow_redirects=False)
 
 
 def caller_context_lookup(
