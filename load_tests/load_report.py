@@ -518,6 +518,44 @@ def best_calls_per_core(steps: Sequence[StepFigures], lag_limit_ms: float = 10.0
     return max(eligible) if eligible else None
 
 
+def timeline(
+    scrapes: Sequence[tuple[float, str]], proc: Mapping[str, Sequence[ProcSample]], begin: float
+) -> list[dict[str, float | None]]:
+    """The run second by second, one row per interval between two /metrics scrapes: when it ended
+    (seconds after ``begin``), calls active at its end, the event-loop lag p99 within it, and each
+    process's CPU within it as a share of one core. A run's p99 hides whether the loop was late all along
+    or in bursts (callers hanging up and dialling again together); this shows which."""
+    rows: list[dict[str, float | None]] = []
+    previous: tuple[float, Metrics] | None = None
+    for at, text in scrapes:
+        metrics = Metrics.parse(text)
+        if previous is not None:
+            start = previous[0]
+            lag = metric_quantile(metrics.minus(previous[1]), "voicebook_event_loop_lag_seconds", 0.99)
+            row: dict[str, float | None] = {
+                "t_s": round(at - begin, 1),
+                "calls_active": metrics.total("voicebook_calls_active"),
+                "loop_lag_p99_ms": None if lag is None else round(lag * 1000, 1),
+            }
+            for name, samples in sorted(proc.items()):
+                within = [sample for sample in samples if start <= sample.t <= at]
+                share = None
+                if len(within) > 1 and within[-1].t > within[0].t:
+                    share = (within[-1].cpu_seconds - within[0].cpu_seconds) / (within[-1].t - within[0].t)
+                row[f"cpu_{name}"] = None if share is None else round(share, 3)
+            rows.append(row)
+        previous = (at, metrics)
+    return rows
+
+
+def write_timeline(rows: Sequence[Mapping[str, float | None]], path: Path) -> None:
+    """``timeline`` rows as CSV (an empty cell where a figure is missing)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [",".join(columns)]
+    lines += [",".join("" if row.get(key) is None else f"{row[key]:g}" for key in columns) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 

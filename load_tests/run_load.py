@@ -76,6 +76,7 @@ class Options:
     callback_weight: int | None = None
     plot: Path | None = None
     json: Path | None = None
+    timeline: Path | None = None
 
 
 @dataclass
@@ -255,6 +256,8 @@ async def run(options: Options) -> Summary:
         summary.drained = await drain(stack, since, options.drain_seconds)
         after = await monitor.scrape()
         fill_from_metrics(summary, after.minus(before))
+        if options.timeline is not None:
+            report.write_timeline(report.timeline(monitor.scrapes, monitor.proc, begin), options.timeline)
         active = monitor.gauge("voicebook_calls_active", full, end)
         summary.concurrent_max = max(active) if active else None
         summary.concurrent_median = report.median(active)
@@ -337,6 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--drain-seconds", type=int, default=120, help="longest wait for the effects queue")
     parser.add_argument("--plot", type=Path, help="PNG of latency and loop lag against concurrent calls (--steps)")
     parser.add_argument("--json", type=Path, help="write the summary here as JSON")
+    parser.add_argument("--timeline", type=Path, help="CSV: calls, loop lag p99 and CPU per process, per scrape")
     parser.add_argument("--locustfile", type=Path, default=HERE / "locustfile.py", help="the users locust runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, samples, ledger)")
     args = parser.parse_args(argv)
@@ -387,6 +391,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         callback_weight=args.callback_weight,
         plot=args.plot,
         json=args.json,
+        timeline=args.timeline,
     )
 
 

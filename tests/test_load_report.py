@@ -117,6 +117,45 @@ def test_counters_sum_over_matching_labels_and_runs_are_differences() -> None:
     assert report.metric_quantile(run, "voicebook_booking_seconds", 0.5, operation="book") == pytest.approx(0.1)
 
 
+def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    active = Gauge("voicebook_calls_active", "calls", registry=registry)
+    lag = Histogram("voicebook_event_loop_lag_seconds", "lag", buckets=(0.005, 0.01, 0.1, 0.25), registry=registry)
+
+    def scrape(t: float) -> tuple[float, str]:
+        return (t, generate_latest(registry).decode())
+
+    scrapes = [scrape(1000.0)]
+    active.set(50)
+    for _ in range(100):
+        lag.observe(0.002)  # a quiet interval
+    scrapes.append(scrape(1002.0))
+    active.set(100)
+    for _ in range(90):
+        lag.observe(0.002)
+    for _ in range(10):
+        lag.observe(0.2)  # a burst: a tenth of the samples late
+    scrapes.append(scrape(1004.0))
+    proc = {
+        "server": [ProcSample(1000.0 + i, 0.5 * i if i <= 2 else 1.0 + 0.9 * (i - 2), 0) for i in range(5)],
+        "worker": [ProcSample(1003.0, 7.0, 0), ProcSample(1004.0, 7.25, 0)],
+    }
+    rows = report.timeline(scrapes, proc, begin=1000.0)
+    assert [row["t_s"] for row in rows] == [2.0, 4.0]
+    assert [row["calls_active"] for row in rows] == [50.0, 100.0]
+    quiet, burst = (row["loop_lag_p99_ms"] for row in rows)
+    assert quiet is not None and quiet <= 5.0
+    assert burst is not None and burst > 100.0
+    assert [row["cpu_server"] for row in rows] == [0.5, 0.9]
+    assert [row["cpu_worker"] for row in rows] == [None, 0.25]  # one sample in the first interval: unknown
+    path = tmp_path / "timeline.csv"
+    report.write_timeline(rows, path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "t_s,calls_active,loop_lag_p99_ms,cpu_server,cpu_worker"
+    assert lines[1].startswith("2,50,") and lines[1].endswith(",0.5,")
+    assert lines[2].endswith(",0.9,0.25")
+
+
 # -- /proc ------------------------------------------------------------------------------------------------
 
 
