@@ -1,9 +1,10 @@
 """Speech to text with Deepgram's live WebSocket, through the deepgram SDK (``SpeechToText`` port).
 
-One stream per call. Caller audio goes out in 100 ms chunks (``chunk_ms``); Deepgram's events come back as port events:
-``SpeechStarted`` as is, interim and final ``Results`` as ``Transcript`` (``end_of_turn`` = ``speech_final``,
-or a ``Finalize`` answer), and ``UtteranceEnd`` as an empty end-of-turn ``Transcript`` when words are
-waiting without a ``speech_final`` (endpointing missed the end in background noise).
+One stream per call. Caller audio goes out in 100 ms chunks (``chunk_ms``); Deepgram's events come back
+as port events: ``SpeechStarted`` as is, interim and final ``Results`` as ``Transcript``
+(``end_of_turn`` = ``speech_final``, or a ``Finalize`` answer), and ``UtteranceEnd`` as an empty
+end-of-turn ``Transcript`` when words are waiting without a ``speech_final`` (endpointing missed the end
+in background noise).
 
 A socket that drops mid-call is reopened (exponential backoff, bounded attempts per outage) and the audio
 since the last final result is sent again from a bounded ring buffer, so the words of an utterance cut

@@ -4,9 +4,9 @@ httpcore's pool (1.0.x, which httpx and the Deepgram SDK send with) does work on
 grows with the square of the connections it holds: each time a request starts or a response is closed it
 walks every connection, and for each idle one it counts all the connections again (and asks the socket
 whether it is readable, a system call). With every call of a busy server speaking through one pool, that
-pool holds a connection per call speaking at once, and the walks ran on the event loop for tens of
-milliseconds at a time: in a 100-call load test they were 15% of the loop while callers hung up and
-dialled again together, the moments the loop went 200 ms late.
+pool holds a connection per call speaking at once. In a 100-call load test the walks rose from 4% to 15%
+of the event loop's samples while callers hung up and dialled again together, the moments the loop went
+200 ms late.
 
 :class:`ShardedTransport` keeps ``shards`` independent pools and hands requests to them in turn, so each
 pool holds a share of the connections and its walks cost that share squared. Limits are divided
