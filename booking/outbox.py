@@ -600,19 +600,30 @@ class Outbox:
     async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease: timedelta) -> list[Effect]:
         """Lease up to ``limit`` due effects of ``kinds`` to ``owner`` (oldest due first). A running effect
         whose lease has expired counts as due: its worker is presumed dead."""
-        if limit < 1 or not kinds:
-            return []
+        [claimed] = await self.claim_many(owner, [(kinds, limit)], lease=lease)
+        return claimed
+
+    async def claim_many(
+        self, owner: str, wanted: Sequence[tuple[Sequence[str], int]], *, lease: timedelta
+    ) -> list[list[Effect]]:
+        """:meth:`claim` for several groups of kinds (a worker's integrations, each with its own free
+        slots) in one write transaction; one list of effects per group, in order. On SQLite every write
+        transaction takes the one write lock that the bookings also need, so a worker looking for work
+        takes it once, not once per integration."""
         now = self._clock()
         postgres = self._db.dialect == "postgresql"
-        statements = _claim_statements(tuple(sorted(kinds)), postgres)
-        params = {"claim_now": now, "claim_limit": limit, "claim_owner": owner, "claim_expires": now + lease}
+        groups = [
+            (_claim_statements(tuple(sorted(kinds)), postgres), limit) for kinds, limit in wanted if kinds and limit > 0
+        ]
+        if not groups:
+            return [[] for _ in wanted]
+        base = {"claim_now": now, "claim_owner": owner, "claim_expires": now + lease}
         sweep = self._last_sweep is None or now - self._last_sweep >= EXHAUSTED_SWEEP_INTERVAL
         if sweep:
             self._last_sweep = now
 
-        def work(conn: Connection) -> list[Effect]:
-            if sweep:
-                conn.execute(statements.exhausted, {"claim_now": now})
+        def lease_group(conn: Connection, statements: _ClaimStatements, limit: int) -> list[Effect]:
+            params = base | {"claim_limit": limit}
             if postgres:
                 # Rows another worker is claiming right now are skipped, not waited for; a row it has
                 # just claimed fails the re-check of the WHERE clause once its lock is released.
@@ -626,7 +637,14 @@ class Outbox:
                 rows = conn.execute(statements.lease, params).all()
             return sorted((effect_from_row(row) for row in rows), key=lambda effect: effect.id)
 
-        return await self._db.write(work)
+        def work(conn: Connection) -> list[list[Effect]]:
+            if sweep:  # every group's kinds, so no integration waits a sweep interval for its turn
+                for statements, _ in groups:
+                    conn.execute(statements.exhausted, {"claim_now": now})
+            return [lease_group(conn, statements, limit) for statements, limit in groups]
+
+        claimed = iter(await self._db.write(work))
+        return [next(claimed) if kinds and limit > 0 else [] for kinds, limit in wanted]
 
     def _held(self, effect: Effect) -> Any:
         # The lease this worker was given: a row re-claimed after expiry has another owner or attempt.

@@ -150,19 +150,23 @@ class Worker:
         return set().union(*self._in_flight.values())
 
     async def _dispatch(self) -> int:
-        claimed = 0
-        for integration, kinds in self._kinds.items():
-            running = self._in_flight[integration]
-            free = self._limits[integration] - len(running)
-            if free <= 0 or self._stopping:
-                continue
-            effects = await self.outbox.claim(self.owner, kinds, limit=free, lease=self._lease)
+        """Claim for every integration with a free slot, in one ledger transaction, and start the effects."""
+        if self._stopping:
+            return 0
+        free = {
+            integration: self._limits[integration] - len(self._in_flight[integration]) for integration in self._kinds
+        }
+        wanted = [integration for integration, slots in free.items() if slots > 0]
+        if not wanted:
+            return 0
+        groups = [(self._kinds[integration], free[integration]) for integration in wanted]
+        claimed = await self.outbox.claim_many(self.owner, groups, lease=self._lease)
+        for integration, effects in zip(wanted, claimed, strict=True):
             for effect in effects:
                 task = asyncio.get_running_loop().create_task(self._execute(effect))
-                running.add(task)
+                self._in_flight[integration].add(task)
                 task.add_done_callback(self._finished)
-            claimed += len(effects)
-        return claimed
+        return sum(len(effects) for effects in claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         for tasks in self._in_flight.values():

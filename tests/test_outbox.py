@@ -204,6 +204,56 @@ async def test_an_effect_that_keeps_losing_its_lease_goes_dead(
     assert list(recorder.successes) == [f"{booking_id}:sms.confirmation:v1"]  # a dead effect blocks nothing
 
 
+async def test_one_claim_serves_several_integrations_in_one_transaction(
+    synced: Ledger, outbox: Outbox, database: Database
+) -> None:
+    first = await book(synced, datetime(2026, 11, 30, 20, 0, tzinfo=UTC))
+    second = await book(synced, datetime(2026, 11, 30, 21, 0, tzinfo=UTC))
+    batches = database.group_commit.batches
+    calendar, texts, nothing, no_room = await outbox.claim_many(
+        "w",
+        [(["calendar.create"], 1), (["sms.confirmation", "sms.reminder"], 5), ([], 3), (["calendar.create"], 0)],
+        lease=timedelta(minutes=1),
+    )
+    assert database.group_commit.batches == batches + 1  # one write transaction for all the groups
+    assert [(e.booking_id, e.kind) for e in calendar] == [(first, "calendar.create")]  # its limit: 1
+    assert [(e.booking_id, e.kind) for e in texts] == [(first, "sms.confirmation"), (second, "sms.confirmation")]
+    assert nothing == [] and no_room == []
+    assert all(e.status is EffectStatus.RUNNING and e.lease_owner == "w" for e in calendar + texts)
+    [left] = await outbox.claim("w", ["calendar.create"], limit=5, lease=timedelta(minutes=1))
+    assert (left.booking_id, left.kind) == (second, "calendar.create")
+
+
+async def test_a_worker_looking_for_work_takes_one_write_for_all_its_integrations(
+    synced: Ledger, database: Database, redis_client: aioredis.Redis, clock: FrozenClock
+) -> None:
+    runner = worker(database, redis_client, Recorder(), clock)
+    assert len({kind.split(".")[0] for kind in runner.kinds}) > 2
+    batches = database.group_commit.batches
+    assert await runner.run_until_idle() == 0  # nothing due
+    # On SQLite each write transaction takes the ledger's one write lock, which bookings wait for.
+    assert database.group_commit.batches == batches + 1
+
+
+async def test_lost_leases_of_every_integration_are_swept_by_one_claim(
+    synced: Ledger, outbox: Outbox, database: Database, redis_client: aioredis.Redis, clock: FrozenClock
+) -> None:
+    booking_id = await book(synced, datetime(2026, 11, 30, 20, 0, tzinfo=UTC))
+    poisons = await outbox.claim_many(
+        "crashed", [(["calendar.create"], 1), (["sms.confirmation"], 1)], lease=timedelta(minutes=1)
+    )
+    ids = [effect.id for [effect] in poisons]
+    await database.write(
+        lambda conn: conn.execute(update(t.effects).where(t.effects.c.id.in_(ids)).values(max_attempts=1))
+    )
+    clock.advance(timedelta(minutes=2))
+    recorder = Recorder()
+    assert await worker(database, redis_client, recorder, clock).run_until_idle() == 0
+    assert sorted(dead.id for dead in await outbox.dead_letters()) == sorted(ids)
+    assert not recorder.calls  # neither ran a fourth time on a worker it might take down
+    assert {e.status for e in await outbox.for_booking(booking_id)} == {EffectStatus.DEAD}
+
+
 class Ceiling(random.Random):
     """Full jitter at its upper bound, so the test can see the exponential envelope."""
 
