@@ -161,6 +161,16 @@ class Metrics:
         )
 
 
+def collector_pauses(run: Metrics) -> dict[str, tuple[float, float]] | None:
+    """``voicebook_gc_pause_seconds`` over the run: (runs, seconds in all) per generation; None when the
+    server does not export it."""
+    if not run.has("voicebook_gc_pause_seconds_count"):
+        return None
+    runs = run.by_labels("voicebook_gc_pause_seconds_count", "generation")
+    seconds = run.by_labels("voicebook_gc_pause_seconds_sum", "generation")
+    return {generation: (runs[generation], seconds.get(generation, 0.0)) for generation in sorted(runs)}
+
+
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
     """Prometheus's ``histogram_quantile``: linear interpolation inside the bucket that holds the rank;
     the highest finite bound when the rank falls in ``+Inf``; None without observations."""
@@ -384,6 +394,9 @@ class Summary:
     # Sentences (tts) and calls (stt) served by the offline fallback, by role/reason: each is the server's
     # own CPU spent on a voice or an ear the provider should have supplied.
     speech_fallbacks: dict[str, float] | None = None
+    # The cycle collector's runs in the server's processes, by generation: (runs, seconds in all). Each
+    # run stops the whole process, its event loop included.
+    gc_pauses: dict[str, tuple[float, float]] | None = None
     bookings: int | None = None
     overlaps: int | None = None
     effects_pending: int | None = None
@@ -454,6 +467,12 @@ def render(summary: Summary) -> list[str]:
             "n/a"
             if s.speech_fallbacks is None
             else ", ".join(f"{k} {v:.0f}" for k, v in sorted(s.speech_fallbacks.items()) if v) or "0",
+        ),
+        (
+            "collector pauses (server)",
+            "n/a"
+            if s.gc_pauses is None
+            else "  ".join(f"gen{g} {n:.0f} runs {sec * 1000:.0f} ms" for g, (n, sec) in s.gc_pauses.items()) or "0",
         ),
         ("bookings made in the run", _num(s.bookings, "", 0)),
         ("overlapping bookings (must be 0)", _num(s.overlaps, "", 0)),

@@ -217,6 +217,7 @@ def fill_from_metrics(summary: Summary, run: Metrics) -> None:
         summary.provider_errors = run.by_labels("voicebook_provider_errors_total", "provider", "kind")
     elif run.has("voicebook_provider_requests_total"):
         summary.provider_errors = {}  # instrumented, and no error was counted (a labelled counter starts empty)
+    summary.gc_pauses = report.collector_pauses(run)
     if run.has("voicebook_speech_fallbacks_total"):
         summary.speech_fallbacks = run.by_labels("voicebook_speech_fallbacks_total", "role", "reason")
 

@@ -117,6 +117,25 @@ def test_counters_sum_over_matching_labels_and_runs_are_differences() -> None:
     assert report.metric_quantile(run, "voicebook_booking_seconds", 0.5, operation="book") == pytest.approx(0.1)
 
 
+def test_collector_pauses_are_runs_and_seconds_per_generation_over_the_run() -> None:
+    registry = CollectorRegistry()
+    assert report.collector_pauses(Metrics.parse(generate_latest(registry).decode())) is None  # not exported
+    pauses = Histogram("voicebook_gc_pause_seconds", "", ["generation"], registry=registry)
+    pauses.labels("0").observe(0.001)
+    before = Metrics.parse(generate_latest(registry).decode())
+    for seconds in (0.002, 0.003):
+        pauses.labels("0").observe(seconds)
+    pauses.labels("2").observe(0.08)
+    run = Metrics.parse(generate_latest(registry).decode()).minus(before)
+    found = report.collector_pauses(run)
+    assert found is not None
+    assert found["0"] == (2.0, pytest.approx(0.005)) and found["2"] == (1.0, pytest.approx(0.08))
+    summary = Summary("steady", 1, 1.0, gc_pauses=found)
+    [row] = [line for line in report.render(summary) if "collector pauses" in line]
+    assert "gen0 2 runs 5 ms" in row and "gen2 1 runs 80 ms" in row
+    assert any("collector pauses" in line and "n/a" in line for line in report.render(Summary("steady", 1, 1.0)))
+
+
 def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     active = Gauge("voicebook_calls_active", "calls", registry=registry)
@@ -284,6 +303,7 @@ def test_run_load_measures_turns_and_finds_no_overlap(tmp_path: Path) -> None:
     assert summary["overlaps"] == 0
     assert summary["lost_bookings"] == 0
     assert summary["server"]["cpu_seconds"] > 0
+    assert summary["gc_pauses"] and sum(runs for runs, _ in summary["gc_pauses"].values()) > 0
 
 
 def test_a_process_tree_adds_up_its_children() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
@@ -409,6 +410,36 @@ async def test_a_blocked_loop_shows_as_lag() -> None:
         time.sleep(0.3)  # blocks the loop: that timer fires at least 0.25 s late  # noqa: ASYNC251
         await asyncio.sleep(0.01)
     assert above_100ms() >= late_before + 1
+
+
+async def test_collector_pauses_are_timed_by_generation_while_the_loop_is_watched() -> None:
+    def runs(generation: int) -> float:
+        return sample("voicebook_gc_pause_seconds_count", {"generation": str(generation)})
+
+    def seconds(generation: int) -> float:
+        return sample("voicebook_gc_pause_seconds_sum", {"generation": str(generation)})
+
+    before = {generation: (runs(generation), seconds(generation)) for generation in range(3)}
+    async with voice_metrics.watching_event_loop(), voice_metrics.watching_event_loop():  # installed once
+        assert gc.callbacks.count(voice_metrics.COLLECTOR_PAUSES) == 1
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+    assert runs(0) >= before[0][0] + 1 and seconds(0) > before[0][1]
+    assert runs(2) >= before[2][0] + 2 and seconds(2) > before[2][1]
+    assert voice_metrics.COLLECTOR_PAUSES not in gc.callbacks  # removed when the last block ended
+    after = runs(2)
+    gc.collect(2)
+    assert runs(2) == after
+
+
+def test_a_collection_that_began_before_the_hook_is_not_counted() -> None:
+    pauses = voice_metrics.CollectorPauses(clock=iter([1.0, 1.25]).__next__)
+    before = sample("voicebook_gc_pause_seconds_count", {"generation": "1"})
+    pauses("stop", {"generation": 1, "collected": 0, "uncollectable": 0})  # no start seen: ignored
+    pauses("start", {"generation": 1})
+    pauses("stop", {"generation": 1, "collected": 0, "uncollectable": 0})
+    assert sample("voicebook_gc_pause_seconds_count", {"generation": "1"}) == before + 1
 
 
 # -- several processes -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from voice_server.booking_stack import calendar_refresh, own_ledger_and_index
 from voice_server.google_setup import load_google_calendar
 from voice_server.logging import register_settings_secrets
 from voice_server.loop_watchdog import watching_for_stalls
+from voice_server.metrics import COLLECTOR_PAUSES
 from voice_server.privacy_keys import install_pii_cipher
 from voice_server.settings import Settings
 from voice_server.tracing import tracing_enabled
@@ -58,6 +59,7 @@ async def run_booking_process(settings: Settings, socket_path: Path, *, clock: C
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(tracing_enabled(settings))
         await stack.enter_async_context(watching_for_stalls(settings.loop_stall_ms / 1000))
+        stack.enter_context(COLLECTOR_PAUSES.installed())  # voicebook_gc_pause_seconds, as in the server
         business = load_business(settings.business_file)
         database, ledger, index = own_ledger_and_index(
             settings, settings.redis_url, stack, clock=clock, max_connections=256
