@@ -425,6 +425,8 @@ async def test_collector_pauses_are_timed_by_generation_while_the_loop_is_watche
         gc.collect(0)
         gc.collect(2)
         gc.collect(2)
+        await asyncio.sleep(1.1)  # observed by the loop's next flush, while the block still runs
+        assert runs(2) >= before[2][0] + 2
     assert runs(0) >= before[0][0] + 1 and seconds(0) > before[0][1]
     assert runs(2) >= before[2][0] + 2 and seconds(2) > before[2][1]
     assert voice_metrics.COLLECTOR_PAUSES not in gc.callbacks  # removed when the last block ended
@@ -433,12 +435,19 @@ async def test_collector_pauses_are_timed_by_generation_while_the_loop_is_watche
     assert runs(2) == after
 
 
-def test_a_collection_that_began_before_the_hook_is_not_counted() -> None:
+def test_pauses_are_observed_on_flush_not_inside_the_collection() -> None:
     pauses = voice_metrics.CollectorPauses(clock=iter([1.0, 1.25]).__next__)
     before = sample("voicebook_gc_pause_seconds_count", {"generation": "1"})
+    total = sample("voicebook_gc_pause_seconds_sum", {"generation": "1"})
     pauses("stop", {"generation": 1, "collected": 0, "uncollectable": 0})  # no start seen: ignored
     pauses("start", {"generation": 1})
     pauses("stop", {"generation": 1, "collected": 0, "uncollectable": 0})
+    # Nothing touched prometheus_client (and its lock) from the hook: a collection may begin while it is held.
+    assert sample("voicebook_gc_pause_seconds_count", {"generation": "1"}) == before
+    pauses.flush()
+    assert sample("voicebook_gc_pause_seconds_count", {"generation": "1"}) == before + 1
+    assert sample("voicebook_gc_pause_seconds_sum", {"generation": "1"}) == pytest.approx(total + 0.25)
+    pauses.flush()
     assert sample("voicebook_gc_pause_seconds_count", {"generation": "1"}) == before + 1
 
 

@@ -59,7 +59,7 @@ async def run_booking_process(settings: Settings, socket_path: Path, *, clock: C
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(tracing_enabled(settings))
         await stack.enter_async_context(watching_for_stalls(settings.loop_stall_ms / 1000))
-        stack.enter_context(COLLECTOR_PAUSES.installed())  # voicebook_gc_pause_seconds, as in the server
+        await stack.enter_async_context(COLLECTOR_PAUSES.installed())  # voicebook_gc_pause_seconds, as in the server
         business = load_business(settings.business_file)
         database, ledger, index = own_ledger_and_index(
             settings, settings.redis_url, stack, clock=clock, max_connections=256

@@ -19,7 +19,7 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
@@ -216,38 +216,63 @@ GC_PAUSE = Histogram(
 
 
 class CollectorPauses:
-    """A ``gc.callbacks`` hook that times each collection into ``voicebook_gc_pause_seconds``.
+    """Times each run of the cycle collector (a ``gc.callbacks`` hook) into ``voicebook_gc_pause_seconds``.
 
     While the collector runs, nothing else in the process does: a full collection walks every container
     object the process keeps, and under load that is tens of milliseconds of event-loop lag with no
     await to blame. The lag histogram shows that the loop was late; this one shows how much of it was
-    the collector. Installed by :func:`watching_event_loop` (server) and the booking process, once per
-    process however many blocks use it."""
+    the collector.
+
+    The hook itself only appends the pause to a list: a collection can start inside any allocation,
+    including one made while prometheus_client holds its lock (one lock for every metric with
+    ``PROMETHEUS_MULTIPROC_DIR``), so observing from the hook could deadlock the process. The pauses are
+    observed on the event loop every ``interval`` while :meth:`installed` runs (the server's
+    :func:`watching_event_loop`, the booking process), once per process however many blocks use it."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
         self._started: float | None = None
+        self._pending: list[list[float]] = [[], [], []]  # seconds, by generation, not yet observed
         self._users = 0
-        self._by_generation = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = self._clock()
         elif self._started is not None:
-            self._by_generation[info["generation"]].observe(self._clock() - self._started)
+            self._pending[info["generation"]].append(self._clock() - self._started)
             self._started = None
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def flush(self) -> None:
+        """Observe the pauses recorded since the last flush."""
+        for generation in range(3):
+            # A collection during the swap appends to the list that is about to be read: none is lost.
+            pauses, self._pending[generation] = self._pending[generation], []
+            if pauses:
+                histogram = GC_PAUSE.labels(str(generation))
+                for seconds in pauses:
+                    histogram.observe(seconds)
+
+    @contextlib.asynccontextmanager
+    async def installed(self, interval: float = 1.0) -> AsyncIterator[None]:
         self._users += 1
         if self not in gc.callbacks:
             gc.callbacks.append(self)
+        task = asyncio.get_running_loop().create_task(self._flushing(interval), name="gc-pauses")
         try:
             yield
         finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             self._users -= 1
             if self._users == 0 and self in gc.callbacks:
                 gc.callbacks.remove(self)
+            self.flush()
+
+    async def _flushing(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.flush()
 
 
 COLLECTOR_PAUSES = CollectorPauses()
@@ -257,7 +282,7 @@ COLLECTOR_PAUSES = CollectorPauses()
 async def watching_event_loop(interval: float = LAG_INTERVAL_SECONDS) -> AsyncIterator[None]:
     """The lag monitor and the collector's pause timer run while the block runs; the monitor is cancelled
     and awaited when the block exits."""
-    with COLLECTOR_PAUSES.installed():
+    async with COLLECTOR_PAUSES.installed():
         task = asyncio.get_running_loop().create_task(measure_loop_lag(interval), name="event-loop-lag")
         try:
             yield
