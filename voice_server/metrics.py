@@ -19,7 +19,8 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
@@ -207,6 +208,18 @@ async def measure_loop_lag(interval: float = LAG_INTERVAL_SECONDS) -> None:
         RECENT_LOOP_LAG.observe(now, lag)
 
 
+@contextlib.asynccontextmanager
+async def _in_background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """``work`` runs as a task while the block runs; it is cancelled and awaited when the block exits."""
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 GC_PAUSE = Histogram(
     "voicebook_gc_pause_seconds",
     "How long one run of Python's cycle collector held the process (its event loop included), by generation.",
@@ -257,13 +270,10 @@ class CollectorPauses:
         self._users += 1
         if self not in gc.callbacks:
             gc.callbacks.append(self)
-        task = asyncio.get_running_loop().create_task(self._flushing(interval), name="gc-pauses")
         try:
-            yield
+            async with _in_background(self._flushing(interval), "gc-pauses"):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             self._users -= 1
             if self._users == 0 and self in gc.callbacks:
                 gc.callbacks.remove(self)
@@ -282,14 +292,8 @@ COLLECTOR_PAUSES = CollectorPauses()
 async def watching_event_loop(interval: float = LAG_INTERVAL_SECONDS) -> AsyncIterator[None]:
     """The lag monitor and the collector's pause timer run while the block runs; the monitor is cancelled
     and awaited when the block exits."""
-    async with COLLECTOR_PAUSES.installed():
-        task = asyncio.get_running_loop().create_task(measure_loop_lag(interval), name="event-loop-lag")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async with COLLECTOR_PAUSES.installed(), _in_background(measure_loop_lag(interval), "event-loop-lag"):
+        yield
 
 
 @contextlib.asynccontextmanager
