@@ -45,6 +45,8 @@ import requests
 import structlog
 from requests.adapters import BaseAdapter
 
+from integrations.http_pool import unbound_on_close
+
 with warnings.catch_warnings():
     # Deprecated since websockets 14, and still what the deepgram SDK dials with (see deepgram_stt).
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -150,7 +152,7 @@ class _GuardedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response: httpx.Response = await _send_guarded(self._inner, self._allow, request)
-        return response
+        return unbound_on_close(response)  # freed once closed, not by the cycle collector (http_pool)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

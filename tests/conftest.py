@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import shutil
 import socket
@@ -308,6 +309,34 @@ async def serving(app: ASGIApp, sock: socket.socket | None = None, **config: Any
         server.should_exit = True
         await task
         sock.close()
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list[object]]:
+    """The objects the block left for the cycle collector (freed by no reference count: only those in a
+    reference cycle, or reachable only from one), listed at the block's end. The collector is off inside
+    the block, so nothing is collected before it is listed."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    found: list[object] = []
+    try:
+        yield found
+    finally:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            found.extend(gc.garbage)
+        finally:
+            gc.garbage.clear()
+            gc.set_debug(0)
+            if enabled:
+                gc.enable()
+
+
+def garbage_of(found: list[object], kind: type) -> int:
+    """How many of ``found`` (from :func:`cyclic_garbage`) are ``kind``s."""
+    return sum(1 for thing in found if isinstance(thing, kind))
 
 
 @pytest.fixture(scope="session")

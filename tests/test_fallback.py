@@ -19,7 +19,7 @@ from integrations.simulators.deepgram import DeepgramSimConfig, create_deepgram_
 from integrations.simulators.deepgram_listen import ListenFaults
 from integrations.simulators.deepgram_speak import SpeakFaults
 from integrations.simulators.deepgram_wire import fault_response
-from tests.conftest import serving
+from tests.conftest import cyclic_garbage, garbage_of, serving
 from tests.test_deepgram import CALL, tone_synthesize, tone_transcribe, utterance
 from voice_server.audio import MULAW_FRAME_BYTES, mulaw_to_pcm16, rms_dbfs, silence
 from voice_server.fallback import FallbackSTT, FallbackSTTStream, FallbackTTS
@@ -193,6 +193,19 @@ async def test_a_primary_that_never_starts_is_given_up_after_the_first_byte_time
     tts = FallbackTTS(primary, fallback, first_byte_timeout_s=0.05, failure_threshold=1)
     assert await spoken(tts) == fallback.sentence()
     assert primary.closed == 1 and tts.breaker.is_open
+
+
+async def test_a_sentence_under_a_first_byte_deadline_leaves_no_cycle_for_the_collector() -> None:
+    # The deadline's timer and its callback (a closure that scheduled itself) referred to each other:
+    # every sentence spoken left them, the timeout scope and the call's context to the cycle collector,
+    # whose passes pause the event loop.
+    tts = FallbackTTS(FakeVoice(1), FakeVoice(2), first_byte_timeout_s=5.0)
+    await spoken(tts)
+    with cyclic_garbage() as found:
+        for _ in range(10):
+            assert await spoken(tts) == FakeVoice(1).sentence()
+    assert garbage_of(found, asyncio.TimerHandle) == 0
+    assert garbage_of(found, asyncio.Timeout) == 0
 
 
 async def test_when_both_voices_fail_the_sentence_ends_quietly() -> None:

@@ -1,6 +1,7 @@
-"""The sharded httpx transport: requests spread over its pools, limits divided, connections reused, and
-the pool walks (httpcore's, on every request) cover a shard's connections instead of all of them. A real
-uvicorn server on loopback answers."""
+"""The sharded httpx transport: requests spread over its pools, limits divided, connections reused, the
+pool walks (httpcore's, on every request) cover a shard's connections instead of all of them, and a closed
+response is freed by its reference count, not left to the cycle collector. A real uvicorn server on
+loopback answers."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from integrations.egress import Allowlist, httpx_client
 from integrations.http_pool import ShardedTransport
-from tests.conftest import serving
+from tests.conftest import cyclic_garbage, garbage_of, serving
 
 LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=50, keepalive_expiry=30.0)
 
@@ -90,3 +92,42 @@ async def test_a_shard_walks_its_own_connections_not_all_of_them(server: str, id
     sharded = await walks_per_request(ShardedTransport(limits=LIMITS, shards=8), server, idle_checks)
     assert one_pool > 1000, one_pool
     assert sharded * 20 < one_pool, (sharded, one_pool)
+
+
+async def requests_of_every_kind(client: httpx.AsyncClient, url: str) -> None:
+    """Read whole, streamed to the end, streamed and closed part-way, and refused by an error status."""
+    for _ in range(5):
+        assert (await client.get(url)).text == "hello"
+        async with client.stream("GET", url) as response:
+            assert b"".join([chunk async for chunk in response.aiter_bytes()]) == b"hello"
+        async with client.stream("GET", url) as response:
+            pass  # closed unread
+        assert response.is_closed and response.elapsed.total_seconds() >= 0
+        with pytest.raises(httpx.StreamClosed):
+            await response.aread()
+        assert (await client.get(url + "/missing")).status_code == 404
+
+
+async def test_a_closed_response_is_freed_without_the_cycle_collector(server: str) -> None:
+    # httpx's client binds each response's stream back to the response; the transport undoes that once
+    # the response is closed. The plain transport is the control: its responses are all left to the
+    # collector, so the count would catch the cycle coming back.
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport()) as client:
+        await client.get(server)  # the connection is open before counting
+        with cyclic_garbage() as plain:
+            await requests_of_every_kind(client, server)
+    async with httpx.AsyncClient(transport=ShardedTransport(limits=LIMITS, shards=2)) as client:
+        await client.get(server)
+        with cyclic_garbage() as sharded:
+            await requests_of_every_kind(client, server)
+    assert garbage_of(plain, httpx.Response) == 20
+    assert garbage_of(sharded, httpx.Response) == 0
+    assert garbage_of(sharded, httpx.Request) == 0
+
+
+async def test_the_egress_gate_s_responses_are_freed_without_the_cycle_collector(server: str) -> None:
+    async with httpx_client(Allowlist.of([server])) as client:
+        await client.get(server)
+        with cyclic_garbage() as found:
+            await requests_of_every_kind(client, server)
+    assert garbage_of(found, httpx.Response) == 0

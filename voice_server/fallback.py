@@ -207,6 +207,44 @@ class DeadlineExceeded(TimeoutError):
     provider (or its SDK) raised, no adapter has counted it."""
 
 
+class _Deadline:
+    """``_pull``'s deadline: at ``timeout_s`` it expires ``scope``, unless the loop was overloaded then (the
+    wait is then extended once by ``timeout_s``). A class rather than a closure: a closure that schedules
+    itself refers to itself, a cycle left to the collector on every sentence spoken (its passes pause the
+    event loop), and :meth:`cancel` also lets go of the timer, which refers back to the deadline."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout, timeout_s: float, loop_lag: LoopLag | None
+    ) -> None:
+        self._loop = loop
+        self._scope = scope
+        self._timeout_s = timeout_s
+        self._loop_lag = loop_lag
+        self.began = loop.time()
+        self._extended = False
+        due = self.began + timeout_s
+        self._timer: asyncio.TimerHandle | None = loop.call_at(due, self._expire, due)
+
+    def _expire(self, due: float) -> None:
+        now = self._loop.time()
+        lag = max(now - due, self._loop_lag(self.began) if self._loop_lag is not None else 0.0)
+        if not self._extended and lag >= OVERLOADED_LAG_S:
+            self._extended = True
+            SPEECH_DEADLINE_EXTENDED.labels("tts").inc()
+            log.warning(
+                "speech_deadline_extended", role="tts", loop_lag_ms=round(lag * 1000, 1), timeout_s=self._timeout_s
+            )
+            self._timer = self._loop.call_at(now + self._timeout_s, self._expire, now + self._timeout_s)
+            return
+        self._timer = None
+        self._scope.reschedule(now)  # cancels the wait at once: the deadline has expired
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 async def _pull(
     iterator: AsyncIterator[T], timeout_s: float | None = None, *, loop_lag: LoopLag | None = None
 ) -> T | _Done | Exception:
@@ -215,41 +253,22 @@ async def _pull(
     When ``timeout_s`` runs out the failure is a ``DeadlineExceeded``, unless the event loop was overloaded
     then (see the module doc): the wait is then extended once by ``timeout_s``."""
     loop = asyncio.get_running_loop()
-    deadline = asyncio.timeout(None)
-    timer: asyncio.TimerHandle | None = None
-    if timeout_s is not None:
-        began = loop.time()
-        extended = False
-
-        def expire(due: float) -> None:
-            nonlocal timer, extended
-            now = loop.time()
-            lag = max(now - due, loop_lag(began) if loop_lag is not None else 0.0)
-            if not extended and lag >= OVERLOADED_LAG_S:
-                extended = True
-                SPEECH_DEADLINE_EXTENDED.labels("tts").inc()
-                log.warning(
-                    "speech_deadline_extended", role="tts", loop_lag_ms=round(lag * 1000, 1), timeout_s=timeout_s
-                )
-                timer = loop.call_at(now + timeout_s, expire, now + timeout_s)
-                return
-            deadline.reschedule(now)  # cancels the wait at once: the deadline has expired
-
-        timer = loop.call_at(began + timeout_s, expire, began + timeout_s)
+    scope = asyncio.timeout(None)
+    deadline = _Deadline(loop, scope, timeout_s, loop_lag) if timeout_s is not None else None
     try:
-        async with deadline:
+        async with scope:
             return await anext(iterator)
     except StopAsyncIteration:
         return _DONE
     except Exception as error:  # any failure of the provider, its own TimeoutError included
-        if deadline.expired():
-            expired = DeadlineExceeded(f"nothing within {loop.time() - began:.1f} s")
+        if deadline is not None and scope.expired():
+            expired = DeadlineExceeded(f"nothing within {loop.time() - deadline.began:.1f} s")
             expired.__cause__ = error
             return expired
         return error
     finally:
-        if timer is not None:
-            timer.cancel()
+        if deadline is not None:
+            deadline.cancel()
 
 
 # -- text to speech ------------------------------------------------------------------------------
