@@ -541,20 +541,29 @@ def timeline(
     scrapes: Sequence[tuple[float, str]], proc: Mapping[str, Sequence[ProcSample]], begin: float
 ) -> list[dict[str, float | None]]:
     """The run second by second, one row per interval between two /metrics scrapes: when it ended
-    (seconds after ``begin``), calls active at its end, the event-loop lag p99 within it, and each
-    process's CPU within it as a share of one core. A run's p99 hides whether the loop was late all along
-    or in bursts (callers hanging up and dialling again together); this shows which."""
+    (seconds after ``begin``), calls active at its end and calls started within it, the event-loop lag,
+    booking commit and turn overhead p99 within it, and each process's CPU within it as a share of one
+    core. A run's p99 hides whether the loop was late all along or in bursts (callers hanging up and
+    dialling again together); this shows which, and whether the slow bookings fell in the same bursts."""
+
+    def p99_ms(within: Metrics, histogram: str, **labels: str) -> float | None:
+        value = metric_quantile(within, histogram, 0.99, **labels)
+        return None if value is None else round(value * 1000, 1)
+
     rows: list[dict[str, float | None]] = []
     previous: tuple[float, Metrics] | None = None
     for at, text in scrapes:
         metrics = Metrics.parse(text)
         if previous is not None:
             start = previous[0]
-            lag = metric_quantile(metrics.minus(previous[1]), "voicebook_event_loop_lag_seconds", 0.99)
+            within = metrics.minus(previous[1])
             row: dict[str, float | None] = {
                 "t_s": round(at - begin, 1),
                 "calls_active": metrics.total("voicebook_calls_active"),
-                "loop_lag_p99_ms": None if lag is None else round(lag * 1000, 1),
+                "calls_started": within.total("voicebook_calls_total"),
+                "loop_lag_p99_ms": p99_ms(within, "voicebook_event_loop_lag_seconds"),
+                "booking_commit_p99_ms": p99_ms(within, "voicebook_booking_seconds", operation="book"),
+                "turn_overhead_p99_ms": p99_ms(within, "voicebook_turn_server_overhead_seconds"),
             }
             for name, samples in sorted(proc.items()):
                 within = [sample for sample in samples if start <= sample.t <= at]

@@ -341,7 +341,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--drain-seconds", type=int, default=120, help="longest wait for the effects queue")
     parser.add_argument("--plot", type=Path, help="PNG of latency and loop lag against concurrent calls (--steps)")
     parser.add_argument("--json", type=Path, help="write the summary here as JSON")
-    parser.add_argument("--timeline", type=Path, help="CSV: calls, loop lag p99 and CPU per process, per scrape")
+    parser.add_argument(
+        "--timeline", type=Path, help="CSV per scrape: calls, loop lag, commit and overhead p99, CPU per process"
+    )
     parser.add_argument("--locustfile", type=Path, default=HERE / "locustfile.py", help="the users locust runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, samples, ledger)")
     args = parser.parse_args(argv)

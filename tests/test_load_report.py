@@ -140,6 +140,11 @@ def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path
     registry = CollectorRegistry()
     active = Gauge("voicebook_calls_active", "calls", registry=registry)
     lag = Histogram("voicebook_event_loop_lag_seconds", "lag", buckets=(0.005, 0.01, 0.1, 0.25), registry=registry)
+    started = Counter("voicebook_calls", "calls", registry=registry)
+    commit = Histogram(
+        "voicebook_booking_seconds", "commit", ["operation"], buckets=(0.01, 0.05, 0.25), registry=registry
+    )
+    overhead = Histogram("voicebook_turn_server_overhead_seconds", "own", buckets=(0.005, 0.05), registry=registry)
 
     def scrape(t: float) -> tuple[float, str]:
         return (t, generate_latest(registry).decode())
@@ -154,6 +159,10 @@ def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path
         lag.observe(0.002)
     for _ in range(10):
         lag.observe(0.2)  # a burst: a tenth of the samples late
+    started.inc(30)  # the callers dialling again
+    commit.labels("book").observe(0.2)  # the slow booking fell in the burst
+    commit.labels("cancel").observe(0.001)
+    overhead.observe(0.03)
     scrapes.append(scrape(1004.0))
     proc = {
         "server": [ProcSample(1000.0 + i, 0.5 * i if i <= 2 else 1.0 + 0.9 * (i - 2), 0) for i in range(5)],
@@ -165,13 +174,20 @@ def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path
     quiet, burst = (row["loop_lag_p99_ms"] for row in rows)
     assert quiet is not None and quiet <= 5.0
     assert burst is not None and burst > 100.0
+    assert [row["calls_started"] for row in rows] == [0.0, 30.0]
+    assert rows[0]["booking_commit_p99_ms"] is None and rows[0]["turn_overhead_p99_ms"] is None  # none in it
+    commit_p99, overhead_p99 = rows[1]["booking_commit_p99_ms"], rows[1]["turn_overhead_p99_ms"]
+    assert commit_p99 is not None and 50.0 < commit_p99 <= 250.0  # bookings only, not the quick cancel
+    assert overhead_p99 is not None and 5.0 < overhead_p99 <= 50.0
     assert [row["cpu_server"] for row in rows] == [0.5, 0.9]
     assert [row["cpu_worker"] for row in rows] == [None, 0.25]  # one sample in the first interval: unknown
     path = tmp_path / "timeline.csv"
     report.write_timeline(rows, path)
     lines = path.read_text().splitlines()
-    assert lines[0] == "t_s,calls_active,loop_lag_p99_ms,cpu_server,cpu_worker"
-    assert lines[1].startswith("2,50,") and lines[1].endswith(",0.5,")
+    assert lines[0] == (
+        "t_s,calls_active,calls_started,loop_lag_p99_ms,booking_commit_p99_ms,turn_overhead_p99_ms,cpu_server,cpu_worker"
+    )
+    assert lines[1].startswith("2,50,0,") and lines[1].endswith(",,,0.5,")
     assert lines[2].endswith(",0.9,0.25")
 
 
