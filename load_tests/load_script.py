@@ -15,6 +15,12 @@ Scenarios:
 - ``mixed``: 70 % bookings as in ``steady``, 15 % cancellations and 15 % reschedules of a booking the
   caller's number made earlier in the run (:class:`CallerPool` hands those out).
 
+Before each line the caller pauses, as a person does before answering: a time drawn evenly from
+``THINK_MS`` (300 to 1,200 ms by default; :func:`think_seconds` reads the runner's ``--think-ms``). Without
+the pause every call of a run took the same time, so callers who began within the spawn's few seconds
+stayed in step for the whole run: all of them asked for a booking within the same few seconds, and hung up
+and dialled again together, every half minute. That is the ``burst`` scenario's job, not ``steady``'s.
+
 Days and times are spoken relative to today ("tomorrow", "friday next week"), and the load business is
 open 07:00-19:00 every day (``load_stack.business_toml``), so every line means a bookable time whenever
 the run happens.
@@ -163,6 +169,23 @@ def conversation(scenario: Scenario, number: int, task: Task | None = None) -> C
     if chosen == "reschedule":
         return reschedule(number)
     return booking(number, "mixed")
+
+
+THINK_MS: tuple[int, int] = (300, 1200)
+
+
+def think_seconds(raw: str) -> tuple[float, float]:
+    """``"LOW,HIGH"`` milliseconds (``""``: :data:`THINK_MS`) as seconds; ``"0,0"`` for no pause."""
+    if not raw.strip():
+        low, high = THINK_MS
+    else:
+        parts = raw.split(",")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise ValueError(f"think time {raw!r}: LOW,HIGH in whole milliseconds, e.g. 300,1200")
+        low, high = (int(part) for part in parts)
+        if low > high or high > 10_000:
+            raise ValueError(f"think time {raw!r}: LOW must not exceed HIGH, and HIGH at most 10000 ms")
+    return low / 1000, high / 1000
 
 
 def all_lines() -> list[str]:

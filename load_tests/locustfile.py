@@ -6,7 +6,8 @@ monkey-patches the process with gevent at import).
   time from one sender greenlet on an absolute schedule (speech when the caller talks, silence otherwise).
   The agent's audio is "played" on a playout clock (160 bytes = 20 ms), marks are echoed when the clock
   reaches them, ``clear`` drops what was still to play. A reply ends when its audio has played and none
-  came for 0.6 s (as ``voice_server.softphone``); then the caller says its next line (``load_script``).
+  came for 0.6 s (as ``voice_server.softphone``); then the caller pauses (``LOAD_THINK_MS``) and says its
+  next line (``load_script``).
   At the end: ``stop``, close, and the signed ``CallStatus=completed`` callback.
 - :class:`BookingApiUser`: the booking API (availability, create, read, cancel) with the admin token.
 - :class:`TwilioCallbackUser`: signed message-status and call-status callbacks for SIDs nobody made, and
@@ -26,7 +27,8 @@ Environment (the runner's contract): ``LOAD_SCENARIO`` steady|burst|mixed, ``LOA
 token), ``LOAD_PUBLIC_URL`` (what the server signs against; default the host), ``LOAD_UTTERANCES_DIR``,
 ``LOAD_ADMIN_TOKEN``, ``LOAD_SAMPLES``, ``LOAD_BUSINESS_NUMBER``, ``LOAD_CALLER_POOL``, ``LOAD_API_WEIGHT`` and
 ``LOAD_CALLBACK_WEIGHT`` (0 disables the class; the caller's weight is 10), ``LOAD_SERVICE`` (default
-checkup). Only loopback hosts are accepted.
+checkup), ``LOAD_THINK_MS`` (the caller's pause before each line, ``LOW,HIGH`` ms; default 300,1200). Only
+loopback hosts are accepted.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
 
+import gevent
 import orjson
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment
@@ -54,7 +57,16 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_tests/ is a folder of scripts, not a package
-from load_script import SCENARIOS, CallerPool, Conversation, Scenario, conversation, mixed_task, read_utterances
+from load_script import (
+    SCENARIOS,
+    CallerPool,
+    Conversation,
+    Scenario,
+    conversation,
+    mixed_task,
+    read_utterances,
+    think_seconds,
+)
 from media_stream import FRAME_BYTES, CallFailed, MediaStream
 
 from integrations import ws_masking
@@ -133,6 +145,7 @@ class Shared:
     pool: CallerPool
     samples: Samples
     admin_token: str | None
+    think: tuple[float, float] = (0.0, 0.0)  # the caller's pause before each line, seconds (low, high)
     calls: itertools.count[int] = field(default_factory=itertools.count)
     call_offset: int = 0
 
@@ -174,6 +187,7 @@ def _shared(environment: Environment) -> Shared:
         pool=CallerPool(pool_size, offset=worker * pool_size),
         samples=Samples(os.environ.get("LOAD_SAMPLES") or None),
         admin_token=os.environ.get("LOAD_ADMIN_TOKEN") or None,
+        think=think_seconds(os.environ.get("LOAD_THINK_MS", "")),
         call_offset=worker * 10_007,
     )
 
@@ -258,6 +272,9 @@ class MediaStreamsCaller(FastHttpUser):
             stream = self._dial(call_sid, caller)
             stream.wait_reply()  # the greeting
             for index, line in enumerate(convo.lines):
+                pause = random.uniform(*config.think)
+                if pause > 0:
+                    gevent.sleep(pause)  # the microphone greenlet sends silence meanwhile
                 stream.say(config.utterances[line.text])
                 reply = stream.wait_reply()
                 turn_error = None if reply.latency is not None else "the answer began before the caller finished"

@@ -46,6 +46,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_tests/ is a folder of scripts, not a package
 import load_report as report
 from load_report import Metrics, ProcSample, StepFigures, Summary
+from load_script import THINK_MS, think_seconds
 from load_stack import LoadStack, StackOptions
 
 MAX_USERS = 500
@@ -72,6 +73,7 @@ class Options:
     stop_timeout: int = 30
     drain_seconds: int = 120
     caller_pool: int | None = None
+    think_ms: str = ""  # the callers' pause before each line, "LOW,HIGH" (load_script.think_seconds)
     api_weight: int | None = None
     callback_weight: int | None = None
     plot: Path | None = None
@@ -170,6 +172,7 @@ def locust_env(options: Options, users: int) -> dict[str, str]:
     return {
         "LOAD_SCENARIO": scenario,
         "LOAD_CALLER_POOL": str(options.caller_pool or max(users * 5, 20)),
+        "LOAD_THINK_MS": options.think_ms,
         "LOAD_API_WEIGHT": str(options.api_weight if options.api_weight is not None else int(mixed)),
         "LOAD_CALLBACK_WEIGHT": str(options.callback_weight if options.callback_weight is not None else int(mixed)),
     }
@@ -328,6 +331,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--processes", type=int, default=1, help="server processes on the port (VOICEBOOK_PROCESSES)")
     parser.add_argument("--resources", type=int, help="bookable people in the load business (default users/10, >= 3)")
     parser.add_argument("--caller-pool", type=int, help="distinct caller numbers (default 5 per user)")
+    parser.add_argument(
+        "--think-ms",
+        default="{},{}".format(*THINK_MS),
+        help="a caller's pause before each line, LOW,HIGH ms, drawn evenly (0,0: none; callers then stay in step)",
+    )
     parser.add_argument("--api-weight", type=int, help="booking API users' weight (default 1 in mixed, else 0)")
     parser.add_argument("--callback-weight", type=int, help="Twilio callback users' weight (default 1 in mixed)")
     parser.add_argument("--stt-final-ms", type=int, default=150)
@@ -360,6 +368,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error(f"the faults scenario needs --seconds >= {3 * FAULT_PHASE_SECONDS:.0f} (two 20 s phases)")
     if args.spawn_rate <= 0:
         parser.error("--spawn-rate must be positive")
+    try:
+        think_seconds(args.think_ms)
+    except ValueError as wrong:
+        parser.error(f"--think-ms: {wrong}")
     _loopback_only(parser, "--database-url", args.database_url)
     _loopback_only(parser, "--redis-url", args.redis_url)
     stack = StackOptions(
@@ -390,6 +402,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         stop_timeout=args.stop_timeout,
         drain_seconds=args.drain_seconds,
         caller_pool=args.caller_pool,
+        think_ms=args.think_ms,
         api_weight=args.api_weight,
         callback_weight=args.callback_weight,
         plot=args.plot,

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "load_tests"))  # load_tests/ is a folder of scripts, not a package
 
 import load_report as report  # noqa: E402 - after the path it lives on
+import run_load  # noqa: E402 - the same folder; it imports no locust
 from load_report import Metrics, ProcSample, Quantiles, StepFigures, Summary  # noqa: E402
 
 NY = ZoneInfo("America/New_York")
@@ -302,6 +303,16 @@ async def test_ledger_figures_time_effects_find_the_lost_and_count_overlaps(
 
 
 # -- the whole command ------------------------------------------------------------------------------------
+
+
+def test_run_load_hands_the_callers_pause_to_locust_and_refuses_a_malformed_one() -> None:
+    options = run_load.parse_args(["--users", "10"])
+    assert run_load.locust_env(options, 10)["LOAD_THINK_MS"] == "300,1200"
+    options = run_load.parse_args(["--users", "10", "--think-ms", "0,0"])
+    assert run_load.locust_env(options, 10)["LOAD_THINK_MS"] == "0,0"
+    with pytest.raises(SystemExit) as refused:
+        run_load.parse_args(["--think-ms", "900,100"])
+    assert refused.value.code == 2
 
 
 @pytest.mark.slow

@@ -127,6 +127,15 @@ def test_the_dialog_hears_each_line_as_meant(words: Understanding) -> None:
         assert words.hear(script.name_for(n), today=MONDAY, expecting_name=True).name == script.NAMES[n].title()
 
 
+def test_a_caller_s_pause_is_read_as_low_and_high_milliseconds() -> None:
+    assert script.think_seconds("") == (0.3, 1.2)  # the default: a person answering, not a script in step
+    assert script.think_seconds("0,0") == (0.0, 0.0)
+    assert script.think_seconds(" 250, 800 ") == (0.25, 0.8)
+    for wrong in ("300", "1200,300", "-1,5", "a,b", "1,2,3", "0,20000"):
+        with pytest.raises(ValueError, match="think time"):
+            script.think_seconds(wrong)
+
+
 def test_caller_pool_cancels_only_from_a_number_with_one_booking() -> None:
     pool = script.CallerPool(3)
     first, task = pool.take("cancel")
