@@ -566,10 +566,10 @@ def timeline(
                 "turn_overhead_p99_ms": p99_ms(within, "voicebook_turn_server_overhead_seconds"),
             }
             for name, samples in sorted(proc.items()):
-                within = [sample for sample in samples if start <= sample.t <= at]
+                inside = [sample for sample in samples if start <= sample.t <= at]
                 share = None
-                if len(within) > 1 and within[-1].t > within[0].t:
-                    share = (within[-1].cpu_seconds - within[0].cpu_seconds) / (within[-1].t - within[0].t)
+                if len(inside) > 1 and inside[-1].t > inside[0].t:
+                    share = (inside[-1].cpu_seconds - inside[0].cpu_seconds) / (inside[-1].t - inside[0].t)
                 row[f"cpu_{name}"] = None if share is None else round(share, 3)
             rows.append(row)
         previous = (at, metrics)
