@@ -14,6 +14,7 @@ from voice_server.audio import (
     SAMPLE_RATE,
     Framer,
     StreamResampler,
+    frame_levels_dbfs,
     frames_duration_ms,
     mulaw_to_pcm16,
     pcm16_to_mulaw,
@@ -204,6 +205,20 @@ def test_silence_and_duration() -> None:
     assert frames_duration_ms(4) == 0.5
     with pytest.raises(ValueError, match="-5"):
         silence(-5)
+
+
+def test_frame_levels_match_rms_dbfs_per_frame() -> None:
+    rng = np.random.default_rng(7)
+    loud = pcm16_to_mulaw(rng.integers(-20000, 20000, 480).astype(np.int16))
+    quiet = pcm16_to_mulaw(rng.integers(-40, 40, 160).astype(np.int16))
+    audio = loud[:160] + silence(20) + quiet + loud[160:] + b"\x00" * 7  # a part frame at the end
+    levels = frame_levels_dbfs(audio, MULAW_FRAME_BYTES)
+    expected = [rms_dbfs(mulaw_to_pcm16(audio[i : i + 160])) for i in range(0, 800, 160)]
+    assert levels.shape == (5,)
+    assert levels.tolist() == pytest.approx(expected, abs=1e-9)
+    assert levels[1] == -math.inf
+    assert levels[0] > -45.0 > levels[2]
+    assert frame_levels_dbfs(b"\xff" * 100, MULAW_FRAME_BYTES).shape == (0,)
 
 
 def test_rms_dbfs() -> None:

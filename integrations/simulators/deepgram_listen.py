@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from integrations.simulators.deepgram_wire import authorised, error_response, fault_response, validate_listen_message
-from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE, mulaw_to_pcm16, rms_dbfs
+from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE, frame_levels_dbfs, mulaw_to_pcm16, rms_dbfs
 
 if TYPE_CHECKING:
     from integrations.simulators.deepgram import DeepgramSimConfig, DeepgramSimState
@@ -171,17 +171,19 @@ class ListenTimeline:
         self._partial += audio
         out: list[Outgoing] = []
         whole = len(self._partial) - len(self._partial) % MULAW_FRAME_BYTES
-        for offset in range(0, whole, MULAW_FRAME_BYTES):
-            out += await self._unit(bytes(self._partial[offset : offset + MULAW_FRAME_BYTES]))
+        # The units' levels in one numpy pass: a chunk of 100 ms is five units, one call instead of five.
+        levels = frame_levels_dbfs(self._partial, MULAW_FRAME_BYTES)
+        for index, offset in enumerate(range(0, whole, MULAW_FRAME_BYTES)):
+            unit = bytes(self._partial[offset : offset + MULAW_FRAME_BYTES])
+            out += await self._unit(unit, voiced=bool(levels[index] > self.config.vad_threshold_dbfs))
         del self._partial[:whole]
         return out
 
-    async def _unit(self, unit: bytes) -> list[Outgoing]:
+    async def _unit(self, unit: bytes, *, voiced: bool) -> list[Outgoing]:
         out: list[Outgoing] = []
         start = self.position_ms
         self.position_ms += UNIT_MS
         self._window += unit
-        voiced = rms_dbfs(mulaw_to_pcm16(unit)) > self.config.vad_threshold_dbfs
         if voiced:
             self._silence_ms = 0
             self._voice_end_ms = self.position_ms
@@ -225,7 +227,8 @@ class ListenTimeline:
         """CloseStream: flush pending speech (no ``from_finalize``), then nothing more will come."""
         if self._partial:
             self._partial += bytes([0xFF]) * (MULAW_FRAME_BYTES - len(self._partial))
-            out = await self._unit(bytes(self._partial))
+            unit = bytes(self._partial)
+            out = await self._unit(unit, voiced=rms_dbfs(mulaw_to_pcm16(unit)) > self.config.vad_threshold_dbfs)
             self._partial.clear()
         else:
             out = []
