@@ -648,9 +648,8 @@ class Outbox:
         return [next(claimed) if kinds and limit > 0 else [] for kinds, limit in wanted]
 
     async def _any_waiting(self, groups: list[_ClaimStatements], now: datetime) -> bool:
-        async with self._db.reader.connect() as conn:
-            found = await conn.execute(select(or_(*(group.waiting for group in groups))), {"claim_now": now})
-            return bool(found.scalar())
+        query = select(or_(*(group.waiting for group in groups)))
+        return bool(await self._db.read(lambda conn: conn.execute(query, {"claim_now": now}).scalar()))
 
     def _held(self, effect: Effect) -> Any:
         # The lease this worker was given: a row re-claimed after expiry has another owner or attempt.

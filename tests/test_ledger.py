@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from typing import Any
+from unittest.mock import patch
 
+import aiosqlite.core
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -175,3 +180,59 @@ async def test_a_block_longer_than_three_days_is_refused(synced: Ledger) -> None
     with pytest.raises(IntegrityError, match="block_length"):
         await synced.create_bookings(ALICE, [new(T0, minutes=3 * 24 * 60)])
     assert isinstance(await synced.create_bookings(ALICE, [new(T0, minutes=2 * 24 * 60)]), Created)
+
+
+async def _count_customers(database: Database) -> int:
+    return await database.read(lambda conn: conn.execute(select(func.count()).select_from(t.customers)).scalar_one())
+
+
+async def test_a_read_sees_committed_writes_in_the_callers_context(synced: Ledger, database: Database) -> None:
+    assert await _count_customers(database) == 0
+    await created(synced, new(T0))
+    assert await _count_customers(database) == 1
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker")
+    marker.set("call CA1")  # a bound log field or a span, say
+    assert await database.read(lambda conn: marker.get()) == "call CA1"
+    with pytest.raises(ZeroDivisionError):  # the work's own error reaches the caller
+        await database.read(lambda conn: 1 // 0)
+    await created(synced, new(T0 + timedelta(hours=2)))  # no read held the writer up
+    bookings = select(func.count()).select_from(t.bookings)
+    assert await database.read(lambda conn: conn.execute(bookings).scalar_one()) == 2
+
+
+async def test_a_sqlite_read_is_one_snapshot_and_one_hop(synced: Ledger, database: Database) -> None:
+    if database.dialect != "sqlite":
+        pytest.skip("PostgreSQL reads at read committed, a snapshot per statement, like its async reader")
+    await created(synced, new(T0))
+    path = str(database.url.database)
+
+    def read_twice_around_a_write(conn: Connection) -> tuple[int, int]:
+        count = select(func.count()).select_from(t.customers)
+        before = conn.execute(count).scalar_one()
+        other = sqlite3.connect(path)  # another writer commits between the two statements
+        other.execute(
+            "INSERT INTO customers (id, phone, phone_index, name, created_at, updated_at) "
+            "SELECT 'c-other', phone, 'other-index', name, created_at, updated_at FROM customers"
+        )
+        other.commit()
+        other.close()
+        return before, conn.execute(count).scalar_one()
+
+    assert await database.read(read_twice_around_a_write) == (1, 1)
+    assert await _count_customers(database) == 2  # committed, and seen by the next read
+
+    # Through aiosqlite a read is a hop to its thread per DBAPI call; Database.read makes none of those.
+    hops = 0
+    original: Any = aiosqlite.core.Connection._execute
+
+    async def counted(self: aiosqlite.core.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await original(self, fn, *args, **kwargs)
+
+    with patch.object(aiosqlite.core.Connection, "_execute", counted):
+        await _count_customers(database)
+        assert hops == 0
+        async with database.reader.connect() as conn:
+            await conn.execute(select(func.count()).select_from(t.customers))
+        assert hops >= 4

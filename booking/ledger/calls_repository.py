@@ -176,8 +176,8 @@ class CallLedger:
         return await self.require_call(update_.call_sid), applied
 
     async def get_call(self, call_sid: str) -> CallRecord | None:
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(select(t.calls).where(t.calls.c.call_sid == call_sid))).first()
+        query = select(t.calls).where(t.calls.c.call_sid == call_sid)
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         return call_from_row(row) if row is not None else None
 
     async def require_call(self, call_sid: str) -> CallRecord:
@@ -270,14 +270,13 @@ class CallLedger:
 
     async def transcript(self, call_sid: str) -> list[CallTurn]:
         query = select(t.call_turns).where(t.call_turns.c.call_sid == call_sid).order_by(t.call_turns.c.position)
-        async with self._db.reader.connect() as conn:
-            return [
-                CallTurn(
-                    role=row.role,
-                    text=open_turn_text(call_sid, row.position, row.text),
-                    truncated=row.truncated,
-                    tool=row.tool,
-                    at=row.at,
-                )
-                for row in await conn.execute(query)
-            ]
+        return [
+            CallTurn(
+                role=row.role,
+                text=open_turn_text(call_sid, row.position, row.text),
+                truncated=row.truncated,
+                tool=row.tool,
+                at=row.at,
+            )
+            for row in await self._db.read(lambda conn: conn.execute(query).all())
+        ]

@@ -204,8 +204,7 @@ class NumberRegistry:
 
     async def get(self, number: str) -> RegisteredNumber | None:
         query = select(t.phone_numbers).where(t.phone_numbers.c.number == number)
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         return None if row is None else _registered(row)
 
     async def list(self) -> builtins.list[RegisteredNumber]:
@@ -218,8 +217,7 @@ class NumberRegistry:
         """The resource ids a call to ``number`` books (empty: the whole business), or None when the
         number is not ours."""
         query = select(t.phone_numbers.c.resources).where(t.phone_numbers.c.number == number)
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         return None if row is None else tuple(row.resources or ())
 
     async def assign(self, number: str, resources: Sequence[str]) -> bool:

@@ -171,8 +171,7 @@ class ReportLedger:
         """Every version of the call's report, oldest first (not audited: for the ledger's own use)."""
         r = t.call_reports.c
         query = select(t.call_reports).where(r.call_sid == call_sid).order_by(r.version)
-        async with self._db.reader.connect() as conn:
-            return [_report(row) for row in await conn.execute(query)]
+        return [_report(row) for row in await self._db.read(lambda conn: conn.execute(query).all())]
 
     async def record(
         self,

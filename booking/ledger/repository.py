@@ -594,8 +594,7 @@ class Ledger:
             .where(t.bookings.c.id.in_(list(booking_ids)))
             .order_by(t.bookings.c.start_at)
         )
-        async with self._db.reader.connect() as conn:
-            return [booking_from_row(row) for row in await conn.execute(query)]
+        return [booking_from_row(row) for row in await self._db.read(lambda conn: conn.execute(query).all())]
 
     async def bookings_for_phone(
         self, phone: str, *, since: datetime | None = None, active_only: bool = False
@@ -606,8 +605,8 @@ class Ledger:
             query = query.where(t.bookings.c.end_at > since)
         if active_only:
             query = query.where(t.bookings.c.status.in_(ACTIVE_STATUSES))
-        async with self._db.reader.connect() as conn:
-            return [booking_from_row(row) for row in await conn.execute(query.order_by(t.bookings.c.start_at))]
+        ordered = query.order_by(t.bookings.c.start_at)
+        return [booking_from_row(row) for row in await self._db.read(lambda conn: conn.execute(ordered).all())]
 
     async def overlapping(self, resource_id: str, block: Interval) -> list[Booking]:
         """Active bookings of ``resource_id`` whose blocks overlap ``block``."""

@@ -232,8 +232,7 @@ class SmsLedger:
 
     async def get_message(self, message_sid: str) -> SmsMessage | None:
         query = select(t.sms_messages).where(t.sms_messages.c.message_sid == message_sid)
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         return _message(row) if row is not None else None
 
     async def begin_send(self, effect_key: str, to_number: str) -> bool:
@@ -262,8 +261,7 @@ class SmsLedger:
         """The message an effect sent, known from the send's answer or from a delivery receipt naming the
         effect in its callback URL; None when neither reached us."""
         query = select(t.sms_messages).where(t.sms_messages.c.effect_key == effect_key).limit(1)
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         return _message(row) if row is not None else None
 
     async def messages_to(self, phone: str) -> list[SmsMessage]:
@@ -353,8 +351,7 @@ class SmsLedger:
 
     async def suppression(self, phone: str) -> Suppression | None:
         query = select(t.sms_suppressions).where(t.sms_suppressions.c.phone_index == pii.cipher().blind_index(phone))
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.read(lambda conn: conn.execute(query).first())
         if row is None:
             return None
         m = row._mapping

@@ -332,9 +332,11 @@ class ReportPipeline:
         known_query = select(customers.id).where(
             customers.phone_index == pii.cipher().blind_index(caller), customers.created_at < call.created_at
         )
-        async with self._db.reader.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            known = bool(caller) and (await conn.execute(known_query.limit(1))).first() is not None
+
+        def read(conn: Connection) -> tuple[Sequence[Any], bool]:
+            return conn.execute(query).all(), bool(caller) and conn.execute(known_query.limit(1)).first() is not None
+
+        rows, known = await self._db.read(read)
         actions: dict[str, BookingAction] = {}
         for booking_id, kind in rows:
             action = _ACTIONS.get(kind)
