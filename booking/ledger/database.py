@@ -281,10 +281,11 @@ class Database:
         return await self.group_commit.submit(in_caller_context)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` on a connection of its own in a read transaction (one snapshot for all its
-        statements), then roll back; its result comes back. ``work`` only reads, and should return rows
-        or plain values: it runs on a reader thread with SQLite (in the caller's context), so the work
-        done there is kept short. PostgreSQL runs it through asyncpg with ``run_sync``."""
+        """Run ``work`` on a connection of its own in a read transaction, then roll back; its result comes
+        back. ``work`` only reads, and should return rows or plain values: with SQLite it runs on a reader
+        thread (in the caller's context), its statements sharing one snapshot, so the work done there is
+        kept short. PostgreSQL runs it through asyncpg with ``run_sync``, at read committed (a snapshot
+        per statement), as its async reader does."""
         if self._sync_reader is None or self._reader_threads is None:
             async with self.reader.connect() as connection:
                 return await connection.run_sync(work)
