@@ -33,7 +33,7 @@ from integrations.deepgram_stt import (
 from integrations.deepgram_tts import DeepgramTTS
 from integrations.http_pool import ShardedTransport
 from integrations.simulators.deepgram import DeepgramSimConfig, DeepgramSimState, create_deepgram_simulator
-from integrations.simulators.deepgram_listen import NET_0001, ListenFaults
+from integrations.simulators.deepgram_listen import NET_0001, ListenFaults, ListenTimeline, parse_listen_options
 from integrations.simulators.deepgram_speak import SpeakFaults
 from integrations.simulators.deepgram_wire import validate_listen_message
 from tests.conftest import serving
@@ -577,3 +577,24 @@ async def test_requests_and_sockets_do_not_read_the_sdks_package_metadata(monkey
     assert reads == []
     assert headers["Authorization"] == f"Token {DeepgramSimConfig().api_key}"
     assert headers["User-Agent"].startswith("deepgram-sdk/")
+
+
+async def test_close_stream_counts_a_trailing_part_unit_of_speech_and_not_its_padding() -> None:
+    # Driven directly (no socket): 130 ms of loud audio, so the last 10 ms is half a 20 ms unit.
+    heard: list[bytes] = []
+
+    def transcribe(window: bytes) -> str:
+        heard.append(window)
+        return "hello"
+
+    options = parse_listen_options([("encoding", "mulaw"), ("sample_rate", "8000"), ("endpointing", "300")])
+    timeline = ListenTimeline(options, DeepgramSimConfig(), transcribe)
+    loud = pcm16_to_mulaw(np.tile(np.array([12000, -12000], dtype=np.int16), 520))  # 1,040 bytes
+    assert await timeline.push(loud) == []  # still speaking: no final before the silence
+    out = await timeline.close_stream()
+    assert [message["is_final"] for message, _ in out] == [True]
+    assert out[0][0]["channel"]["alternatives"][0]["transcript"] == "hello"
+    assert len(heard[-1]) == 1_120  # six whole units and the padded seventh
+    assert timeline.position_ms == 140
+    assert timeline.audio_bytes == 1_040  # the padding is not audio the client sent
+    assert timeline.sha256.hexdigest() == hashlib.sha256(loud).hexdigest()

@@ -75,8 +75,8 @@ def silence(ms: int) -> bytes:
 
 def frame_levels_dbfs(mulaw: bytes | bytearray | memoryview, frame_bytes: int) -> npt.NDArray[np.float64]:
     """``rms_dbfs`` of each whole ``frame_bytes`` frame of mu-law audio, in one pass (a trailing part frame
-    is left out); -inf for a frame of digital silence. The sums of squares are exact in float64 (160
-    samples of at most 2**30 each), so each level equals ``rms_dbfs`` of that frame alone."""
+    is left out); -inf for a frame of digital silence. Each square is at most 2**30, so a frame's sum of
+    squares is exact in float64 up to 2**23 samples, and each level equals ``rms_dbfs`` of that frame alone."""
     whole = len(mulaw) - len(mulaw) % frame_bytes
     samples = _DECODE[np.frombuffer(mulaw, dtype=np.uint8, count=whole)].reshape(-1, frame_bytes)
     mean_square = np.mean(np.square(samples, dtype=np.float64), axis=1)

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from integrations.simulators.deepgram_wire import authorised, error_response, fault_response, validate_listen_message
-from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE, frame_levels_dbfs, mulaw_to_pcm16, rms_dbfs
+from voice_server.audio import MULAW_FRAME_BYTES, SAMPLE_RATE, frame_levels_dbfs
 
 if TYPE_CHECKING:
     from integrations.simulators.deepgram import DeepgramSimConfig, DeepgramSimState
@@ -227,9 +227,7 @@ class ListenTimeline:
         """CloseStream: flush pending speech (no ``from_finalize``), then nothing more will come."""
         if self._partial:
             self._partial += bytes([0xFF]) * (MULAW_FRAME_BYTES - len(self._partial))
-            unit = bytes(self._partial)
-            out = await self._unit(unit, voiced=rms_dbfs(mulaw_to_pcm16(unit)) > self.config.vad_threshold_dbfs)
-            self._partial.clear()
+            out = await self.push(b"")  # the padded part unit goes through as any other unit does
         else:
             out = []
         if self._voice_in_window:
