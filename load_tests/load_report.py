@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,9 @@ class ProcSample:
     t: float  # epoch seconds
     cpu_seconds: float  # user + system, this process only
     rss_bytes: int
+    # Seconds its main thread (a server's event loop) was runnable but waiting for a core: what the other
+    # processes on the machine cost it (``/proc/<pid>/schedstat``; 0 where the kernel keeps no schedstats).
+    wait_seconds: float = 0.0
 
 
 def parse_proc_stat(text: str, t: float) -> ProcSample:
@@ -214,11 +217,21 @@ def parse_proc_stat(text: str, t: float) -> ProcSample:
     return ProcSample(t, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE)
 
 
+def parse_schedstat(text: str) -> float:
+    """``/proc/<pid>/schedstat``: time on a CPU, time waiting on a run queue, time slices; the wait in
+    seconds (the kernel counts nanoseconds)."""
+    return int(text.split()[1]) / 1e9
+
+
 def read_proc(pid: int, t: float) -> ProcSample | None:
     try:
-        return parse_proc_stat(Path(f"/proc/{pid}/stat").read_text(), t)
+        sample = parse_proc_stat(Path(f"/proc/{pid}/stat").read_text(), t)
     except (OSError, ValueError, IndexError):
         return None  # the process has gone
+    try:
+        return replace(sample, wait_seconds=parse_schedstat(Path(f"/proc/{pid}/schedstat").read_text()))
+    except (OSError, ValueError, IndexError):
+        return sample  # no schedstats in this kernel (or gone since): the wait stays unknown as 0
 
 
 def child_pids(pid: int) -> list[int]:
@@ -240,7 +253,12 @@ def read_proc_tree(pid: int, t: float) -> ProcSample | None:
     if own is None:
         return None
     samples = [own, *(s for child in child_pids(pid) if (s := read_proc(child, t)) is not None)]
-    return ProcSample(t, sum(s.cpu_seconds for s in samples), sum(s.rss_bytes for s in samples))
+    return ProcSample(
+        t,
+        sum(s.cpu_seconds for s in samples),
+        sum(s.rss_bytes for s in samples),
+        sum(s.wait_seconds for s in samples),
+    )
 
 
 @dataclass(frozen=True)
@@ -252,6 +270,9 @@ class CpuFigures:
     rss_start_mb: float
     rss_peak_mb: float
     rss_kb_per_concurrent_call: float | None
+    # Main threads' seconds waiting for a core per wall second (summed over a tree's processes): the
+    # event loop cannot run while it waits, however little CPU it needs.
+    wait_share: float = 0.0
 
 
 def cpu_figures(
@@ -275,6 +296,7 @@ def cpu_figures(
         rss_start_mb=first.rss_bytes / 2**20,
         rss_peak_mb=peak / 2**20,
         rss_kb_per_concurrent_call=growth,
+        wait_share=(last.wait_seconds - first.wait_seconds) / wall if wall > 0 else 0.0,
     )
 
 
@@ -494,6 +516,7 @@ def render(summary: Summary) -> list[str]:
                 f"{_num(cpu.cpu_ms_per_call, ' ms')} per call",
             )
         )
+        rows.append((f"{name} waiting for a core", f"{cpu.wait_share * 1000:.0f} ms per s (main threads)"))
         rows.append(
             (
                 f"{name} RSS",
@@ -537,14 +560,26 @@ def best_calls_per_core(steps: Sequence[StepFigures], lag_limit_ms: float = 10.0
     return max(eligible) if eligible else None
 
 
+def _per_second(
+    samples: Sequence[ProcSample], start: float, end: float, figure: Callable[[ProcSample], float]
+) -> float | None:
+    """How fast ``figure`` grew between the first and last samples within [start, end] (None: fewer than
+    two samples there)."""
+    inside = [sample for sample in samples if start <= sample.t <= end]
+    if len(inside) < 2 or inside[-1].t <= inside[0].t:
+        return None
+    return (figure(inside[-1]) - figure(inside[0])) / (inside[-1].t - inside[0].t)
+
+
 def timeline(
     scrapes: Sequence[tuple[float, str]], proc: Mapping[str, Sequence[ProcSample]], begin: float
 ) -> list[dict[str, float | None]]:
     """The run second by second, one row per interval between two /metrics scrapes: when it ended
     (seconds after ``begin``), calls active at its end and calls started within it, the event-loop lag,
-    booking commit and turn overhead p99 within it, and each process's CPU within it as a share of one
-    core. A run's p99 hides whether the loop was late all along or in bursts (callers hanging up and
-    dialling again together); this shows which, and whether the slow bookings fell in the same bursts."""
+    booking commit and turn overhead p99 within it, each process's CPU within it as a share of one core,
+    and how long each one's main thread waited for a core (ms per s). A run's p99 hides whether the loop
+    was late all along or in bursts (callers hanging up and dialling again together); this shows which,
+    whether the slow bookings fell in the same bursts, and whether the loop was waiting for a core."""
 
     def p99_ms(within: Metrics, histogram: str, **labels: str) -> float | None:
         value = metric_quantile(within, histogram, 0.99, **labels)
@@ -566,11 +601,11 @@ def timeline(
                 "turn_overhead_p99_ms": p99_ms(within, "voicebook_turn_server_overhead_seconds"),
             }
             for name, samples in sorted(proc.items()):
-                inside = [sample for sample in samples if start <= sample.t <= at]
-                share = None
-                if len(inside) > 1 and inside[-1].t > inside[0].t:
-                    share = (inside[-1].cpu_seconds - inside[0].cpu_seconds) / (inside[-1].t - inside[0].t)
+                share = _per_second(samples, start, at, lambda sample: sample.cpu_seconds)
                 row[f"cpu_{name}"] = None if share is None else round(share, 3)
+            for name, samples in sorted(proc.items()):  # after every cpu_ column, so those stay together
+                wait = _per_second(samples, start, at, lambda sample: sample.wait_seconds)
+                row[f"wait_ms_per_s_{name}"] = None if wait is None else round(wait * 1000, 1)
             rows.append(row)
         previous = (at, metrics)
     return rows

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -166,7 +167,10 @@ def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path
     overhead.observe(0.03)
     scrapes.append(scrape(1004.0))
     proc = {
-        "server": [ProcSample(1000.0 + i, 0.5 * i if i <= 2 else 1.0 + 0.9 * (i - 2), 0) for i in range(5)],
+        "server": [
+            ProcSample(1000.0 + i, cpu, 0, wait)
+            for i, (cpu, wait) in enumerate([(0, 0), (0.5, 0.001), (1.0, 0.002), (1.9, 0.052), (2.8, 0.102)])
+        ],
         "worker": [ProcSample(1003.0, 7.0, 0), ProcSample(1004.0, 7.25, 0)],
     }
     rows = report.timeline(scrapes, proc, begin=1000.0)
@@ -182,14 +186,18 @@ def test_the_timeline_shows_when_the_loop_was_late_and_who_used_the_cpu(tmp_path
     assert overhead_p99 is not None and 5.0 < overhead_p99 <= 50.0
     assert [row["cpu_server"] for row in rows] == [0.5, 0.9]
     assert [row["cpu_worker"] for row in rows] == [None, 0.25]  # one sample in the first interval: unknown
+    # The server's loop waited 1 ms a second for a core while the load was light, then 50 ms a second.
+    assert [row["wait_ms_per_s_server"] for row in rows] == [1.0, 50.0]
+    assert [row["wait_ms_per_s_worker"] for row in rows] == [None, 0.0]
     path = tmp_path / "timeline.csv"
     report.write_timeline(rows, path)
     lines = path.read_text().splitlines()
     assert lines[0] == (
-        "t_s,calls_active,calls_started,loop_lag_p99_ms,booking_commit_p99_ms,turn_overhead_p99_ms,cpu_server,cpu_worker"
+        "t_s,calls_active,calls_started,loop_lag_p99_ms,booking_commit_p99_ms,turn_overhead_p99_ms,"
+        "cpu_server,cpu_worker,wait_ms_per_s_server,wait_ms_per_s_worker"
     )
-    assert lines[1].startswith("2,50,0,") and lines[1].endswith(",,,0.5,")
-    assert lines[2].endswith(",0.9,0.25")
+    assert lines[1].startswith("2,50,0,") and lines[1].endswith(",,,0.5,,1,")
+    assert lines[2].endswith(",0.9,0.25,50,0")
 
 
 # -- /proc ------------------------------------------------------------------------------------------------
@@ -204,6 +212,26 @@ def test_proc_stat_is_read_after_the_command_name() -> None:
     mine = report.read_proc(os.getpid(), t=0.0)
     assert mine is not None and mine.rss_bytes > 0 and mine.cpu_seconds > 0
     assert report.read_proc(2**22 + 7, t=0.0) is None  # no such process
+
+
+def test_schedstat_gives_the_seconds_a_main_thread_waited_for_a_core() -> None:
+    assert report.parse_schedstat("20972955498 5483687709 31145\n") == pytest.approx(5.483687709)
+    if not Path(f"/proc/{os.getpid()}/schedstat").exists():
+        pytest.skip("this kernel keeps no schedstats")
+    # Twice as many busy processes as cores, and this one busy too: it must sometimes wait for a core.
+    before = report.read_proc(os.getpid(), t=0.0)
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+    finally:
+        for burner in burners:
+            burner.wait()
+    after = report.read_proc(os.getpid(), t=0.0)
+    assert before is not None and after is not None
+    assert after.wait_seconds > before.wait_seconds
 
 
 def test_cpu_per_call_share_of_a_core_and_memory_per_concurrent_call() -> None:
@@ -222,7 +250,13 @@ def test_cpu_per_call_share_of_a_core_and_memory_per_concurrent_call() -> None:
     assert figures.cpu_ms_per_call == pytest.approx(100.0)
     assert figures.rss_peak_mb == pytest.approx(150.0)
     assert figures.rss_kb_per_concurrent_call == pytest.approx(50 * 1024 / 25)
+    assert figures.wait_share == 0.0  # samples without a wait: none
     assert report.cpu_figures(samples, 11.0, 12.0, calls=1, concurrent=1) is None  # too few samples
+    waited = [ProcSample(10.0, 2.0, mb, 1.0), ProcSample(30.0, 8.0, mb, 3.5)]
+    figures = report.cpu_figures(waited, 10.0, 30.0, calls=60, concurrent=25)
+    assert figures is not None and figures.wait_share == pytest.approx(0.125)  # 2.5 s waited over 20 s
+    [row] = [line for line in report.render(Summary("steady", 25, 20.0, server=figures)) if "waiting" in line]
+    assert row.split() == ["server", "waiting", "for", "a", "core", "125", "ms", "per", "s", "(main", "threads)"]
     assert report.calls_per_core(25, figures.core_share) == pytest.approx(25 / 0.3)
     assert report.calls_per_core(None, 0.3) is None
 
