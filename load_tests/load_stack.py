@@ -61,6 +61,7 @@ class StackOptions:
     backoff_percent: int = 100
     locustfile: Path = HERE / "locustfile.py"
     keep: bool = False
+    realtime_priority: int = 0  # VOICEBOOK_REALTIME_PRIORITY of the server, the booking process and the worker
 
 
 _SURNAMES = (
@@ -187,6 +188,13 @@ class LoadStack:
             await embedded.start()
             self._exits.push_async_callback(embedded.stop)
             redis_url = embedded.url
+            if self.options.realtime_priority and embedded.pid is not None:
+                # Started here to be shared by the server and the worker, it stands for the embedded Redis
+                # the supervisor would start, which inherits the server's policy.
+                try:
+                    os.sched_setscheduler(embedded.pid, os.SCHED_RR, os.sched_param(self.options.realtime_priority))
+                except PermissionError as refused:
+                    self.problems.append(f"the run's Redis runs at the default policy: {refused}")
         else:
             import redis.asyncio as aioredis
 
@@ -219,6 +227,7 @@ class LoadStack:
             "VOICEBOOK_DRAIN_SECONDS": "5",
             "VOICEBOOK_RUN_WORKERS": "false" if self.options.separate_workers else "true",
             "VOICEBOOK_PROCESSES": str(self.options.processes),
+            "VOICEBOOK_REALTIME_PRIORITY": str(self.options.realtime_priority),
         }
         if self.options.separate_workers or self.options.processes > 1:  # /metrics adds up every process
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.folder / "prometheus")

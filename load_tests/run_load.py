@@ -354,6 +354,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--locustfile", type=Path, default=HERE / "locustfile.py", help="the users locust runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, samples, ledger)")
+    parser.add_argument(
+        "--realtime-priority",
+        type=int,
+        default=0,
+        help="VOICEBOOK_REALTIME_PRIORITY for the server, booking process, worker and the run's Redis (0: off)",
+    )
     args = parser.parse_args(argv)
     steps = tuple(int(n) for n in args.steps.split(",") if n.strip()) if args.steps else ()
     users = max(steps or (args.users,))
@@ -368,6 +374,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error(f"the faults scenario needs --seconds >= {3 * FAULT_PHASE_SECONDS:.0f} (two 20 s phases)")
     if args.spawn_rate <= 0:
         parser.error("--spawn-rate must be positive")
+    if not 0 <= args.realtime_priority <= 99:
+        parser.error("--realtime-priority must be within 0..99")
     try:
         think_seconds(args.think_ms)
     except ValueError as wrong:
@@ -390,6 +398,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         backoff_percent=args.backoff_percent,
         locustfile=args.locustfile.resolve(),
         keep=args.keep,
+        realtime_priority=args.realtime_priority,
     )
     return Options(
         scenario=args.scenario,

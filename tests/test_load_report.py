@@ -339,6 +339,14 @@ async def test_ledger_figures_time_effects_find_the_lost_and_count_overlaps(
 # -- the whole command ------------------------------------------------------------------------------------
 
 
+def test_run_load_hands_the_realtime_priority_to_the_stack_and_refuses_one_out_of_range() -> None:
+    assert run_load.parse_args(["--users", "10"]).stack.realtime_priority == 0
+    assert run_load.parse_args(["--users", "10", "--realtime-priority", "10"]).stack.realtime_priority == 10
+    with pytest.raises(SystemExit) as refused:
+        run_load.parse_args(["--realtime-priority", "100"])
+    assert refused.value.code == 2
+
+
 def test_run_load_hands_the_callers_pause_to_locust_and_refuses_a_malformed_one() -> None:
     options = run_load.parse_args(["--users", "10"])
     assert run_load.locust_env(options, 10)["LOAD_THINK_MS"] == "300,1200"

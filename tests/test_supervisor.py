@@ -14,6 +14,7 @@ import html
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -324,14 +325,26 @@ def booking_processes(session: int) -> list[int]:
 async def test_one_server_process_runs_beside_a_booking_process_that_is_replaced_and_stopped_last(
     tmp_path: Path,
 ) -> None:
-    """The default: one server process, and the booking process beside it (``booking.lane_process``)."""
-    async with voicebook(tmp_path, "serve") as run:
+    """The default: one server process, and the booking process beside it (``booking.lane_process``).
+    With ``VOICEBOOK_REALTIME_PRIORITY`` (where this user may set it) every process of the group runs
+    under ``SCHED_RR``: the supervisor, the server, the embedded Redis and the other children the supervisor
+    starts, and both booking processes."""
+    realtime = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= 3
+    policy = [os.SCHED_RR, 3] if realtime else [os.SCHED_OTHER, 0]
+
+    def policies(pids: list[int]) -> list[list[int]]:
+        return [[os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority] for pid in pids]
+
+    async with voicebook(tmp_path, "serve", env={"VOICEBOOK_REALTIME_PRIORITY": "3"}) as run:
         supervisor = run.process.pid
         await wait_until_ready(run)
         servers = await answering_pids(run.base, 5)
         assert len(servers) == 1 and supervisor not in servers
         [booking] = booking_processes(supervisor)
         assert booking not in servers
+        members = session_members(supervisor)  # with Redis and the local provider simulators
+        assert {supervisor, booking, *servers} < set(members)
+        assert policies(members) == [policy] * len(members)
 
         os.kill(booking, signal.SIGKILL)
         async with asyncio.timeout(30):
@@ -344,6 +357,10 @@ async def test_one_server_process_runs_beside_a_booking_process_that_is_replaced
             while [event.get("event") for event in run.events()].count("booking_process_listening") < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
         assert "booking_process_restarted" in [event.get("event") for event in run.events()]
+        assert policies(booking_processes(supervisor)) == [policy]
+        expected = "realtime_priority" if realtime else "realtime_priority_refused"
+        roles = [event.get("role") for event in run.events() if event.get("event") == expected]
+        assert roles.count("booking-process") == 2 and roles.count("server") == 2  # the supervisor is a server too
 
         run.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(run.process.wait(), DRAIN_SECONDS + STOP_MARGIN_SECONDS) == 0, run.output()

@@ -24,6 +24,7 @@ from booking.ledger.audit import AuditAction, append_audit
 from booking.ledger.database import Database, LedgerConfigurationError, head_revision, migrate
 from voice_server.logging import configure_logging, register_settings_secrets
 from voice_server.privacy_keys import install_pii_cipher
+from voice_server.realtime import apply_realtime_priority
 from voice_server.settings import Settings, SettingsError, development_file
 from voice_server.supervisor import (
     CHILD_VARIABLE,
@@ -80,6 +81,8 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
+    # Before any thread or child starts, so all of them inherit it (a supervisor's processes and Redis too).
+    apply_realtime_priority(settings.realtime_priority, "server")
     # Fail before the server starts, with the exact problem, rather than as a lifespan traceback.
     load_business(settings.business_file)
     settings = _development_admin_token(settings)
@@ -130,6 +133,7 @@ def booking_process_command(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
+    apply_realtime_priority(settings.realtime_priority, "booking-process")
     try:
         asyncio.run(run_booking_process(settings, Path(args.socket)))
     except BookingProcessError as exc:
@@ -334,6 +338,7 @@ def worker_command(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    apply_realtime_priority(settings.realtime_priority, "worker")
     concurrency = settings.worker_concurrency if args.concurrency is None else args.concurrency
     with contextlib.ExitStack() as stack:
         if args.metrics_port is not None:

@@ -52,6 +52,13 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
+    @property
+    def pid(self) -> int | None:
+        """The redis-server's process id while it runs (None before ``start`` and after ``stop``)."""
+        if self._process is None or self._process.returncode is not None:
+            return None
+        return self._process.pid
+
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

@@ -95,6 +95,9 @@ class Settings:
     """How many server processes ``voicebook serve`` runs on its port (calls are spread over them)."""
     loop_stall_ms: int = 250
     """A stall of the event loop this long logs the stack that held it (0: not watched)."""
+    realtime_priority: int = 0
+    """``SCHED_RR`` priority of the processes that carry calls, the worker one lower (0: the default policy;
+    ``voice_server.realtime``)."""
     record_calls: bool = False
     greeting: str | None = None
     """What the agent says first; None is "Thank you for calling <business>. How can I help you today?"."""
@@ -298,6 +301,7 @@ class Settings:
             drain_seconds=float(reader.integer("VOICEBOOK_DRAIN_SECONDS", 30, low=0, high=3600)),
             processes=reader.integer("VOICEBOOK_PROCESSES", 1, low=1, high=64),
             loop_stall_ms=reader.integer("VOICEBOOK_LOOP_STALL_MS", 250, low=0, high=60_000),
+            realtime_priority=reader.integer("VOICEBOOK_REALTIME_PRIORITY", 0, low=0, high=99),
             record_calls=reader.boolean("VOICEBOOK_RECORD_CALLS", False),
             greeting=reader.text("VOICEBOOK_GREETING", "") or None,
             stt_provider=reader.choice("VOICEBOOK_STT", ("auto", "deepgram", "sphinx"), "auto"),  # type: ignore[arg-type]
