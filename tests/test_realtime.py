@@ -51,11 +51,11 @@ CAP_SYS_NICE = 23  # <linux/capability.h>
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
 
 
-def probe(priority: int, role: str, *, unprivileged: bool = False) -> dict[str, object]:
+def probe(priority: int, role: str, *, unprivileged: bool = False, rtprio: int = 0) -> dict[str, object]:
     def drop_privilege() -> None:
-        # In the child before exec: no RLIMIT_RTPRIO, and CAP_SYS_NICE out of the bounding set, so even root
-        # comes out of the exec without it (as a container without --cap-add SYS_NICE would run it).
-        resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+        # In the child before exec: RLIMIT_RTPRIO at ``rtprio``, and CAP_SYS_NICE out of the bounding set, so
+        # even root comes out of the exec without it (as the image's unprivileged user runs).
+        resource.setrlimit(resource.RLIMIT_RTPRIO, (rtprio, rtprio))
         if LIBC.prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_SYS_NICE)")
 
@@ -116,3 +116,14 @@ def test_a_refused_priority_is_logged_and_the_process_runs_as_before() -> None:
     assert seen["applied"] is False
     assert seen["main"] == seen["thread"] == seen["child"] == [os.SCHED_OTHER, 0]
     assert seen["events"] == [["realtime_priority_refused", 7]]
+
+
+def test_an_rtprio_limit_is_enough_without_the_capability() -> None:
+    """What ``docker run --ulimit rtprio=10`` gives the image's unprivileged user."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping CAP_SYS_NICE from the bounding set needs root (CAP_SETPCAP)")
+    if resource.getrlimit(resource.RLIMIT_RTPRIO)[1] < 10:
+        pytest.skip("the hard RLIMIT_RTPRIO here is below 10, and raising it needs CAP_SYS_RESOURCE")
+    allowed = probe(7, "booking-process", unprivileged=True, rtprio=10)
+    assert allowed["applied"] is True
+    assert allowed["main"] == allowed["child"] == [os.SCHED_RR, 7]

@@ -11,10 +11,11 @@ worker`` one step lower, so a calendar write or a text never delays a call: a wo
 once from any normal process.
 
 The policy is set on the calling thread before the process starts any other, so every thread and child it
-starts inherits it. It needs ``CAP_SYS_NICE`` or an ``RLIMIT_RTPRIO`` at least that high (``docker run
---cap-add SYS_NICE --ulimit rtprio=10``, systemd's ``LimitRTPRIO=10``); without either the process logs
-``realtime_priority_refused`` and runs as before. The kernel keeps 5% of each second for normal processes
-(``kernel.sched_rt_runtime_us``), so a loop that spins cannot lock the machine up.
+starts inherits it. It needs an ``RLIMIT_RTPRIO`` at least that high (``docker run --ulimit rtprio=10``,
+systemd's ``LimitRTPRIO=10``; the image's unprivileged user needs exactly this) or ``CAP_SYS_NICE``;
+without either the process logs ``realtime_priority_refused`` and runs as before. The kernel keeps 5% of
+each second for normal processes (``kernel.sched_rt_runtime_us``), so a loop that spins cannot lock the
+machine up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = structlog.get_logger("voicebook.realtime")
 
 Role = Literal["server", "booking-process", "worker"]
 
-HINT = "grant CAP_SYS_NICE (docker run --cap-add SYS_NICE) or raise RLIMIT_RTPRIO (ulimit -r, systemd LimitRTPRIO)"
+HINT = "raise RLIMIT_RTPRIO (docker run --ulimit rtprio=N, systemd LimitRTPRIO=N, ulimit -r) or grant CAP_SYS_NICE"
 
 
 def priority_for(role: Role, priority: int) -> int:
