@@ -112,6 +112,12 @@ LEDGER_TRANSACTION_SECONDS = Histogram(
     "write lock's wait included).",
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+LEDGER_CHECKPOINT_SECONDS = Histogram(
+    "voicebook_ledger_checkpoint_seconds",
+    "One SQLite WAL checkpoint on the ledger's checkpoint thread (copying committed pages into the database "
+    "file and syncing it; outside any commit).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 LEDGER_BATCH_WRITES = Histogram(
     "voicebook_ledger_batch_writes",
     "How many writes one ledger transaction committed together (group commit; a write run again alone "
