@@ -1,7 +1,7 @@
 """The processes of a local load test (``run_load.py``): a temporary folder, the utterances, the load
 business, Redis, the ledger, the provider simulators (``load_sims.py``), ``voicebook migrate``,
 ``voicebook serve``, optionally ``voicebook worker``, and locust, started in order and stopped in reverse
-(SIGTERM, then SIGKILL after a grace period), also when starting fails half-way or on Ctrl-C."""
+(SIGTERM, then SIGKILL after a grace period), also when starting fails half-way, on Ctrl-C or on SIGTERM."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ prints the summary (``load_report.render``): concurrent calls, caller-side turn 
 booking commit and turn overhead from the server's histograms, tool call to calendar + SMS from the
 ledger, errors, overlapping bookings (must be 0), effects pending, bookings lost, CPU and memory per call,
 event-loop lag, and with ``--steps`` calls per core. Everything it started is stopped again, also on
-Ctrl-C and on failure. Exit status 1 when a booking overlaps or is lost, or no turn was measured.
+Ctrl-C, on SIGTERM (exit status 130) and on failure. Exit status 1 when a booking overlaps or is lost,
+or no turn was measured.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -422,6 +424,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def main() -> None:
     options = parse_args()
+    # SIGTERM (a CI job's timeout, `kill`) stops the run as Ctrl-C does, so the stack it started (server,
+    # worker, simulators, Redis: each in a session of its own, out of reach of the terminal's signals)
+    # is stopped too rather than left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         summary = asyncio.run(run(options))
     except KeyboardInterrupt:
