@@ -159,3 +159,52 @@ async def test_postgresql_has_no_checkpoint_thread() -> None:
         assert database.checkpointer is None
     finally:
         await database.dispose()
+
+
+async def test_a_reader_holding_an_old_snapshot_is_logged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's open snapshot keeps a passive checkpoint from copying what was written after it, so the
+    WAL grows while it lasts: logged (once, not every second), and caught up once the reader ends."""
+    monkeypatch.setattr("booking.ledger.checkpoint.LONG_WAL_FRAMES", ROWS_PER_TRANSACTION)
+    path = tmp_path / "ledger.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("CREATE TABLE filler (x BLOB)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM filler").fetchone()  # the snapshot is taken here
+    checkpointer = WalCheckpointer(path, interval=0.02)
+    with capture_logs() as logs:
+        checkpointer.start()
+        try:
+            for _ in range(3):
+                writer.execute(
+                    f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS_PER_TRANSACTION})"
+                    " INSERT INTO filler SELECT randomblob(4000) FROM n"
+                )
+            for _ in range(250):  # bounded: 5 s
+                if any(entry["event"] == "ledger_wal_not_checkpointed" for entry in logs):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail(f"no warning while a reader held the WAL back: {checkpointer.last}")
+            runs = checkpointer.runs
+            for _ in range(250):  # five more checkpoints, the reader still there
+                if checkpointer.runs >= runs + 5:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("the checkpoint thread stopped")
+            assert [entry["event"] for entry in logs].count("ledger_wal_not_checkpointed") == 1
+            reader.execute("COMMIT")
+            for _ in range(250):
+                last = checkpointer.last
+                if last is not None and last.checkpointed == last.wal_frames:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail(f"the checkpoint did not catch up after the reader ended: {checkpointer.last}")
+        finally:
+            checkpointer.stop()
+            reader.close()
+            writer.close()
