@@ -106,7 +106,8 @@ class WalCheckpointer:
             except sqlite3.Error as error:  # never dies: the next interval tries again
                 log.warning("ledger_checkpoint_failed", path=str(self.path), error=str(error))
                 continue
-            if result.wal_frames - result.checkpointed >= LONG_WAL_FRAMES and not long_wal_logged:
+            held_back = result.wal_frames - result.checkpointed >= LONG_WAL_FRAMES
+            if held_back and not long_wal_logged:
                 log.warning(
                     "ledger_wal_not_checkpointed",
                     path=str(self.path),
@@ -114,4 +115,4 @@ class WalCheckpointer:
                     checkpointed=result.checkpointed,
                     hint="a reader holds an old snapshot open; the WAL grows until it finishes",
                 )
-            long_wal_logged = result.wal_frames - result.checkpointed >= LONG_WAL_FRAMES
+            long_wal_logged = held_back

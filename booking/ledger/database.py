@@ -326,8 +326,8 @@ class Database:
                 return _run_and_flush(connection, works)
 
         results = await asyncio.get_running_loop().run_in_executor(self._writer_thread, transaction)
-        if self.checkpointer is not None and not self.checkpointer.running:
-            self.checkpointer.start()  # the file exists now
+        if self.checkpointer is not None:
+            self.checkpointer.start()  # the file exists now (later calls do nothing)
         return results
 
     async def sqlite_pragma(self, pragma: str) -> list[Any]:
