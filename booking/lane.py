@@ -37,7 +37,7 @@ import structlog
 from booking.domain import Interval
 from booking.external_busy import ExternalBusyRefresher
 from booking.service import BookingService
-from booking.writes import WriteOp
+from booking.writes import WriteOp, Writers
 
 T = TypeVar("T")
 
@@ -144,8 +144,9 @@ class BookingLane:
             raise
 
     async def write(self, op: WriteOp[T]) -> T:
-        """A call's booking write (:class:`~booking.writes.WriteOp`) on the lane."""
-        return await self.run(op.apply)
+        """A call's booking write (:class:`~booking.writes.WriteOp`) on the lane (booking writes only: the
+        call records stay with the call's process, whose interpreter the lane shares)."""
+        return await self.run(lambda service: op.apply(Writers(service)))
 
     async def stop(self) -> None:
         """Finish the work in flight (new work is refused from now on), close what the build opened, and

@@ -6,7 +6,8 @@ loop to hand over the GIL, and under 100 calls that set the booking's tail (p99 
 10 ms target). With several server processes each had its own lane, and their ledger writes queued for
 SQLite's one write lock across processes. ``voicebook serve`` therefore runs one *booking process* beside
 its server processes (``voice_server.booking_process``): a :class:`LaneServer` around a
-:class:`~booking.service.BookingService`, and every server process sends its calls' writes to it through a
+:class:`~booking.service.BookingService` and the ledger's call and SMS records, and every server process
+sends its calls' writes (bookings, and the records of its calls and their texts) to it through a
 :class:`LaneClient`.
 
 Wire format, both ways: a 4-byte big-endian length, then a pickle. A request is ``("run", id, op,
@@ -17,10 +18,13 @@ the server's user can enter (``0700``); it is never a network protocol.
 
 Nothing is lost when the booking process is not there: a client that cannot connect, whose connection
 breaks with a write in flight, or whose write has no reply within ``reply_timeout`` (a process alive but
-stuck), runs the write on its own process's service instead (``fallback``), as the server did before the
-lane existed. A write whose reply was lost may then run twice: a booking is
-idempotent by its key (a second run returns the first one's booking), a release or a cancellation finds
-the work done, and a hold left behind expires with its TTL.
+stuck), runs the write on its own process's service and records instead (``fallback``), as the server did
+before the lane existed; so does a write too large for a frame (the transcript of a very long call). A
+write whose reply was lost may then run twice: a booking is idempotent by its key (a second run returns
+the first one's booking), a release or a cancellation finds the work done, a hold left behind expires
+with its TTL, and the call records are idempotent by design (Twilio retries its webhooks too): the call
+offered is one row, a status callback or receipt applies once, a second hang-up replaces the transcript
+and enqueues no second report.
 
 The write runs in the caller's log context (call SID, correlation id) and as a child of the caller's
 trace span, carried in the request; its Prometheus figures are written by the booking process into the
@@ -46,15 +50,14 @@ from opentelemetry import propagate
 
 from booking.domain import BookingStatus
 from booking.errors import InvalidTransition
-from booking.service import BookingService
-from booking.writes import WriteOp
+from booking.writes import WriteOp, Writers
 
 T = TypeVar("T")
 
 log = structlog.get_logger("voicebook.booking_process")
 
 _LENGTH = struct.Struct(">I")
-MAX_FRAME = 1 << 20  # a write and its reply are a few KB; anything larger is not ours
+MAX_FRAME = 1 << 20  # a write and its reply are a few KB (a transcript tens of KB); anything larger is not ours
 RECONNECT_SECONDS = 1.0  # after a failed connect, writes run locally this long before the next try
 
 
@@ -98,8 +101,8 @@ def _forget(running: dict[int, asyncio.Task[None]], request_id: int, _: asyncio.
 class LaneServer:
     """Serves booking writes from the server processes on a Unix socket (see module doc)."""
 
-    def __init__(self, service: BookingService) -> None:
-        self.service = service
+    def __init__(self, writers: Writers) -> None:
+        self.writers = writers
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # writes in flight, over every connection
         self._connections: set[asyncio.Task[None]] = set()
@@ -116,7 +119,7 @@ class LaneServer:
             self._server.close()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.service.drain()
+        await self.writers.service.drain()
         for task in self._connections:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -157,7 +160,7 @@ class LaneServer:
         structlog.contextvars.bind_contextvars(**log_context)
         otel_context.attach(propagate.extract(carrier))
         try:
-            reply = (request_id, True, await op.apply(self.service))
+            reply = (request_id, True, await op.apply(self.writers))
         except asyncio.CancelledError:
             return  # the caller gave up (a commit in progress is shielded by the service and goes on)
         except Exception as error:
@@ -175,7 +178,7 @@ class LaneClient:
     reached (see module doc)."""
 
     def __init__(
-        self, path: Path, fallback: BookingService, *, connect_timeout: float = 1.0, reply_timeout: float = 10.0
+        self, path: Path, fallback: Writers, *, connect_timeout: float = 1.0, reply_timeout: float = 10.0
     ) -> None:
         self.path = path
         self._fallback = fallback
@@ -204,12 +207,15 @@ class LaneClient:
         if writer is None:
             return await self._locally(op, "unavailable")
         request_id = next(self._ids)
-        reply: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = reply
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
+        request = _frame(("run", request_id, op, structlog.contextvars.get_contextvars(), carrier))
+        if len(request) - _LENGTH.size > MAX_FRAME:  # the booking process would refuse it and hang up
+            return await self._locally(op, "too_large")
+        reply: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = reply
         try:
-            writer.write(_frame(("run", request_id, op, structlog.contextvars.get_contextvars(), carrier)))
+            writer.write(request)
             async with asyncio.timeout(self._reply_timeout):
                 ok, value = await reply
         except LaneLost:
@@ -249,7 +255,7 @@ class LaneClient:
             # A cancellation whose reply was lost may have been done by the booking process: then it is
             # done, and the caller hears so.
             if why in ("lost", "no_reply") and op.operation == "cancel":
-                booking = await self._fallback.get_booking(op.args[0])
+                booking = await self._fallback.service.get_booking(op.args[0])
                 if booking.status is BookingStatus.CANCELLED:
                     return cast(T, booking)
             raise
@@ -295,9 +301,9 @@ class LaneClient:
                     reply.set_exception(LaneLost("the booking process connection closed"))
 
 
-async def serve_until(stopped: Awaitable[Any], service: BookingService, path: Path) -> None:
+async def serve_until(stopped: Awaitable[Any], writers: Writers, path: Path) -> None:
     """Run a :class:`LaneServer` on ``path`` until ``stopped`` completes, then stop it gracefully."""
-    server = LaneServer(service)
+    server = LaneServer(writers)
     await server.start(path)
     try:
         await stopped

@@ -71,7 +71,7 @@ async def far_service(
 
 @pytest.fixture
 async def lane_server(far_service: RecordingService, socket_path: Path) -> AsyncIterator[LaneServer]:
-    server = LaneServer(far_service)
+    server = LaneServer(writes.Writers(far_service))
     await server.start(socket_path)
     try:
         yield server
@@ -80,10 +80,8 @@ async def lane_server(far_service: RecordingService, socket_path: Path) -> Async
 
 
 @pytest.fixture
-async def client(
-    lane_server: LaneServer, service: BookingService, socket_path: Path
-) -> AsyncIterator[LaneClient]:
-    lane = LaneClient(socket_path, fallback=service)
+async def client(lane_server: LaneServer, service: BookingService, socket_path: Path) -> AsyncIterator[LaneClient]:
+    lane = LaneClient(socket_path, fallback=writes.Writers(service))
     assert await lane.connect()
     try:
         yield lane
@@ -148,7 +146,10 @@ async def test_a_booking_error_crosses_with_its_code_and_context(client: LaneCli
 async def test_two_server_processes_racing_for_one_slot_get_one_booking(
     lane_server: LaneServer, service: BookingService, socket_path: Path
 ) -> None:
-    async with LaneClient(socket_path, fallback=service) as one, LaneClient(socket_path, fallback=service) as two:
+    async with (
+        LaneClient(socket_path, fallback=writes.Writers(service)) as one,
+        LaneClient(socket_path, fallback=writes.Writers(service)) as two,
+    ):
         outcomes = await asyncio.gather(
             *(
                 lane.write(writes.book(_request(service, _at(14), f"race-{n}", phone=f"+1212555010{n}")))
@@ -166,13 +167,13 @@ async def test_without_the_booking_process_writes_run_here_until_it_answers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(lane_process, "RECONNECT_SECONDS", 0.0)
-    async with LaneClient(socket_path, fallback=service) as lane:
+    async with LaneClient(socket_path, fallback=writes.Writers(service)) as lane:
         assert not await lane.connect()
         first = await lane.write(writes.book(_request(service, _at(9), "local-1")))
         assert isinstance(first, Booked) and lane.local_writes == 1
         assert far_service.seen == []
 
-        server = LaneServer(far_service)
+        server = LaneServer(writes.Writers(far_service))
         await server.start(socket_path)
         try:
             second = await lane.write(writes.book(_request(service, _at(10), "remote-1")))
@@ -191,7 +192,7 @@ async def lossy_peer(
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, _, op, _, _ = await _read(reader)
-        await op.apply(far)
+        await op.apply(writes.Writers(far))
         before_reply()
         writer.close()
 
@@ -207,7 +208,7 @@ async def test_a_booking_whose_reply_is_lost_is_not_made_twice(
     service: BookingService, far_service: RecordingService, socket_path: Path
 ) -> None:
     phone = "+12125550177"
-    async with lossy_peer(socket_path, far_service), LaneClient(socket_path, fallback=service) as lane:
+    async with lossy_peer(socket_path, far_service), LaneClient(socket_path, fallback=writes.Writers(service)) as lane:
         outcome = await lane.write(writes.book(_request(service, _at(13), "lost-1", phone=phone)))
     assert isinstance(outcome, Booked)
     assert len(far_service.seen) == 1 and lane.local_writes == 1  # done there, then asked again here
@@ -220,7 +221,7 @@ async def test_a_cancellation_whose_reply_is_lost_is_reported_done(
 ) -> None:
     booked = await service.book(_request(service, _at(9), "to-cancel"))
     assert isinstance(booked, Booked)
-    async with lossy_peer(socket_path, far_service), LaneClient(socket_path, fallback=service) as lane:
+    async with lossy_peer(socket_path, far_service), LaneClient(socket_path, fallback=writes.Writers(service)) as lane:
         cancelled = await lane.write(writes.cancel(booked.booking.id, reason="lost reply", actor="test"))
     assert cancelled.id == booked.booking.id and cancelled.status is BookingStatus.CANCELLED
     assert lane.local_writes == 1
@@ -235,7 +236,7 @@ async def test_a_booking_process_that_does_not_answer_is_not_waited_for(
 
     server = await asyncio.start_unix_server(mute, path=str(socket_path))
     try:
-        async with LaneClient(socket_path, fallback=service, reply_timeout=0.2) as lane:
+        async with LaneClient(socket_path, fallback=writes.Writers(service), reply_timeout=0.2) as lane:
             outcome = await lane.write(writes.book(_request(service, _at(10), "mute-1")))
     finally:
         server.close()
@@ -257,10 +258,10 @@ async def test_cancelling_the_caller_cancels_the_write_in_the_booking_process(
             raise
 
     far_service.hold = slow_hold  # type: ignore[method-assign]  # to hold the write open; the real hold is tested above
-    server = LaneServer(far_service)
+    server = LaneServer(writes.Writers(far_service))
     await server.start(socket_path)
     try:
-        async with LaneClient(socket_path, fallback=service) as lane:
+        async with LaneClient(socket_path, fallback=writes.Writers(service)) as lane:
             caller = asyncio.create_task(lane.write(writes.hold(service.business.services[0].id, _at(10))))
             await asyncio.wait_for(started.wait(), 5)
             caller.cancel()
@@ -274,9 +275,9 @@ async def test_cancelling_the_caller_cancels_the_write_in_the_booking_process(
 async def test_stop_lets_a_booking_in_flight_commit_and_reply(
     far_service: RecordingService, service: BookingService, socket_path: Path
 ) -> None:
-    server = LaneServer(far_service)
+    server = LaneServer(writes.Writers(far_service))
     await server.start(socket_path)
-    async with LaneClient(socket_path, fallback=service) as lane:
+    async with LaneClient(socket_path, fallback=writes.Writers(service)) as lane:
         caller = asyncio.create_task(lane.write(writes.book(_request(service, _at(16), "stopping"))))
         async with asyncio.timeout(10):
             while not far_service.seen:  # noqa: ASYNC110  # the service's own code has no event to wait on
@@ -329,7 +330,7 @@ async def test_voicebook_booking_process_serves_writes_counts_them_and_stops_on_
             while not os.path.exists(socket_path):  # noqa: ASYNC240  # a stat, polled while it starts
                 assert process.returncode is None, "the booking process exited at start-up"
                 await asyncio.sleep(0.05)
-        async with LaneClient(socket_path, fallback=service) as lane:
+        async with LaneClient(socket_path, fallback=writes.Writers(service)) as lane:
             outcome = await lane.write(writes.book(_request(service, _at(15), "subprocess-1")))
         assert isinstance(outcome, Booked) and lane.local_writes == 0
         assert (await service.get_booking(outcome.booking.id)).start == _at(15)

@@ -21,6 +21,7 @@ from booking.lane_process import LaneClient, LaneServer
 from booking.ledger.database import Database
 from booking.ledger.repository import Ledger
 from booking.service import BookingService
+from booking.writes import Writers
 from tests.conftest import FrozenClock
 from voice_server.ports import CallInfo, ToolCall
 from voice_server.tools import ALL_TOOL_SPECS, BookingTools, spoken_time
@@ -53,10 +54,10 @@ async def tools(
 
     if request.param == "booking process":
         async with contextlib.AsyncExitStack() as stack:
-            server = LaneServer(await build(stack))
+            server = LaneServer(Writers(await build(stack)))
             await server.start(socket_path)
             stack.push_async_callback(server.stop)
-            client = LaneClient(socket_path, fallback=service)
+            client = LaneClient(socket_path, fallback=Writers(service))
             stack.push_async_callback(client.aclose)
             yield BookingTools(service, clock=clock, lane=client)
             assert client.local_writes == 0  # every write went through the socket

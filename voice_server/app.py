@@ -24,9 +24,10 @@ from booking.lane_process import LaneClient
 from booking.ledger.calls_repository import CallLedger
 from booking.ledger.database import Database, head_revision, migrate
 from booking.ledger.repository import Clock, utc_now
+from booking.ledger.sms_repository import SmsLedger
 from booking.outbox import RedisNotifier
 from booking.service import BookingService
-from booking.writes import BookingWriter
+from booking.writes import BookingWriter, Writers
 from voice_server import media_endpoint, sms_webhooks, twilio_webhooks
 from voice_server.api import bookings, health, metrics
 from voice_server.api import calls as calls_api
@@ -88,7 +89,7 @@ async def _start_booking_lane(
     call_loop = asyncio.get_running_loop()
 
     async def build(lane_stack: contextlib.AsyncExitStack) -> BookingService:
-        _, ledger, index = own_ledger_and_index(settings, redis_url, lane_stack, clock=clock, max_connections=128)
+        _, ledger, index, _ = own_ledger_and_index(settings, redis_url, lane_stack, clock=clock, max_connections=128)
         external = CallLoopCalendar(refresher, call_loop) if refresher is not None else None
         return BookingService(business, ledger, index, clock=clock, external=external)
 
@@ -98,13 +99,11 @@ async def _start_booking_lane(
     return lane
 
 
-async def _connect_booking_process(
-    path: Path, service: BookingService, stack: contextlib.AsyncExitStack
-) -> LaneClient:
-    """The calls' booking writes go to ``voicebook serve``'s booking process (``booking.lane_process``);
-    while it cannot be reached they run on ``service``. Closed after the calls have ended, once the
-    writes in flight have their replies."""
-    client = LaneClient(path, fallback=service)
+async def _connect_booking_process(path: Path, local: Writers, stack: contextlib.AsyncExitStack) -> LaneClient:
+    """The calls' ledger writes go to ``voicebook serve``'s booking process (``booking.lane_process``);
+    while it cannot be reached they run on ``local`` (this process's service and records). Closed after
+    the calls have ended, once the writes in flight have their replies."""
+    client = LaneClient(path, fallback=local)
     await client.connect()
     stack.push_async_callback(client.aclose)
     return client
@@ -170,8 +169,14 @@ def create_app(
                 await stack.enter_async_context(sampling_outbox(database, clock=clock))
             calls = CallLedger(database, clock=clock, notify_effects=notify, consent_mode=settings.consent_mode)
             lane: BookingWriter | None = None
+            records_via: BookingWriter | None = None  # where the call and SMS records are written, if not here
             if voice is None and settings.booking_lane == "process" and settings.booking_socket is not None:
-                lane = await _connect_booking_process(settings.booking_socket, service, stack)
+                lane = records_via = await _connect_booking_process(
+                    settings.booking_socket, Writers(service, calls, SmsLedger(database, clock=clock)), stack
+                )
+                calls = CallLedger(
+                    database, clock=clock, notify_effects=notify, consent_mode=settings.consent_mode, via=records_via
+                )
             elif voice is None and settings.booking_lane != "off":
                 # Also "process" in an app built without ``voicebook serve``'s booking process (in-process tests).
                 lane = await _start_booking_lane(settings, business, redis_url, refresher, stack, clock=clock)
@@ -181,7 +186,16 @@ def create_app(
                 else await build_voice(settings, business, service, stack, clock=clock, lane=lane)
             )
             app.state.components = Components(
-                settings, business, redis, database, service, calls, ports, reports=reporting.pipeline, clock=clock
+                settings,
+                business,
+                redis,
+                database,
+                service,
+                calls,
+                ports,
+                reports=reporting.pipeline,
+                clock=clock,
+                records_via=records_via,
             )
             if settings.skip_twilio_signature:
                 log.warning(

@@ -2,8 +2,9 @@
 processes (``booking.lane_process`` says why).
 
 It builds the same :class:`~booking.service.BookingService` as a server process (the business file, Redis,
-the ledger, the external calendars' busy time when Google Calendar is configured) and serves the calls'
-writes on a Unix socket until SIGTERM or SIGINT; then it finishes the writes in flight and exits. It does
+the ledger, the external calendars' busy time when Google Calendar is configured), and the ledger's call
+and SMS records, and serves the calls' writes (bookings, and the records of the calls and their texts,
+``booking.writes``) on a Unix socket until SIGTERM or SIGINT; then it finishes the writes in flight and exits. It does
 not sync the catalog or rebuild the index at start: the server processes do that, as before. External
 busy time is refreshed on demand here (a booking that needs fresher calendar data fetches it); the
 scheduled refresh stays with the server processes.
@@ -26,8 +27,11 @@ import structlog
 from booking.business import load_business
 from booking.external_busy import ExternalBusyRefresher
 from booking.lane_process import serve_until
+from booking.ledger.calls_repository import CallLedger
 from booking.ledger.repository import Clock, utc_now
+from booking.ledger.sms_repository import SmsLedger
 from booking.service import BookingService
+from booking.writes import Writers
 from voice_server.booking_stack import calendar_refresh, own_ledger_and_index
 from voice_server.google_setup import load_google_calendar
 from voice_server.logging import register_settings_secrets
@@ -61,7 +65,7 @@ async def run_booking_process(settings: Settings, socket_path: Path, *, clock: C
         await stack.enter_async_context(watching_for_stalls(settings.loop_stall_ms / 1000))
         await stack.enter_async_context(COLLECTOR_PAUSES.installed())  # voicebook_gc_pause_seconds, as in the server
         business = load_business(settings.business_file)
-        database, ledger, index = own_ledger_and_index(
+        database, ledger, index, notify = own_ledger_and_index(
             settings, settings.redis_url, stack, clock=clock, max_connections=256
         )
         calendar = await load_google_calendar(settings, database)
@@ -75,7 +79,12 @@ async def run_booking_process(settings: Settings, socket_path: Path, *, clock: C
         if refresher is not None:
             stack.push_async_callback(refresher.aclose)
         service = BookingService(business, ledger, index, clock=clock, external=refresher)
+        writers = Writers(
+            service,
+            CallLedger(database, clock=clock, notify_effects=notify, consent_mode=settings.consent_mode),
+            SmsLedger(database, clock=clock),
+        )
         gc.freeze()  # what lives for the whole process, out of the collector's way (as in the server)
         log.info("booking_process_started", socket=str(socket_path))
-        await serve_until(stopped.wait(), service, socket_path)
+        await serve_until(stopped.wait(), writers, socket_path)
     log.info("booking_process_stopped")

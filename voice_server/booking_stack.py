@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import timedelta
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -29,9 +30,17 @@ def ledger_and_index(
     return Ledger(database, clock=clock, notify_effects=notify), index
 
 
+class OwnParts(NamedTuple):
+    database: Database
+    ledger: Ledger
+    freebusy: FreeBusyIndex
+    notify: RedisNotifier
+    """Wakes the effect workers (for what the call records enqueue, as for the ledger's effects)."""
+
+
 def own_ledger_and_index(
     settings: Settings, redis_url: str, stack: contextlib.AsyncExitStack, *, clock: Clock, max_connections: int
-) -> tuple[Database, Ledger, FreeBusyIndex]:
+) -> OwnParts:
     """A second booking service's parts on a Redis client and ledger engines of its own (the booking lane's,
     the booking process's), closed with ``stack``."""
     redis = aioredis.Redis.from_url(redis_url, max_connections=max_connections)
@@ -40,4 +49,4 @@ def own_ledger_and_index(
     stack.push_async_callback(database.dispose)
     notify = RedisNotifier(redis, settings.effects_channel)
     ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
-    return database, ledger, index
+    return OwnParts(database, ledger, index, notify)

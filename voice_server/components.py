@@ -13,7 +13,9 @@ from booking.ledger.calls_repository import CallLedger
 from booking.ledger.consent_repository import ConsentLedger
 from booking.ledger.database import Database
 from booking.ledger.repository import Clock, utc_now
+from booking.ledger.sms_repository import SmsLedger
 from booking.service import BookingService
+from booking.writes import BookingWriter
 from voice_server.ports import VoicePorts
 from voice_server.settings import Settings
 
@@ -38,6 +40,14 @@ class Components:
     """Builds and regenerates end-of-call reports (None: a server that builds none)."""
     clock: Clock = utc_now
     """The server's clock (tests freeze it); everything that stamps or compares times reads this one."""
+    records_via: BookingWriter | None = None
+    """Where the call and SMS records are written when not in this process: the booking process
+    (``booking.writes`` says why); ``calls`` was built with it, and :attr:`sms` is."""
+
+    @property
+    def sms(self) -> SmsLedger:
+        """Texts, their receipts and suppressions (a view over the ledger, like :attr:`consents`)."""
+        return SmsLedger(self.database, clock=self.clock, via=self.records_via)
 
     @property
     def consents(self) -> ConsentLedger:

@@ -21,7 +21,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from booking.business import Business
 from booking.ledger.numbers_repository import NumberRegistry
-from booking.ledger.sms_repository import SmsLedger, SuppressionSource
+from booking.ledger.sms_repository import SuppressionSource
 from booking.messages import Keyword, classify_inbound
 from booking.phone import format_national, region_of
 from voice_server.components import Components
@@ -63,12 +63,6 @@ def messaging_twiml(message: str | None = None) -> str:
     return str(response.to_xml())
 
 
-def sms_ledger(components: Components) -> SmsLedger:
-    # A repository is a thin, stateless view over the database: built per request rather than held in
-    # Components, which other work owns.
-    return SmsLedger(components.database)
-
-
 async def message_status(request: Request) -> Response:
     components = components_of(request)
     form = await verified_form(request, components)
@@ -85,7 +79,7 @@ async def message_status(request: Request) -> Response:
     delivery = await claim(components, request, form, "message-status")
     if delivery.replay:  # applied already (the ledger would say so too, one round trip later)
         return Response(status_code=204)
-    ledger = sms_ledger(components)
+    ledger = components.sms
     async with delivery.applying():
         message, applied = await ledger.apply_status(
             message_sid=message_sid, status=status, error_code=error_code, to_number=to_number, effect_key=effect_key
@@ -135,7 +129,7 @@ async def inbound_sms(request: Request) -> Response:
         if delivery.replay:
             return TwilioXMLResponse(messaging_twiml())
         async with delivery.applying():
-            await sms_ledger(components).set_opted_out(
+            await components.sms.set_opted_out(
                 sender, opted_out, keyword=body.strip().upper(), source=SuppressionSource.INBOUND
             )
         log.info("sms_opt_out" if opted_out else "sms_opt_in", message_sid=message_sid, keyword=body.strip().upper())

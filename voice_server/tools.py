@@ -26,7 +26,7 @@ from booking.errors import BookingError, InvalidRequest, NotFound
 from booking.ledger.repository import CustomerDetails, utc_now
 from booking.service import Booked, BookingService, BookRequest, Held
 from booking.timeutil import local_day_bounds, local_to_utc
-from booking.writes import BookingWriter, WriteOp
+from booking.writes import BookingWriter, WriteOp, Writers
 from voice_server.ports import CallInfo, ToolCall, ToolSpec
 
 log = structlog.get_logger("voicebook.tools")
@@ -305,7 +305,7 @@ class BookingTools:
     async def _write(self, op: WriteOp[T]) -> T:
         """``op`` on the booking lane (a thread or process) when there is one, else here."""
         if self._lane is None:
-            return await op.apply(self._service)
+            return await op.apply(Writers(self._service))
         return await self._lane.write(op)
 
     # -- the tools ------------------------------------------------------------------------------------

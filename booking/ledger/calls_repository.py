@@ -11,6 +11,7 @@ from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from booking import writes
 from booking.calls import CallRecord, CallStatus, CallTurn, StatusUpdate
 from booking.consent import ConsentKind, ConsentMode
 from booking.errors import NotFound
@@ -75,12 +76,16 @@ class CallLedger:
         clock: Clock = utc_now,
         notify_effects: Callable[[], Awaitable[None]] | None = None,
         consent_mode: ConsentMode = ConsentMode.OFF,
+        via: writes.BookingWriter | None = None,
     ) -> None:
         self._db = database
         self._clock = clock
         self._notify_effects = notify_effects  # wakes the workers for the report enqueued at hang-up
         self._consent_mode = consent_mode
         """Whether a transcript needs its call's consent to be stored (booking/consent.py)."""
+        self._via = via
+        """Where this ledger's writes run instead of here: the booking process (``booking.writes`` says
+        why). Its reads stay here."""
         self._insert: Callable[..., Any] = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
 
     async def record_call(
@@ -96,6 +101,18 @@ class CallLedger:
     ) -> CallRecord:
         """Record a call Twilio offered us. Twilio retries a webhook it got no answer to: the same call
         recorded twice is one row."""
+        if self._via is not None:
+            return await self._via.write(
+                writes.record_call(
+                    call_sid=call_sid,
+                    account_sid=account_sid,
+                    from_number=from_number,
+                    to_number=to_number,
+                    direction=direction,
+                    status=status,
+                    refused_reason=refused_reason,
+                )
+            )
         now = self._clock()
         stmt = (
             self._insert(t.calls)
@@ -123,6 +140,12 @@ class CallLedger:
     ) -> tuple[CallRecord, bool]:
         """Apply one status callback. Returns the call and whether the callback was new: a replayed
         callback, or one older than what the call already shows, changes nothing."""
+        if self._via is not None:
+            return await self._via.write(
+                writes.apply_call_status(
+                    update_, account_sid=account_sid, from_number=from_number, to_number=to_number, direction=direction
+                )
+            )
         dedupe_key = str(update_.sequence) if update_.sequence is not None else f"status:{update_.status.value}"
         now = self._clock()
         insert_call = (
@@ -211,6 +234,13 @@ class CallLedger:
         Where consent is required, the transcript is stored only as far as the call's consent reaches,
         checked in the same transaction: none of it without consent, and nothing said from a withdrawal
         on. The call and its report are filed either way."""
+        if self._via is not None:
+            await self._via.write(
+                writes.finish_call(
+                    call_sid, stream_sid=stream_sid, end_reason=end_reason, turns=turns, latencies=latencies
+                )
+            )
+            return
         now = self._clock()
         mode = self._consent_mode
 

@@ -21,6 +21,7 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from booking import writes
 from booking.consent import Channel, ConsentKind, Decision, wording_version
 from booking.ledger import pii
 from booking.ledger import schema as t
@@ -121,9 +122,12 @@ def _message(row: Row[Any]) -> SmsMessage:
 
 
 class SmsLedger:
-    def __init__(self, database: Database, *, clock: Clock = utc_now) -> None:
+    def __init__(self, database: Database, *, clock: Clock = utc_now, via: writes.BookingWriter | None = None) -> None:
         self._db = database
         self._clock = clock
+        self._via = via
+        """Where delivery receipts are applied instead of here: the booking process (``booking.writes``
+        says why). Everything else stays here."""
         self._insert: Callable[..., Any] = postgresql.insert if database.dialect == "postgresql" else sqlite.insert
 
     # -- messages -----------------------------------------------------------------------------------
@@ -174,6 +178,16 @@ class SmsLedger:
         changes nothing; an older status is kept as an event but does not move the message back. A
         receipt for a message we have no row for (the send's answer was lost) creates it, named after
         the effect in its callback URL."""
+        if self._via is not None:
+            return await self._via.write(
+                writes.apply_sms_status(
+                    message_sid=message_sid,
+                    status=status,
+                    error_code=error_code,
+                    to_number=to_number,
+                    effect_key=effect_key,
+                )
+            )
         now = self._clock()
         booking_id = (
             select(t.effects.c.booking_id).where(t.effects.c.idempotency_key == effect_key).scalar_subquery()
