@@ -22,12 +22,15 @@ migrate: install
 run: migrate
 	$(BIN)/voicebook serve
 
+# Workers per run (pytest-xdist); a test file's tests stay on one worker (its module fixtures are built once).
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The same suite against the local Redis and PostgreSQL services.
 test-services: install
-	VOICEBOOK_TEST_BACKEND=services $(BIN)/python -m pytest
+	VOICEBOOK_TEST_BACKEND=services $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -61,10 +61,21 @@ def pytest_report_header() -> str:
     return f"voicebook test backend: {BACKEND}"
 
 
+def services_redis_url(base: str) -> str:
+    """The shared Redis for this test process: with pytest-xdist each worker takes a database of its own
+    (gw0 the configured one, gw1 the one below it, ...), since every test flushes its database first."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    offset = int(worker.removeprefix("gw") or 0)
+    head, _, number = base.rpartition("/")
+    if not number.isdigit() or int(number) < offset:
+        raise RuntimeError(f"TEST_REDIS_URL must end in a database number of at least {offset}: {base}")
+    return f"{head}/{int(number) - offset}"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     if BACKEND == "services":
-        yield os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+        yield services_redis_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
         return
     directory = Path(tempfile.mkdtemp(prefix="voicebook-test-redis-"))
     socket_path = directory / "redis.sock"

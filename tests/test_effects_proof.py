@@ -352,10 +352,11 @@ def texts_of(messages: MessagesState, booking: Booking) -> list[SimulatedMessage
 
 
 async def free_starts(service: BookingService, resource_id: str, count: int) -> list[datetime]:
-    """``count`` start times of a check-up with ``resource_id`` whose blocks do not overlap."""
-    now = datetime.now(UTC)
+    """``count`` start times of a check-up with ``resource_id`` whose blocks do not overlap, from tomorrow on
+    (a slot found this afternoon may be inside the booking notice by the time a slow run books it)."""
+    begin = datetime.now(UTC) + timedelta(days=1)
     found = await service.find_slots(
-        "checkup", window=Interval(now, now + timedelta(days=30)), resource_id=resource_id, limit=2000
+        "checkup", window=Interval(begin, begin + timedelta(days=30)), resource_id=resource_id, limit=2000
     )
     starts: list[datetime] = []
     free_from: datetime | None = None

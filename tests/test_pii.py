@@ -94,6 +94,7 @@ def test_json_documents_are_sealed_whole() -> None:
         (f"a={new_key()},a={new_key()}", new_key(), "appears twice"),
         (f"bad id!={new_key()}", new_key(), "use 1 to 16 letters"),
     ],
+    ids=["short index key", "no id", "short key", "id twice", "bad id"],  # random keys: the same ids on every worker
 )
 def test_malformed_keys_are_refused_with_a_clear_message(keys: str, index_key: str, message: str) -> None:
     with pytest.raises(PiiKeyError, match=message):

@@ -17,21 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from tests.test_supervisor import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _processes_naming(folder: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue  # gone meanwhile
-        if str(folder) in command:
-            found.append(f"{entry.name}: {command[:160]}")
-    return found
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [f"{pid}: {command[:160]}" for pid in pids if str(folder) in (command := command_line(pid))]
 
 
 def test_sigterm_stops_the_stack_it_started(tmp_path: Path) -> None:

