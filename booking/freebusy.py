@@ -154,6 +154,12 @@ class FreeBusyIndex:
             name: redis.register_script(source) for name, source in _script_sources().items()
         }
 
+    async def load_scripts(self) -> None:
+        """Have Redis compile the index's scripts now (``SCRIPT LOAD``), so the first hold is one
+        ``EVALSHA`` instead of a refused one, the script sent whole and compiled, and a second try."""
+        for script in self._scripts.values():
+            await self._redis.script_load(script.script)  # its SHA1 is the one the script object computed
+
     @property
     def prefix(self) -> str:
         """The key prefix: another client on the same Redis with it sees the same index."""

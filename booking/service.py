@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, NoReturn, TypeVar
 
+import structlog
+
 from booking import metrics
 from booking.availability import SlotProblem, check_slot, free_slots, rank_slots
 from booking.business import Business, Service
@@ -47,6 +49,8 @@ from booking.recurrence import expand
 from booking.timeutil import local_day_bounds
 
 T = TypeVar("T")
+
+log = structlog.get_logger("voicebook.booking")
 
 COMMIT_HOLD_TTL = timedelta(seconds=30)
 """How long the hold taken by ``book`` itself lives: long enough for the ledger transaction, short
@@ -162,6 +166,17 @@ class BookingService:
         """Mirror the catalog into the ledger and rebuild the Redis index from it."""
         await self.ledger.sync_catalog(self.business)
         await self.rebuild_index()
+
+    async def warm_up(self) -> None:
+        """Ready the booking path before the first caller needs it: Redis compiles the index's scripts,
+        and the ledger runs a booking's transaction once and rolls it back (:meth:`Ledger.rehearse_booking`).
+        Without it the first booking of a process paid 5 to 9 ms more, in every load test. A failure is
+        logged, not raised: the first booking then pays, as it did without the warm-up."""
+        try:
+            await self.index.load_scripts()
+            await self.ledger.rehearse_booking(self.business)
+        except Exception as error:
+            log.warning("booking_warm_up_failed", error=f"{type(error).__name__}: {error}")
 
     def _index_window(self) -> Interval:
         now = self._clock()

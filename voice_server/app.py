@@ -154,6 +154,7 @@ def create_app(
             )
             service = BookingService(business, ledger, index, clock=clock, external=refresher)
             await service.start()
+            await service.warm_up()
             if refresher is not None:
                 await _start_refresher(refresher, stack)
             reporting = await stack.enter_async_context(

@@ -84,6 +84,7 @@ async def run_booking_process(settings: Settings, socket_path: Path, *, clock: C
             CallLedger(database, clock=clock, notify_effects=notify, consent_mode=settings.consent_mode),
             SmsLedger(database, clock=clock),
         )
+        await service.warm_up()  # before the first call's booking, not during it
         gc.freeze()  # what lives for the whole process, out of the collector's way (as in the server)
         log.info("booking_process_started", socket=str(socket_path))
         await serve_until(stopped.wait(), writers, socket_path)

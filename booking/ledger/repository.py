@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -40,6 +40,9 @@ from booking.ledger.consent_repository import insert_consents, sms_consent_decis
 from booking.ledger.database import Database
 
 Clock = Callable[[], datetime]
+
+# The made-up caller of :meth:`Ledger.rehearse_booking` (Twilio's magic test number for a valid one).
+REHEARSAL_PHONE = "+15005550006"
 
 
 def utc_now() -> datetime:
@@ -290,6 +293,10 @@ class Ledger:
     async def sync_catalog(self, business: Business) -> None:
         """Mirror resources and services from the configuration; ones no longer configured are kept
         (bookings refer to them) but marked inactive."""
+        await self._db.write(self._catalog(business))
+
+    def _catalog(self, business: Business) -> Callable[[Connection], None]:
+        """The write of :meth:`sync_catalog`."""
         now = self._clock()
         upsert = self._insert
 
@@ -323,7 +330,7 @@ class Ledger:
                 [{"service_id": s.id, "resource_id": r} for s in business.services for r in s.resources],
             )
 
-        await self._db.write(work)
+        return work
 
     # -- idempotency -----------------------------------------------------------------------------
     async def find_idempotency(self, key: str) -> IdempotencyRecord | None:
@@ -361,6 +368,74 @@ class Ledger:
     ) -> CreateResult:
         """Insert one booking, or every occurrence of a series, in one transaction: all or nothing. An
         answer about texts (given or declined) is kept in the consent history too, with its wording."""
+        work = self._creation(
+            customer,
+            new,
+            idempotency=idempotency,
+            series=series,
+            source=source,
+            notes=notes,
+            sms_consent=sms_consent,
+            sms_consent_wording=sms_consent_wording,
+            line_number=line_number,
+            actor=actor,
+        )
+        try:
+            bookings = await self._db.write(work)
+        except IntegrityError as error:
+            if _is_overlap(error):
+                conflicts: list[Booking] = []
+                for b in new:
+                    conflicts.extend(await self.overlapping(b.resource_id, b.block))
+                unique = {c.id: c for c in conflicts}
+                return Overlap(tuple(sorted(unique.values(), key=lambda c: c.start)))
+            if idempotency is not None and _is_idempotency_clash(error):
+                record = await self.find_idempotency(idempotency[0])
+                if record is not None:
+                    return KeyTaken(record)
+            raise
+        await self._effects_enqueued()
+        return Created(bookings, series.id if series else None)
+
+    async def rehearse_booking(self, business: Business) -> None:
+        """Run the transaction of a booking made on the phone (a customer, the booking, its effects, the
+        caller's yes to texts, its audit entry) and roll it back, so that the first real one does not pay
+        for compiling its statements (:meth:`Database.rehearse`). The catalog is written first in the
+        same transaction, since on a new ledger nobody may have written it yet. The made-up booking is
+        for the first service's first resource on 3 January 2000, before any real booking, so it cannot
+        meet one already there."""
+        service = business.services[0]
+        start = datetime(2000, 1, 3, 9, 0, tzinfo=UTC)
+        block = Interval(start, start + timedelta(minutes=service.duration_minutes))
+        work = self._creation(
+            CustomerDetails(phone=REHEARSAL_PHONE, name="Rehearsal"),
+            [NewBooking(service.resources[0], service.id, block.start, block.end, block)],
+            idempotency=(f"rehearsal:{new_id()}", "0" * 64),
+            series=None,
+            source="phone",
+            notes="rehearsal",
+            sms_consent=SmsConsent.GIVEN,
+            sms_consent_wording=None,
+            line_number=None,
+            actor="rehearsal",
+        )
+        await self._db.rehearse([self._catalog(business), work])
+
+    def _creation(
+        self,
+        customer: CustomerDetails,
+        new: Sequence[NewBooking],
+        *,
+        idempotency: tuple[str, str] | None,
+        series: SeriesSpec | None,
+        source: str,
+        notes: str | None,
+        sms_consent: SmsConsent,
+        sms_consent_wording: str | None,
+        line_number: str | None,
+        actor: str,
+    ) -> Callable[[Connection], tuple[Booking, ...]]:
+        """The write of :meth:`create_bookings`."""
         if not new:
             raise ValueError("create_bookings needs at least one booking")
         now = self._clock()
@@ -443,22 +518,7 @@ class Ledger:
             audit_booking_change(conn, now, actor, bookings, series_id=series_id)
             return bookings
 
-        try:
-            bookings = await self._db.write(work)
-        except IntegrityError as error:
-            if _is_overlap(error):
-                conflicts: list[Booking] = []
-                for b in new:
-                    conflicts.extend(await self.overlapping(b.resource_id, b.block))
-                unique = {c.id: c for c in conflicts}
-                return Overlap(tuple(sorted(unique.values(), key=lambda c: c.start)))
-            if idempotency is not None and _is_idempotency_clash(error):
-                record = await self.find_idempotency(idempotency[0])
-                if record is not None:
-                    return KeyTaken(record)
-            raise
-        await self._effects_enqueued()
-        return Created(bookings, series_id)
+        return work
 
     def _upsert_customer(self, conn: Connection, customer: CustomerDetails, now: datetime) -> Customer:
         """Insert the customer or update the details given (a detail left out keeps its stored value);
