@@ -14,6 +14,7 @@ it undoes, while the calendar and the texts of one booking go out side by side.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import functools
@@ -453,13 +454,43 @@ def record_status_change(conn: Connection, after: Booking, now: datetime, *, rea
 
 class RedisNotifier:
     """Wakes idle workers after a commit. Best effort: a lost notification only delays an effect until
-    the workers' next poll, so a Redis failure here must not fail the booking that was committed."""
+    the workers' next poll, so a Redis failure here must not fail the booking that was committed.
 
-    def __init__(self, redis: aioredis.Redis, channel: str = EFFECTS_CHANNEL) -> None:
+    With ``background`` a call returns at once and the notification is published on a task of its own,
+    so a booking does not wait a Redis round trip for it after its commit. Calls made while one is being
+    published share one more notification after it (a worker woken by the first may have looked before
+    the later commits), so a burst of commits publishes at most two. :meth:`aclose` waits for the last.
+    Without it (short-lived commands, which may exit right after) each call publishes and waits."""
+
+    def __init__(self, redis: aioredis.Redis, channel: str = EFFECTS_CHANNEL, *, background: bool = False) -> None:
         self._redis = redis
         self._channel = channel
+        self._background = background
+        self._publishing: asyncio.Task[None] | None = None
+        self._again = False
 
     async def __call__(self) -> None:
+        if not self._background:
+            await self._publish()
+            return
+        if self._publishing is not None and not self._publishing.done():
+            self._again = True
+            return
+        self._publishing = asyncio.get_running_loop().create_task(self._publish_until_current())
+
+    async def aclose(self) -> None:
+        """Wait for the notification being published, if any."""
+        if self._publishing is not None:
+            await self._publishing
+
+    async def _publish_until_current(self) -> None:
+        while True:
+            self._again = False
+            await self._publish()
+            if not self._again:
+                return
+
+    async def _publish(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self._redis.publish(self._channel, b"1")
 

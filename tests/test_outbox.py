@@ -6,12 +6,14 @@ import asyncio
 import random
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy import update
 
 from booking.business import Business
@@ -400,6 +402,62 @@ async def test_a_notification_wakes_a_sleeping_worker(
         runner.stop()
         await task
     assert list(recorder.successes.values()) == [1, 1]
+
+
+async def published(redis_client: aioredis.Redis, channel: str, notify: Callable[[], Awaitable[None]]) -> int:
+    """How many notifications ``notify`` (which publishes on ``channel``) sends, read by a subscriber."""
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe(channel)
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        await notify()
+        await redis_client.publish(channel, b"end")  # after every notification, on the same connection order
+        count = 0
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert message is not None, "the end marker never came"
+            if message["data"] == b"end":
+                return count
+            count += 1
+
+
+async def test_a_background_notifier_coalesces_calls_and_publishes_before_it_closes(
+    redis_client: aioredis.Redis,
+) -> None:
+    channel = f"{EFFECTS_CHANNEL}:{uuid.uuid4().hex}"
+    waited = RedisNotifier(redis_client, channel)
+    background = RedisNotifier(redis_client, channel, background=True)
+
+    async def burst(notifier: RedisNotifier) -> None:
+        for _ in range(50):
+            await notifier()
+        await notifier.aclose()
+
+    # Each awaited call publishes. In the background the 50 calls came before the first publish went
+    # out, so it covers them all.
+    assert await published(redis_client, channel, lambda: burst(waited)) == 50
+    assert await published(redis_client, channel, lambda: burst(background)) == 1
+
+    async def during_a_publish() -> None:
+        await background()
+        await asyncio.sleep(0)  # its task sends the PUBLISH and waits for the reply
+        for _ in range(10):  # commits a woken worker may have looked before: one more for them all
+            await background()
+        await background.aclose()
+        await background()  # after that: a notification of its own
+        await background.aclose()
+
+    assert await published(redis_client, channel, during_a_publish) == 3
+
+
+async def test_a_background_notification_that_fails_is_dropped_quietly() -> None:
+    # Nothing listens on port 1; no retries. A lost notification only waits for the workers' next poll.
+    unreachable = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    notifier = RedisNotifier(unreachable, "nowhere", background=True)
+    try:
+        await notifier()
+        await notifier.aclose()  # no error: the task swallowed it
+    finally:
+        await unreachable.aclose()
 
 
 async def test_a_series_is_one_calendar_event_and_one_confirmation_with_a_reminder_each(

@@ -134,13 +134,15 @@ def create_app(
                 log.info("embedded_redis_started", socket=str(embedded.socket_path))
             redis = aioredis.Redis.from_url(redis_url, max_connections=512)
             stack.push_async_callback(redis.aclose)
+            # Published off the booking's path; its last notification goes out before Redis is closed.
+            notify = RedisNotifier(redis, settings.effects_channel, background=True)
+            stack.push_async_callback(notify.aclose)
             database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
             stack.push_async_callback(database.dispose)
             if settings.auto_migrate:
                 await migrate(database)
             elif await database.schema_revision() != head_revision():
                 raise StartupError("the ledger's schema is not current: run `voicebook migrate` first")
-            notify = RedisNotifier(redis, settings.effects_channel)
             ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
             calendar = await load_google_calendar(settings, database)  # shared: effects and free/busy
             if calendar is not None:

@@ -45,8 +45,10 @@ def own_ledger_and_index(
     the booking process's), closed with ``stack``."""
     redis = aioredis.Redis.from_url(redis_url, max_connections=max_connections)
     stack.push_async_callback(redis.aclose)
+    # Published off the booking's path (a booking does not wait for it); done before Redis is closed.
+    notify = RedisNotifier(redis, settings.effects_channel, background=True)
+    stack.push_async_callback(notify.aclose)
     database = Database.connect(settings.effective_database_url, pool_size=settings.db_pool_size)
     stack.push_async_callback(database.dispose)
-    notify = RedisNotifier(redis, settings.effects_channel)
     ledger, index = ledger_and_index(settings, redis, database, notify, clock=clock)
     return OwnParts(database, ledger, index, notify)
