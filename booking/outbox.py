@@ -457,9 +457,9 @@ class RedisNotifier:
     the workers' next poll, so a Redis failure here must not fail the booking that was committed.
 
     With ``background`` a call returns at once and the notification is published on a task of its own,
-    so a booking does not wait a Redis round trip for it after its commit. Calls made while one is being
-    published share one more notification after it (a worker woken by the first may have looked before
-    the later commits), so a burst of commits publishes at most two. :meth:`aclose` waits for the last.
+    so a booking does not wait a Redis round trip for it after its commit. Calls made before that task
+    has sent its notification share it; calls made while it is on its way share one more after it (a
+    worker woken by the first may have looked before their commits). :meth:`aclose` waits for the last.
     Without it (short-lived commands, which may exit right after) each call publishes and waits."""
 
     def __init__(self, redis: aioredis.Redis, channel: str = EFFECTS_CHANNEL, *, background: bool = False) -> None:
