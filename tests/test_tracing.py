@@ -85,7 +85,12 @@ async def book_and_hang_up(
         ) as phone:
             await phone.wait_for_reply()  # the greeting
             await phone.say(LOUD * 20)  # "please book it"
-            await phone.wait_for_reply()
+            await phone.wait_for_reply()  # the agent's words before its tool call
+            # "bye" only once the tool has run: said earlier (a loop stalled on a loaded host) it barges
+            # in on that reply before the agent's tool call is taken, and the call has no tool span.
+            tools = voice.tools
+            assert isinstance(tools, SlowTools)
+            await asyncio.wait_for(tools.ran.wait(), 10)
             await phone.say(LOUD * 20)  # "bye"
             await asyncio.wait_for(phone.closed.wait(), 10)
         # The hang-up enqueues the call's report; the app's own worker builds it.

@@ -133,10 +133,12 @@ class SlowTools:
     seconds: float = 0.3
     finished: list[str] = field(default_factory=list)
     specs: Sequence[ToolSpec] = ()
+    ran: asyncio.Event = field(default_factory=asyncio.Event)  # set when a tool call has finished
 
     async def run(self, call: ToolCall, info: CallInfo) -> Mapping[str, Any]:
         await asyncio.sleep(self.seconds)
         self.finished.append(call.name)
+        self.ran.set()
         return {"booked": True, "booking_id": "bk-test"}
 
 
