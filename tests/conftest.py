@@ -83,8 +83,11 @@ def reaches_backend(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if SCOPE != "backend":
         return
-    kept = [item for item in items if reaches_backend(item)]
-    config.hook.pytest_deselected(items=[item for item in items if not reaches_backend(item)])
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        (kept if reaches_backend(item) else dropped).append(item)
+    config.hook.pytest_deselected(items=dropped)
     items[:] = kept
 
 
