@@ -26,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from sqlalchemy import Integer, Row, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import Integer, Row, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
@@ -35,6 +35,7 @@ from booking.domain import Booking, BookingStatus, Customer, Interval, SmsConsen
 from booking.errors import EffectFailed
 from booking.ledger import pii
 from booking.ledger import schema as t
+from booking.ledger.combined import CombinedWrite
 from booking.ledger.database import Database
 from booking.trace_context import current_traceparent
 
@@ -347,9 +348,16 @@ def _cancel_pending_reminders(conn: Connection, booking_id: str, now: datetime) 
 
 
 def insert_effects(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    writes = CombinedWrite(conn.dialect.name)
+    count = effect_inserts(writes, rows)
+    writes.send(conn)
+    return count
+
+
+def effect_inserts(writes: CombinedWrite, rows: Sequence[dict[str, Any]]) -> int:
+    """:func:`insert_effects` as part of a caller's :class:`CombinedWrite`."""
     # One statement, rows in list order: their ids give the order in which the booking's effects run.
-    if rows:
-        conn.execute(insert(t.effects), [seal_payload(row) for row in rows])
+    writes.insert(t.effects, [seal_payload(row) for row in rows])
     return len(rows)
 
 
@@ -389,12 +397,13 @@ def report_effect_row(call_sid: str, now: datetime, latencies: Sequence[Mapping[
 
 
 def record_created(
-    conn: Connection, bookings: Sequence[Booking], now: datetime, *, series_rule: str | None = None
+    writes: CombinedWrite, bookings: Sequence[Booking], now: datetime, *, series_rule: str | None = None
 ) -> int:
     """Enqueue the calendar event, the confirmation and (if there is time) the reminder of each booking.
 
     The occurrences of a recurring booking (``series_rule`` given) share one recurring calendar event and
-    one confirmation, both enqueued with the first occurrence; each occurrence keeps its own reminder."""
+    one confirmation, both enqueued with the first occurrence; each occurrence keeps its own reminder.
+    The rows go with the rest of ``writes``, in the bookings' transaction."""
     rows: list[dict[str, Any]] = []
     if series_rule is not None and bookings:
         first = min(bookings, key=lambda booking: booking.start)
@@ -403,12 +412,12 @@ def record_created(
         rows.append(effect_row(first, EffectKind.SMS_CONFIRMATION, now, extra=series))
         for booking in sorted(bookings, key=lambda booking: booking.start):
             rows.extend(reminder_rows(booking, now))
-        return insert_effects(conn, rows)
+        return effect_inserts(writes, rows)
     for booking in bookings:
         rows.append(effect_row(booking, EffectKind.CALENDAR_CREATE, now))
         rows.append(effect_row(booking, EffectKind.SMS_CONFIRMATION, now))
         rows.extend(reminder_rows(booking, now))
-    return insert_effects(conn, rows)
+    return effect_inserts(writes, rows)
 
 
 def occurrence_extra(conn: Connection, booking: Booking) -> dict[str, Any]:

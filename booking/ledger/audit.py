@@ -46,11 +46,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from sqlalchemy import Engine, Integer, Row, bindparam, event, insert, select, update
+from sqlalchemy import Engine, Integer, Row, bindparam, event, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from booking.ledger import schema as t
+from booking.ledger.combined import CombinedWrite
 
 if TYPE_CHECKING:  # database.py runs the flush, so it imports this module
     from booking.ledger.database import Database
@@ -161,7 +162,6 @@ _RESERVE = (
     .returning(_h.last_id, _h.entry_hash)
 )
 _MOVE_HEAD = update(t.audit_chain_head).where(_h.chain == CHAIN).values(entry_hash=bindparam("newest_hash"))
-_INSERT_ENTRIES = insert(t.audit_events)
 
 
 def _take_head(conn: Connection, count: int) -> tuple[int, str]:
@@ -216,7 +216,8 @@ def pending_entries(conn: Connection) -> tuple[PendingEntry, ...]:
 
 def flush_audit(conn: Connection) -> int:
     """Write the entries appended in ``conn``'s transaction: one head update reserving their ids, one
-    multi-row insert, one head update to the newest hash. Returns how many. Call it last, right before
+    multi-row insert, one head update to the newest hash (the last two one statement on PostgreSQL).
+    Returns how many. Call it last, right before
     COMMIT: from here on the transaction holds the head (PostgreSQL)."""
     pending: list[PendingEntry] = conn.info.pop(PENDING, None) or []
     conn.info.pop(SAVEPOINTS, None)
@@ -249,8 +250,11 @@ def flush_audit(conn: Connection) -> int:
             }
         )
         prev_hash = digest
-    conn.execute(_INSERT_ENTRIES, rows)
-    conn.execute(_MOVE_HEAD, {"newest_hash": prev_hash})
+    # The entries and the head's new hash in one statement on PostgreSQL (booking/ledger/combined.py).
+    writes = CombinedWrite(conn.dialect.name)
+    writes.insert(t.audit_events, rows)
+    writes.update(_MOVE_HEAD, {"newest_hash": prev_hash})
+    writes.send(conn)
     return len(rows)
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Row, or_, select
 from sqlalchemy.engine import Connection
 
 from booking.consent import (
@@ -34,6 +33,7 @@ from booking.domain import SmsConsent
 from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, append_audit
+from booking.ledger.combined import CombinedWrite
 from booking.ledger.database import Database
 
 Clock = Callable[[], datetime]
@@ -77,10 +77,15 @@ def _record(row: Row[Any]) -> ConsentRecord:
 def insert_consents(conn: Connection, subject: str | None, decisions: Sequence[NewConsent], at: datetime) -> None:
     """Append ``decisions`` for ``subject`` (a blind index) in the caller's transaction, with the wording
     of any version the ledger has not seen."""
-    if not decisions:
-        return
-    conn.execute(
-        insert(t.consents),
+    writes = CombinedWrite(conn.dialect.name)
+    consent_inserts(writes, subject, decisions, at)
+    writes.send(conn)
+
+
+def consent_inserts(writes: CombinedWrite, subject: str | None, decisions: Sequence[NewConsent], at: datetime) -> None:
+    """:func:`insert_consents` as part of a caller's :class:`CombinedWrite`."""
+    writes.insert(
+        t.consents,
         [
             {
                 "subject_index": subject,
@@ -96,12 +101,11 @@ def insert_consents(conn: Connection, subject: str | None, decisions: Sequence[N
         ],
     )
     wordings = {d.wording_version: d.wording for d in decisions if d.wording}
-    if wordings:
-        dialect_insert: Any = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        conn.execute(
-            dialect_insert(t.consent_wordings).on_conflict_do_nothing(index_elements=["version"]),
-            [{"version": version, "text": text, "first_used_at": at} for version, text in wordings.items()],
-        )
+    writes.insert(
+        t.consent_wordings,
+        [{"version": version, "text": text, "first_used_at": at} for version, text in wordings.items()],
+        skip_conflicts_on=["version"],
+    )
 
 
 def _call_subject(conn: Connection, call_sid: str) -> str | None:

@@ -36,7 +36,8 @@ from booking.errors import InvalidTransition, NotFound, VersionConflict
 from booking.ledger import pii
 from booking.ledger import schema as t
 from booking.ledger.audit import AuditAction, append_audit
-from booking.ledger.consent_repository import insert_consents, sms_consent_decision
+from booking.ledger.combined import CombinedWrite
+from booking.ledger.consent_repository import consent_inserts, sms_consent_decision
 from booking.ledger.database import Database
 
 Clock = Callable[[], datetime]
@@ -139,8 +140,6 @@ BOOKING_COLUMNS = (
 
 
 # Statements built once; each execution only binds parameters.
-_INSERT_SERIES = insert(t.booking_series)
-_INSERT_BOOKING = insert(t.bookings)
 
 
 def seal_customer(customer: CustomerDetails) -> dict[str, str | None]:
@@ -446,22 +445,27 @@ class Ledger:
 
         def work(conn: Connection) -> tuple[Booking, ...]:
             stored = self._upsert_customer(conn, customer, now)
+            # The series, its bookings, their effects and the caller's answer about texts go to the
+            # database together (one statement on PostgreSQL); the database writes each booking's
+            # "created" history event.
+            writes = CombinedWrite(conn.dialect.name)
             if series is not None:
-                conn.execute(
-                    _INSERT_SERIES,
-                    {
-                        "id": series.id,
-                        "rrule": series.rrule,
-                        "time_zone": series.time_zone,
-                        "first_start_local": series.first_start_local,
-                        "created_at": now,
-                        "idempotency_key": key,
-                        "request_hash": request_hash,
-                    },
+                writes.insert(
+                    t.booking_series,
+                    [
+                        {
+                            "id": series.id,
+                            "rrule": series.rrule,
+                            "time_zone": series.time_zone,
+                            "first_start_local": series.first_start_local,
+                            "created_at": now,
+                            "idempotency_key": key,
+                            "request_hash": request_hash,
+                        }
+                    ],
                 )
-            # One statement for the bookings; the database writes each one's "created" history event.
-            conn.execute(
-                _INSERT_BOOKING,
+            writes.insert(
+                t.bookings,
                 [
                     {
                         "id": b.id,
@@ -511,10 +515,11 @@ class Ledger:
                 for b in new
             )
             # The calendar event and SMS exist if and only if these bookings commit.
-            outbox.record_created(conn, bookings, now, series_rule=series.rrule if series is not None else None)
+            outbox.record_created(writes, bookings, now, series_rule=series.rrule if series is not None else None)
             if texts is not None:
                 decision = dataclasses.replace(texts, booking_id=bookings[0].id)
-                insert_consents(conn, pii.cipher().blind_index(customer.phone), [decision], now)
+                consent_inserts(writes, pii.cipher().blind_index(customer.phone), [decision], now)
+            writes.send(conn)
             audit_booking_change(conn, now, actor, bookings, series_id=series_id)
             return bookings
 
