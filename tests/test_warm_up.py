@@ -4,6 +4,7 @@ timed: its statements are SQLAlchemy compiled-cache hits, and Redis already has 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -124,3 +125,34 @@ async def test_a_failed_warm_up_is_logged_and_the_service_still_books(
     [failed] = [entry for entry in logs if entry["event"] == "booking_warm_up_failed"]
     assert "ConnectionError" in failed["error"]
     assert isinstance(await service.book(request(10)), Booked)
+
+
+async def test_writes_run_on_the_connection_the_warm_up_prepared(service: BookingService, database: Database) -> None:
+    """The ledger's writes keep one connection (on PostgreSQL its statements stay prepared there, so the
+    warm-up's work is not lost on a connection the next write never uses), however many the readers use."""
+    connections: set[int] = set()
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        connections.add(id(conn.connection.driver_connection))
+
+    async def read(hold: asyncio.Event) -> None:
+        async with database.reader.connect() as connection:
+            await connection.execute(select(1))
+            await hold.wait()
+
+    # Readers holding several connections at once: a pool shared with them would hand writes any of them.
+    hold = asyncio.Event()
+    readers = [asyncio.create_task(read(hold)) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    hold.set()
+    await asyncio.gather(*readers)
+
+    event.listen(database.write_engine, "before_cursor_execute", seen)
+    try:
+        await service.warm_up()
+        for hour in (9, 10, 11):
+            assert isinstance(await service.book(request(hour)), Booked)
+            await asyncio.gather(*(service.ledger.bookings_for_phone("+12125550142") for _ in range(3)))
+    finally:
+        event.remove(database.write_engine, "before_cursor_execute", seen)
+    assert len(connections) == 1

@@ -21,7 +21,9 @@ runs as one transaction, the same function on both databases:
 * The writer's commits never checkpoint the WAL (``wal_autocheckpoint=0``): a commit that did copied the
   WAL into the database file and synced it before returning, 20 to 46 ms on the booking process's lane.
   Each process that writes checkpoints on a thread of its own instead (``booking/ledger/checkpoint.py``).
-* PostgreSQL runs the function through asyncpg with ``AsyncConnection.run_sync``.
+* PostgreSQL runs the function through asyncpg with ``AsyncConnection.run_sync``, on a connection kept
+  for writes (its statements stay prepared). Writes that need no answer back go to the server together
+  (``booking/ledger/combined.py``): each statement there is a round trip.
 
 Each transaction ends with the audit entries its writes appended (``booking/ledger/audit.py``): one flush
 after the last write, right before COMMIT, for the whole transaction. Every engine here refuses a COMMIT
@@ -283,9 +285,15 @@ class Database:
         engine = create_async_engine(
             parsed, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=30
         )
-        # Several transactions in flight at once keep PostgreSQL's backends busy while Python prepares
-        # the next batch; the rest of the pool serves reads.
-        return cls(parsed, engine, async_writer=engine, lanes=1)
+        # Writes have a connection of their own, kept from one transaction to the next (group commit runs
+        # one at a time): the statements a write prepares on a connection, and the types asyncpg looks
+        # up for them, are prepared once and warmed by the rehearsal before serving. Taken from the
+        # readers' pool, each write could land on a connection that had never run it: measured under
+        # load, such a booking's first statements took 15 to 20 ms more, and the bookings queued behind
+        # it waited as long (docs/benchmarks.md, sixteenth measurement). Not recycled after a while, for the
+        # same reason: it would prepare everything again.
+        own_writer = create_async_engine(parsed, pool_size=1, max_overflow=0, pool_timeout=30)
+        return cls(parsed, engine, async_writer=own_writer, lanes=1)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a transaction, possibly shared with concurrent writes (group commit): its
