@@ -348,7 +348,7 @@ def _cancel_pending_reminders(conn: Connection, booking_id: str, now: datetime) 
 
 
 def insert_effects(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
-    writes = CombinedWrite(conn.dialect.name)
+    writes = CombinedWrite()
     count = effect_inserts(writes, rows)
     writes.send(conn)
     return count

@@ -124,7 +124,7 @@ async def test_inserts_keep_their_order_skip_conflicts_where_asked_and_run_updat
     statements.clear()
 
     def work(conn: Connection) -> None:
-        writes = CombinedWrite(conn.dialect.name)
+        writes = CombinedWrite()
         both = [wording("v1", "again"), wording("v2", "second")]
         writes.insert(t.consent_wordings, both, skip_conflicts_on=["version"])
         writes.insert(t.consents, [consent(f"s{n}") for n in range(3)])
@@ -149,7 +149,7 @@ async def test_a_refused_row_fails_the_whole_write(database: Database) -> None:
     await database.write(lambda conn: conn.execute(t.consent_wordings.insert(), [wording("v1", "first")]))
 
     def work(conn: Connection) -> None:
-        writes = CombinedWrite(conn.dialect.name)
+        writes = CombinedWrite()
         writes.insert(t.consents, [consent("s0")])
         writes.insert(t.consent_wordings, [wording("v1", "clash")])  # no conflict skipping: the key is taken
         writes.send(conn)
@@ -164,7 +164,7 @@ async def test_the_statement_is_compiled_once_whatever_the_number_of_rows(
 ) -> None:
     def work(rows: int) -> Any:
         def write(conn: Connection) -> None:
-            writes = CombinedWrite(conn.dialect.name)
+            writes = CombinedWrite()
             writes.insert(t.consents, [consent(f"s{rows}-{n}") for n in range(rows)])
             writes.insert(t.consent_wordings, [wording(f"v{rows}-{n}", "text") for n in range(rows)])
             writes.send(conn)
@@ -183,7 +183,7 @@ async def test_the_statement_is_compiled_once_whatever_the_number_of_rows(
 async def test_rows_of_one_insert_must_have_the_same_columns_and_no_rows_is_nothing(
     database: Database, statements: list[tuple[str, Any]]
 ) -> None:
-    writes = CombinedWrite(database.dialect)
+    writes = CombinedWrite()
     with pytest.raises(ValueError, match="same columns"):
         writes.insert(t.consent_wordings, [wording("v1", "a"), {"version": "v2", "text": "b"}])
     writes.insert(t.consents, [])

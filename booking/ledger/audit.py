@@ -251,7 +251,7 @@ def flush_audit(conn: Connection) -> int:
         )
         prev_hash = digest
     # The entries and the head's new hash in one statement on PostgreSQL (booking/ledger/combined.py).
-    writes = CombinedWrite(conn.dialect.name)
+    writes = CombinedWrite()
     writes.insert(t.audit_events, rows)
     writes.update(_MOVE_HEAD, {"newest_hash": prev_hash})
     writes.send(conn)

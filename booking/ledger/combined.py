@@ -41,12 +41,9 @@ Shape = InsertShape | Update
 
 
 class CombinedWrite:
-    """Inserts and updates of one transaction, sent by :meth:`send` (as one statement on PostgreSQL).
+    """Inserts and updates of one transaction, sent by :meth:`send` (as one statement on PostgreSQL)."""
 
-    ``dialect`` is the connection's (``conn.dialect.name``)."""
-
-    def __init__(self, dialect: str) -> None:
-        self._dialect = dialect
+    def __init__(self) -> None:
         self._parts: list[tuple[Shape, Any]] = []
 
     def insert(
@@ -76,12 +73,13 @@ class CombinedWrite:
         parts, self._parts = self._parts, []
         if not parts:
             return
-        if self._dialect != "postgresql" or len(parts) == 1:
+        dialect = conn.dialect.name
+        if dialect != "postgresql" or len(parts) == 1:
             for shape, values in parts:
                 if isinstance(shape, Update):
                     conn.execute(shape, values)
                 else:
-                    conn.execute(_plain_insert(self._dialect, shape[0], shape[2]), list(values))
+                    conn.execute(_plain_insert(dialect, shape[0], shape[2]), list(values))
             return
         parameters: dict[str, Any] = {}
         for number, (shape, values) in enumerate(parts):

@@ -77,7 +77,7 @@ def _record(row: Row[Any]) -> ConsentRecord:
 def insert_consents(conn: Connection, subject: str | None, decisions: Sequence[NewConsent], at: datetime) -> None:
     """Append ``decisions`` for ``subject`` (a blind index) in the caller's transaction, with the wording
     of any version the ledger has not seen."""
-    writes = CombinedWrite(conn.dialect.name)
+    writes = CombinedWrite()
     consent_inserts(writes, subject, decisions, at)
     writes.send(conn)
 

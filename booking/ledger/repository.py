@@ -448,7 +448,7 @@ class Ledger:
             # The series, its bookings, their effects and the caller's answer about texts go to the
             # database together (one statement on PostgreSQL); the database writes each booking's
             # "created" history event.
-            writes = CombinedWrite(conn.dialect.name)
+            writes = CombinedWrite()
             if series is not None:
                 writes.insert(
                     t.booking_series,
