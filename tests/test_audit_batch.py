@@ -1,9 +1,9 @@
 """Audit entries are written once per transaction: a group-commit batch of bookings costs one head
 reservation, one insert and one head update however many entries it holds (on PostgreSQL the insert
-and the update are one statement), with consecutive ids that
-verify; a batch rolled back and re-run one write at a time leaves nothing of the failed attempt; writers
-on two ``Database`` objects (two processes) still make one chain; and no transaction can commit entries
-it appended without writing them."""
+and the update are one statement), with consecutive ids that verify; a batch rolled back and re-run one
+write at a time leaves nothing of the failed attempt; writers on two ``Database`` objects (two
+processes) still make one chain; and no transaction can commit entries it appended without writing
+them."""
 
 from __future__ import annotations
 

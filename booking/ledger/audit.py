@@ -217,8 +217,8 @@ def pending_entries(conn: Connection) -> tuple[PendingEntry, ...]:
 def flush_audit(conn: Connection) -> int:
     """Write the entries appended in ``conn``'s transaction: one head update reserving their ids, one
     multi-row insert, one head update to the newest hash (the last two one statement on PostgreSQL).
-    Returns how many. Call it last, right before
-    COMMIT: from here on the transaction holds the head (PostgreSQL)."""
+    Returns how many. Call it last, right before COMMIT: from here on the transaction holds the head
+    (PostgreSQL)."""
     pending: list[PendingEntry] = conn.info.pop(PENDING, None) or []
     conn.info.pop(SAVEPOINTS, None)
     if not pending:

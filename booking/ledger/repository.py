@@ -139,9 +139,6 @@ BOOKING_COLUMNS = (
 )
 
 
-# Statements built once; each execution only binds parameters.
-
-
 def seal_customer(customer: CustomerDetails) -> dict[str, str | None]:
     """The customer's columns as stored: ciphertext bound to the row's blind index (its unique key,
     known before the row exists, so the upsert stays one statement), and that index."""
